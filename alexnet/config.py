@@ -1,0 +1,173 @@
+"""The paper's hyperparameters, in one place.
+
+Every number that the paper fixes is a dataclass default here, with the section of
+Krizhevsky, Sutskever & Hinton (NIPS 2012) that gives it. Variants, presets and CLI flags
+override these defaults with `replace`/`from_dict`; nothing else in the package restates
+them. A resolved config turns into plain JSON-able dicts (`to_dict`) and back
+(`from_dict`, which rejects unknown keys and wrong types), so it can travel inside runs
+and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+VARIANTS = ("paper", "paper-ungrouped", "owt", "bn")
+INPUT_SIZES = (224, 227)
+LRN_FORMS = ("paper", "caffe")
+
+
+class ConfigError(ValueError):
+    """A config value or key that the user can fix; the message names it."""
+
+
+@dataclass(frozen=True)
+class LRNConfig:
+    """Local response normalisation, section 3.3:
+    b[i] = a[i] / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a[j]^2) ** beta.
+    """
+
+    size: int = 5  # n, neighbouring kernel maps in the sum (section 3.3)
+    alpha: float = 1e-4  # section 3.3
+    beta: float = 0.75  # section 3.3
+    k: float = 2.0  # section 3.3 (Caffe's bvlc_alexnet uses k = 1)
+    # "paper": alpha multiplies the sum, as written in section 3.3.
+    # "caffe": alpha multiplies the mean (alpha / n times the sum), as in Caffe and
+    # torch.nn.LocalResponseNorm; needed to run weights converted from Caffe.
+    form: Literal["paper", "caffe"] = "paper"
+
+    def __post_init__(self) -> None:
+        if self.form not in LRN_FORMS:
+            raise ConfigError(f"lrn.form must be one of {', '.join(LRN_FORMS)}, not {self.form!r}")
+        if self.size < 1 or self.size % 2 == 0:
+            raise ConfigError(f"lrn.size must be a positive odd number, not {self.size}")
+        if self.k <= 0:
+            raise ConfigError(f"lrn.k must be positive, not {self.k}")
+        if self.alpha < 0:
+            raise ConfigError(f"lrn.alpha must be >= 0, not {self.alpha}")
+
+    @property
+    def alpha_sum(self) -> float:
+        """The coefficient that multiplies the plain sum of squares."""
+        return self.alpha if self.form == "paper" else self.alpha / self.size
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network, section 3.5 and Figure 2."""
+
+    variant: Literal["paper", "paper-ungrouped", "owt", "bn"] = "paper"
+    num_classes: int = 1000  # ILSVRC-2012's 1000 classes (section 2)
+    # 227 with no padding in conv1, or 224 with padding 2: both give conv1's 55x55
+    # (the paper's text says 224, its arithmetic needs 227 or padding).
+    input_size: int = 227
+    dropout: float = 0.5  # "setting to zero the output of each hidden neuron with probability 0.5" (section 4.2)
+    lrn: LRNConfig = field(default_factory=LRNConfig)
+    init_std: float = 0.01  # weights from N(0, 0.01) (section 5)
+    # Biases initialised to 1 "in the second, fourth, and fifth convolutional layers, as
+    # well as in the fully-connected hidden layers"; 0 elsewhere (section 5).
+    init_bias_one: tuple[str, ...] = ("conv2", "conv4", "conv5", "fc6", "fc7")
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.input_size not in INPUT_SIZES:
+            raise ConfigError(f"input size must be 224 or 227, not {self.input_size}")
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, not {self.num_classes}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.init_std <= 0:
+            raise ConfigError(f"init_std must be positive, not {self.init_std}")
+
+    @property
+    def conv1_padding(self) -> int:
+        return 2 if self.input_size == 224 else 0
+
+
+def model_config(variant: str = "paper", **overrides: Any) -> ModelConfig:
+    """The config of a named variant, with overrides. `owt` defaults to 224 input
+    (torchvision's); the others to 227."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    defaults: dict[str, Any] = {"input_size": 224} if variant == "owt" else {}
+    return ModelConfig(variant=variant, **{**defaults, **overrides})  # type: ignore[arg-type]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON-able values (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build config dataclass `cls` from a dict: unknown keys and wrong types are
+    ConfigErrors naming the key; missing keys take the defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, not {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}"
+            f"; known: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, v: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, v, key + ".")
+    if origin is Literal:
+        if v not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(f"{key} must be one of {choices}, not {v!r}")
+        return v
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if v is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, v, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} has the wrong type: {v!r}")
+    if origin is tuple:
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, not {type(v).__name__}")
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        return tuple(_coerce(item, x, key) for x in v)
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{key} must be a number, not {v!r}")
+        return float(v)
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{key} must be an integer, not {v!r}")
+        return v
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{key} must be true or false, not {v!r}")
+        return v
+    if tp is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"{key} must be a string, not {v!r}")
+        return v
+    return v

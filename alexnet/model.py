@@ -1,0 +1,136 @@
+"""The network of Krizhevsky, Sutskever & Hinton (2012), section 3 and Figure 2, and its
+well-known variants.
+
+  paper            the paper's network; the two-GPU wiring is groups=2 in conv2, conv4,
+                   conv5 (their kernels see only the maps "on the same GPU"), conv3 and
+                   the FC layers are all-to-all. 60,965,224 parameters.
+  paper-ungrouped  the same widths with every layer all-to-all. 62,378,344 parameters.
+  owt              "One weird trick" (Krizhevsky 2014): 64-192-384-256-256, no LRN, with
+                   torchvision's parameter names and shapes. 61,100,840 parameters.
+  bn               `paper` with BatchNorm after every convolution (before its ReLU) in
+                   place of LRN; those convolutions lose their now redundant biases.
+
+Module names follow torchvision (`features`, `classifier`, indices inside), so a
+torchvision state dict loads into `owt` as it is; the paper's layer names (conv1 ... fc8)
+come from `named_layers()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from alexnet.config import ModelConfig, model_config
+from alexnet.lrn import LocalResponseNorm
+
+
+def _conv_block(cfg: ModelConfig, name: str, cin: int, cout: int, kernel: int, stride: int = 1,
+                padding: int = 0, groups: int = 1) -> list[tuple[str, nn.Module]]:
+    """conv -> (BN) -> ReLU, named as in the paper."""
+    i = name[-1]
+    bn = cfg.variant == "bn"
+    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups, bias=not bn)
+    layers: list[tuple[str, nn.Module]] = [(name, conv)]
+    if bn:
+        layers.append((f"bn{i}", nn.BatchNorm2d(cout)))
+    layers.append((f"relu{i}", nn.ReLU(inplace=True)))
+    return layers
+
+
+def _features(cfg: ModelConfig) -> list[tuple[str, nn.Module]]:
+    """The convolutional part. Shapes in comments are for one image."""
+    p1 = cfg.conv1_padding
+    if cfg.variant == "owt":
+        return [
+            *_conv_block(cfg, "conv1", 3, 64, 11, stride=4, padding=p1),  # (64, 55, 55)
+            ("pool1", nn.MaxPool2d(3, 2)),  # (64, 27, 27)
+            *_conv_block(cfg, "conv2", 64, 192, 5, padding=2),  # (192, 27, 27)
+            ("pool2", nn.MaxPool2d(3, 2)),  # (192, 13, 13)
+            *_conv_block(cfg, "conv3", 192, 384, 3, padding=1),  # (384, 13, 13)
+            *_conv_block(cfg, "conv4", 384, 256, 3, padding=1),  # (256, 13, 13)
+            *_conv_block(cfg, "conv5", 256, 256, 3, padding=1),  # (256, 13, 13)
+            ("pool5", nn.MaxPool2d(3, 2)),  # (256, 6, 6)
+        ]
+    g = 1 if cfg.variant == "paper-ungrouped" else 2  # the two GPUs of section 3.2
+    lrn = cfg.variant != "bn"
+    return [
+        # "96 kernels of size 11x11x3 with a stride of 4 pixels" (section 3.5)
+        *_conv_block(cfg, "conv1", 3, 96, 11, stride=4, padding=p1),  # (96, 55, 55)
+        *([("norm1", LocalResponseNorm(cfg.lrn))] if lrn else []),  # section 3.3
+        ("pool1", nn.MaxPool2d(3, 2)),  # (96, 27, 27) overlapping pooling, s=2, z=3 (section 3.4)
+        # "256 kernels of size 5x5x48": each half sees the 48 maps on its own GPU
+        *_conv_block(cfg, "conv2", 96, 256, 5, padding=2, groups=g),  # (256, 27, 27)
+        *([("norm2", LocalResponseNorm(cfg.lrn))] if lrn else []),
+        ("pool2", nn.MaxPool2d(3, 2)),  # (256, 13, 13)
+        # "384 kernels of size 3x3x256 connected to the (normalized, pooled) outputs": all-to-all
+        *_conv_block(cfg, "conv3", 256, 384, 3, padding=1),  # (384, 13, 13)
+        # "384 kernels of size 3x3x192"
+        *_conv_block(cfg, "conv4", 384, 384, 3, padding=1, groups=g),  # (384, 13, 13)
+        # "256 kernels of size 3x3x192"
+        *_conv_block(cfg, "conv5", 384, 256, 3, padding=1, groups=g),  # (256, 13, 13)
+        ("pool5", nn.MaxPool2d(3, 2)),  # (256, 6, 6)
+    ]
+
+
+def _classifier(cfg: ModelConfig) -> list[tuple[str, nn.Module]]:
+    """The fully-connected part: dropout before fc6 and fc7 (section 4.2)."""
+    return [
+        ("drop6", nn.Dropout(cfg.dropout)),
+        ("fc6", nn.Linear(256 * 6 * 6, 4096)),  # (4096,)
+        ("relu6", nn.ReLU(inplace=True)),
+        ("drop7", nn.Dropout(cfg.dropout)),
+        ("fc7", nn.Linear(4096, 4096)),  # (4096,)
+        ("relu7", nn.ReLU(inplace=True)),
+        ("fc8", nn.Linear(4096, cfg.num_classes)),  # (num_classes,) logits; softmax is in the loss
+    ]
+
+
+class AlexNet(nn.Module):
+    def __init__(self, cfg: ModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or ModelConfig()
+        features, classifier = _features(self.cfg), _classifier(self.cfg)
+        self.features = nn.Sequential(*(m for _, m in features))
+        self.classifier = nn.Sequential(*(m for _, m in classifier))
+        self._names = [n for n, _ in features] + [n for n, _ in classifier]
+        self.reset_parameters()
+
+    def named_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        """(paper name, module) for every layer in order: conv1, relu1, norm1, pool1, ..., fc8."""
+        yield from zip(self._names, [*self.features, *self.classifier])
+
+    def layer(self, name: str) -> nn.Module:
+        for n, m in self.named_layers():
+            if n == name:
+                return m
+        raise KeyError(f"no layer {name!r}; layers: {', '.join(self._names)}")
+
+    def reset_parameters(self) -> None:
+        """Section 5: weights from N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+        for name, m in self.named_layers():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 1.0 if name in self.cfg.init_bias_one else 0.0)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.cfg.input_size
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != s or x.shape[3] != s:
+            raise ValueError(f"{self.cfg.variant} AlexNet with input_size={s} expects (N, 3, {s}, {s}) "
+                             f"images, got {tuple(x.shape)}")
+        x = self.features(x)  # (N, 256, 6, 6)
+        x = torch.flatten(x, 1)  # (N, 9216)
+        return self.classifier(x)  # (N, num_classes)
+
+    def get_num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(variant: str = "paper", **overrides) -> AlexNet:
+    """`build_model("paper", num_classes=10)`: a variant by name with config overrides."""
+    return AlexNet(model_config(variant, **overrides))

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the project into it; safe to run again (does nothing when
+# nothing changed). Sourced by scripts/run.sh and scripts/test.sh.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+stamp="$venv/.alexnet-installed"
+want="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
+
+# The built-in default data set: Fashion-MNIST from Debian's package (IDX files in
+# /usr/share/datasets/fashion-mnist). Needs root and apt; skipped where either is missing.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "setup: installing Debian package dataset-fashion-mnist" >&2
+        apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    else
+        echo "setup: not root, so dataset-fashion-mnist is not installed (sudo apt-get install dataset-fashion-mnist)" >&2
+    fi
+fi
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/alexnet" ]; then
+    return 0 2>/dev/null || exit 0
+fi
+echo "setup: creating $venv" >&2
+python3 -m venv "$venv"
+# torch first and exactly: the CPU build 2.13.0. A looser spelling can pull several GB of CUDA.
+"$venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]"
+echo "$want" > "$stamp"
