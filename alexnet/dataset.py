@@ -1,0 +1,88 @@
+"""What every data source looks like to the loader, the trainer and the evaluator.
+
+A dataset is a sequence of 8-bit RGB images of one square size (`image_size`, 256 as in
+the paper's preprocessing, section 2) with integer labels and class names. `read(idx)`
+returns a whole batch as one uint8 tensor, so augmentation runs on batches.
+
+`DataStats` are the training set's statistics that the paper's pipeline needs: the mean
+image (section 2: "subtracting the mean activity over the training set from each pixel")
+and the eigen-decomposition of the 3x3 covariance of all training RGB pixels (section 4.1,
+PCA lighting). They travel inside checkpoints, so they are plain tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DataStats:
+    mean_image: torch.Tensor  # (3, S, S) float32, pixel units 0..255
+    eigval: torch.Tensor  # (3,) float32, eigenvalues of the RGB covariance (pixel units squared), descending
+    eigvec: torch.Tensor  # (3, 3) float32, column i is the eigenvector of eigval[i]
+
+    def to_tensors(self, prefix: str = "stats.") -> dict[str, torch.Tensor]:
+        return {prefix + "mean_image": self.mean_image, prefix + "eigval": self.eigval,
+                prefix + "eigvec": self.eigvec}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "stats.") -> "DataStats":
+        try:
+            s = cls(*(tensors[prefix + k].float() for k in ("mean_image", "eigval", "eigvec")))
+        except KeyError as e:
+            raise ValueError(f"missing data statistic {e.args[0]!r}") from None
+        if s.mean_image.dim() != 3 or s.mean_image.shape[0] != 3 or s.eigval.shape != (3,) or s.eigvec.shape != (3, 3):
+            raise ValueError("data statistics have the wrong shapes: mean image (3, S, S), "
+                             "eigenvalues (3,), eigenvectors (3, 3) expected")
+        return s
+
+
+class ImageDataset:
+    """Base class: subclasses set `classes`, `labels`, `image_size` and implement `_read`."""
+
+    classes: list[str]
+    labels: np.ndarray  # (N,) int64
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, idx: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images `idx` as uint8 (B, 3, S, S) and their labels as int64 (B,)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return self._read(idx), torch.from_numpy(self.labels[idx])
+
+    def _read(self, idx: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, C, h, w) square images to uint8 (B, 3, size, size), bilinear, grey -> RGB."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images.contiguous()
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class TensorImageDataset(ImageDataset):
+    """Images held in memory as uint8 (N, C, h, w) at their own size (C 1 or 3), resized
+    to `image_size` batch by batch on read. Fashion-MNIST's 28x28 grey images live here."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, classes: list[str], image_size: int = 256):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be uint8 (N, 1|3, h, w), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes)
+        self.image_size = image_size
+
+    def _read(self, idx: np.ndarray) -> torch.Tensor:
+        return resize_batch(self.images[torch.from_numpy(idx)], self.image_size)
