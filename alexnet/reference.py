@@ -1,0 +1,42 @@
+"""AlexNet written the obvious way in plain PyTorch: the baseline that benchmarks compare
+against and an independent oracle for tests.
+
+torch.nn.LocalResponseNorm averages the squares (Caffe's form), so the paper's alpha is
+multiplied by n here. Layer order equals alexnet.model's, so state dicts are interchangeable.
+"""
+
+from torch import nn
+
+
+def plain_alexnet(variant: str = "paper", num_classes: int = 1000, input_size: int = 227) -> nn.Module:
+    p1 = 2 if input_size == 224 else 0
+    if variant == "owt":
+        features = [
+            nn.Conv2d(3, 64, 11, stride=4, padding=p1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        ]
+    elif variant in ("paper", "paper-ungrouped"):
+        g = 2 if variant == "paper" else 1
+        features = [
+            nn.Conv2d(3, 96, 11, stride=4, padding=p1), nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0), nn.MaxPool2d(3, 2),
+            nn.Conv2d(96, 256, 5, padding=2, groups=g), nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0), nn.MaxPool2d(3, 2),
+            nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, 3, padding=1, groups=g), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1, groups=g), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        ]
+    else:
+        raise ValueError(f"no plain version of variant {variant!r}")
+    model = nn.Sequential()
+    model.features = nn.Sequential(*features)
+    model.flatten = nn.Flatten()
+    model.classifier = nn.Sequential(
+        nn.Dropout(0.5), nn.Linear(9216, 4096), nn.ReLU(inplace=True),
+        nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+        nn.Linear(4096, num_classes),
+    )
+    return model

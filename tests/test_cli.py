@@ -1,0 +1,79 @@
+"""The command line: the summary table and its errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from alexnet.cli import main
+
+
+def run(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def conv_macs(side, cout, cin_per_group, k):
+    return side * side * cout * cin_per_group * k * k
+
+
+def test_summary_table_totals(capsys):
+    code, out, _ = run(capsys, "summary")
+    assert code == 0
+    assert "input 227x227, conv1 padding 0" in out
+    assert "60,965,224" in out
+    macs = (conv_macs(55, 96, 3, 11) + conv_macs(27, 256, 48, 5) + conv_macs(13, 384, 256, 3)
+            + conv_macs(13, 384, 192, 3) + conv_macs(13, 256, 192, 3) + 9216 * 4096 + 4096 * 4096 + 4096 * 1000)
+    assert f"{macs:,}" in out
+
+
+@pytest.mark.parametrize("variant, size, params", [("paper", 224, 60_965_224), ("paper-ungrouped", 227, 62_378_344),
+                                                   ("owt", 224, 61_100_840)])
+def test_summary_json(capsys, variant, size, params):
+    code, out, _ = run(capsys, "summary", "--variant", variant, "--input", str(size), "--json")
+    assert code == 0
+    t = json.loads(out)
+    assert t["total_params"] == params == sum(r["params"] for r in t["layers"])
+    assert t["input"] == [3, size, size]
+    shapes = {r["name"]: r["output"][-1] for r in t["layers"] if r["name"].startswith(("conv", "pool"))}
+    assert shapes == {"conv1": 55, "pool1": 27, "conv2": 27, "pool2": 13, "conv3": 13, "conv4": 13,
+                      "conv5": 13, "pool5": 6}
+
+
+def test_summary_num_classes(capsys):
+    code, out, _ = run(capsys, "summary", "--num-classes", "10", "--json")
+    t = json.loads(out)
+    assert t["layers"][-1]["output"] == [10]
+    assert t["total_params"] == 60_965_224 - 4_097_000 + 4096 * 10 + 10
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["summary", "--variant", "vgg"], "invalid choice: 'vgg'"),
+    (["summary", "--input", "225"], "input size must be 224 or 227, not 225"),
+    (["summary", "--input", "big"], "not an integer"),
+    (["summary", "--num-classes", "0"], "must be >= 1"),
+    (["frobnicate"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["summary", "--help"]])
+def test_help(capsys, argv):
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "usage: alexnet" in out
+
+
+def test_python_dash_m_works():
+    r = subprocess.run([sys.executable, "-m", "alexnet", "summary", "--variant", "owt"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "61,100,840" in r.stdout

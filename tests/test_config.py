@@ -1,0 +1,51 @@
+"""The config: paper defaults, round trips, and clear errors."""
+
+import json
+
+import pytest
+
+from alexnet.config import ConfigError, LRNConfig, ModelConfig, from_dict, model_config, to_dict
+
+
+def test_defaults_are_the_papers():
+    c = ModelConfig()
+    assert (c.variant, c.num_classes, c.input_size, c.dropout, c.init_std) == ("paper", 1000, 227, 0.5, 0.01)
+    assert (c.lrn.size, c.lrn.alpha, c.lrn.beta, c.lrn.k, c.lrn.form) == (5, 1e-4, 0.75, 2.0, "paper")
+    assert set(c.init_bias_one) == {"conv2", "conv4", "conv5", "fc6", "fc7"}
+    assert c.conv1_padding == 0 and model_config(input_size=224).conv1_padding == 2
+    assert model_config("owt").input_size == 224
+
+
+def test_alpha_of_the_two_lrn_forms():
+    assert LRNConfig().alpha_sum == 1e-4
+    assert LRNConfig(form="caffe", k=1.0).alpha_sum == pytest.approx(1e-4 / 5)
+
+
+def test_round_trip_through_json():
+    c = model_config("bn", num_classes=10, lrn=LRNConfig(form="caffe", k=1.0))
+    back = from_dict(ModelConfig, json.loads(json.dumps(to_dict(c))))
+    assert back == c
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"varaint": "paper"}, "unknown key varaint"),
+    ({"lrn": {"sise": 5}}, "unknown key lrn.sise"),
+    ({"num_classes": "10"}, "num_classes must be an integer"),
+    ({"num_classes": True}, "num_classes must be an integer"),
+    ({"dropout": "half"}, "dropout must be a number"),
+    ({"variant": "vgg"}, "variant must be one of"),
+    ({"lrn": {"form": "torch"}}, "lrn.form must be one of"),
+    ({"lrn": 5}, "lrn. must be a mapping"),
+    ({"input_size": 225}, "input size must be 224 or 227"),
+    ({"num_classes": 0}, "num_classes must be >= 1"),
+    ({"lrn": {"size": 4}}, "positive odd"),
+    ({"dropout": 1.0}, "dropout must be in"),
+])
+def test_bad_values_name_the_problem(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(ModelConfig, data)
+
+
+def test_configs_are_frozen():
+    with pytest.raises(Exception):
+        ModelConfig().num_classes = 3  # type: ignore[misc]
