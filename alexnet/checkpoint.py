@@ -1,0 +1,159 @@
+"""Checkpoints: weights that predict on their own, and the training state beside them.
+
+A model file is safetensors: the weights, the data statistics (mean image, PCA eigen) as
+tensors under `stats.`, and in its metadata the model config, the class names and the
+preprocessing (JSON strings). Nothing in it can execute code. The training state
+(optimizer, schedule, epoch, step, RNG states, sampler position) is a torch file read back
+with `weights_only=True`.
+
+Every write goes to a temporary file in the same folder, is flushed to disk, then renamed
+over the target (`atomic_write`), so a crash during a save leaves the previous file whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from alexnet.config import ConfigError, ModelConfig, from_dict, to_dict
+from alexnet.dataset import DataStats
+from alexnet.model import AlexNet
+
+FORMAT = "alexnet-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why, in one line."""
+
+
+def atomic_write(path: str | Path, write: Callable[[object], None]) -> None:
+    """Call `write(fileobj)` on a temporary file beside `path`, fsync it, rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+@dataclass
+class Checkpoint:
+    """What a model file holds."""
+
+    model_config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    classes: list[str]
+    stats: DataStats | None
+    preprocess: dict  # how images become inputs: {"image_size", "crop", "pixel_scale", ...}
+    extra: dict  # free-form facts: epoch, step, metrics, source
+
+    def build_model(self) -> AlexNet:
+        model = AlexNet(self.model_config)
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise CheckpointError(f"weights do not fit a {self.model_config.variant} network: "
+                                  f"{' '.join(s.strip() for s in first[:3])}") from None
+        return model
+
+
+def save_model(path: str | Path, model: AlexNet, classes: list[str], stats: DataStats | None,
+               preprocess: dict, extra: dict | None = None) -> None:
+    module = getattr(model, "module", model)  # unwrap DDP
+    module = getattr(module, "_orig_mod", module)  # unwrap torch.compile
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    if stats is not None:
+        tensors.update({k: v.contiguous() for k, v in stats.to_tensors().items()})
+    meta = {
+        "format": FORMAT,
+        "model_config": json.dumps(to_dict(module.cfg)),
+        "classes": json.dumps(list(classes)),
+        "preprocess": json.dumps(preprocess),
+        "extra": json.dumps(extra or {}),
+    }
+    data = st_save(tensors, metadata=meta)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_model_file(path: str | Path) -> Checkpoint:
+    """Read and check a model file; any problem is a CheckpointError with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an alexnet checkpoint (format {meta.get('format')!r})")
+    try:
+        cfg = from_dict(ModelConfig, json.loads(meta["model_config"]))
+        classes = json.loads(meta["classes"])
+        preprocess = json.loads(meta["preprocess"])
+        extra = json.loads(meta.get("extra", "{}"))
+    except (KeyError, json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{path} has broken metadata: {e}") from None
+    if not isinstance(classes, list) or len(classes) != cfg.num_classes:
+        raise CheckpointError(f"{path} lists {len(classes) if isinstance(classes, list) else '?'} class names "
+                              f"for a {cfg.num_classes}-class network")
+    stats = None
+    if "stats.mean_image" in tensors:
+        try:
+            stats = DataStats.from_tensors(tensors)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    weights = {k: v for k, v in tensors.items() if not k.startswith("stats.")}
+    for k, v in weights.items():
+        if not v.is_floating_point() and not k.endswith("num_batches_tracked"):
+            raise CheckpointError(f"{path}: tensor {k} has dtype {v.dtype}, expected floating point")
+    return Checkpoint(cfg, weights, classes, stats, preprocess, extra)
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """The training state: tensors, numbers, strings, lists and dicts only."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def load_state(path: str | Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no training state at {path}") from None
+    except Exception as e:  # unpickling errors come in many types; all mean "refused"
+        raise CheckpointError(f"refused to load training state {path}: {str(e).splitlines()[0]}") from None
