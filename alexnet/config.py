@@ -171,3 +171,135 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a string, not {v!r}")
         return v
     return v
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they become inputs (sections 2 and 4.1)."""
+
+    # A prepared store, an ImageFolder tree, a flat ILSVRC2012 validation folder or a folder
+    # of Fashion-MNIST IDX files; None is the built-in default, Fashion-MNIST.
+    path: str | None = None
+    val_path: str | None = None  # None: the source's own validation split, or a held-out part of train
+    image_size: int = 256  # "down-sampled ... to a fixed resolution of 256x256" (section 2)
+    lighting_std: float = 0.1  # alpha_i ~ N(0, 0.1) for PCA lighting (section 4.1)
+    flip: bool = True  # horizontal reflections (section 4.1)
+    ten_crop: bool = False  # evaluate on the 10 patches of section 4.1 instead of the centre crop
+    num_workers: int = 1  # loader processes reading and augmenting ahead of training
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32:
+            raise ConfigError(f"data.image_size must be >= 32, not {self.image_size}")
+        if self.lighting_std < 0:
+            raise ConfigError(f"data.lighting_std must be >= 0, not {self.lighting_std}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, not {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe of section 5; other recipes are presets over these fields."""
+
+    epochs: int = 90  # "roughly 90 cycles through the training set" (section 5)
+    max_steps: int = 0  # stop after this many optimizer steps (0: no limit beyond epochs)
+    batch_size: int = 128  # global batch, split over DDP processes (section 5)
+    lr: float = 0.01  # initial learning rate (section 5)
+    momentum: float = 0.9  # section 5
+    weight_decay: float = 5e-4  # section 5
+    # "plateau": divide lr by 10 when the validation error stops improving (section 5);
+    # "cosine" and "onecycle" are for short budgets.
+    schedule: Literal["plateau", "cosine", "onecycle", "constant"] = "plateau"
+    lr_drop: float = 0.1  # "divide the learning rate by 10" (section 5)
+    max_lr_drops: int = 3  # "reduced three times prior to termination" (section 5)
+    plateau_patience: int = 1  # epochs without a new best validation error before a drop (not in the paper)
+    warmup_steps: int = 0  # linear warm-up from 0 (not in the paper)
+    label_smoothing: float = 0.0  # not in the paper
+    seed: int = 0
+    # Numerics and speed; "auto" picks the fastest safe choice for the device.
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    deterministic: bool = False  # deterministic kernels (exact resume, slower)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    checkpoint_every: int = 500  # also checkpoint every N steps (0: only at epoch ends)
+    keep_checkpoints: int = 2  # step checkpoints kept besides `best`
+    log_every: int = 10  # progress-line refresh, in steps
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, not {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every", "warmup_steps", "max_lr_drops", "plateau_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, not {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, not {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"train.momentum must be in [0, 1), not {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, not {self.weight_decay}")
+        if not 0 < self.lr_drop < 1:
+            raise ConfigError(f"train.lr_drop must be in (0, 1), not {self.lr_drop}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), not {self.label_smoothing}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs; saved as config.json in the run folder."""
+
+    recipe: str = "paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Named presets: overrides of the defaults above, never a second copy of them.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    # Short budgets on small data (the README's main job): BatchNorm lets a high learning
+    # rate work from the first step, one-cycle and label smoothing converge in a fraction of
+    # an epoch.
+    "fast": {
+        "model": {"variant": "bn"},
+        "train": {"schedule": "onecycle", "lr": 0.05, "warmup_steps": 0, "label_smoothing": 0.1,
+                  "batch_size": 64, "epochs": 1},
+    },
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run_config(recipe: str = "paper", overrides: dict | None = None) -> RunConfig:
+    """The recipe's preset, then `overrides` (nested dicts: {"train": {"lr": 0.02}})."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    data = _merge(RECIPES[recipe], overrides or {})
+    data["recipe"] = recipe
+    return from_dict(RunConfig, data)
+
+
+def parse_override(text: str) -> dict:
+    """`train.lr=0.02` -> {"train": {"lr": 0.02}}; the value is read as JSON when it parses,
+    else as a string (so `data.path=/x` works)."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        v: Any = json.loads(value)
+    except json.JSONDecodeError:
+        v = value
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = v
+    return out
