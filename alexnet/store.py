@@ -1,0 +1,551 @@
+"""The prepared store: every image decoded once, rescaled and centre-cropped to 256x256
+(section 2 of the paper), packed as raw uint8 so training reads it by memory mapping.
+
+A store is one folder holding one split:
+
+    index.json          format "alexnet-store", version, complete, split, image_size,
+                        count, shape, dtype, classes, class_names, file names below,
+                        source (the folder prepared), skipped / ignored counts
+    images.u8           raw uint8 (count, 3, S, S), C order, no header
+    labels.npy          int64 (count,)
+    sources.jsonl       the source file of every record, one JSON string per line,
+                        relative to `source` ("file#i" for IDX records)
+    stats.safetensors   mean_image (3, S, S), eigval (3,), eigvec (3, 3): float32
+                        statistics of this store's own images (see below)
+    skipped.tsv         one line per file that was not stored: "path<TAB>reason"
+
+Statistics: every store holds the statistics of its own images, computed exactly while
+preparing (see `StatsAccumulator`). The paper's pipeline uses the TRAINING set's
+statistics for every split, so the trainer takes them from the train store; a val
+store's own statistics are there for inspection only.
+
+Preparing is resumable and crash-safe. While it runs the folder also holds
+progress.json (the committed record count and byte lengths, replaced atomically with
+os.replace after the data files are flushed), accum-<n>.npz (the statistics sums at that
+commit), labels.i64 and skipped.partial.tsv (append-only). Data past the committed
+lengths (a write cut short) is truncated when the prepare is run again, which then goes
+on with the files not yet done. index.json is written last, so a store with an
+index.json is complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alexnet.dataset import DataStats, ImageDataset, resize_batch
+from alexnet.images import MAX_PIXELS, ImageError, decode_file
+from alexnet.sources import (DataSourceError, SourceNotFoundError, StatsAccumulator,
+                             open_idx, resolve_source)
+
+FORMAT = "alexnet-store"
+VERSION = 1
+INDEX, PROGRESS = "index.json", "progress.json"
+IMAGES, LABELS, LABELS_RAW = "images.u8", "labels.npy", "labels.i64"
+SOURCES, STATS = "sources.jsonl", "stats.safetensors"
+REPORT, REPORT_PARTIAL = "skipped.tsv", "skipped.partial.tsv"
+
+
+# ---------------------------------------------------------------------------- small file helpers
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _report_line(path: str, reason: str) -> str:
+    path = str(path).replace("\t", " ").replace("\n", " ").replace("\r", " ")
+    return f"{path}\t{' '.join(str(reason).split())}\n"
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class _Progress:
+    """One progress line on stderr: done/total, percent, rate, ETA, skipped. Rewritten in
+    place on a terminal, a new line every 10 s otherwise."""
+
+    def __init__(self, total: int, done: int, enabled: bool, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total, self.start_done = total, done
+        self.t0 = self.last = time.monotonic()
+        self.width = 0
+
+    def update(self, done: int, skipped: int, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and now - self.last < (0.5 if self.tty else 10.0):
+            return
+        self.last = now
+        rate = (done - self.start_done) / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        pct = 100.0 * done / self.total if self.total else 100.0
+        text = (f"prepare: {done:,}/{self.total:,} ({pct:.1f}%)  {rate:,.0f} img/s  "
+                f"ETA {_fmt_time(eta) if eta != float('inf') else '?'}  {skipped:,} skipped")
+        if final:
+            text = (f"prepare: {done:,}/{self.total:,} done in "
+                    f"{_fmt_time(now - self.t0)} ({rate:,.0f} img/s)  {skipped:,} skipped")
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width) + ("\n" if final else ""))
+            self.width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------- decoding work
+
+def _decode_task(path: str, size: int, max_pixels: int):
+    """Worker: one file to (uint8 (3,S,S), pixel sum, pixel outer-product sum) or (None, reason)."""
+    try:
+        arr = decode_file(path, size, max_pixels)
+    except ImageError as e:
+        return None, str(e)
+    except Exception as e:  # never let one file end the run
+        return None, f"unexpected error ({type(e).__name__}): {' '.join(str(e).split())[:200]}"
+    return arr, StatsAccumulator.pixel_moments(arr)
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+
+
+def _bounded(items, sem: threading.Semaphore):
+    for it in items:
+        sem.acquire()
+        yield it
+
+
+def _folder_results(paths: list[str], size: int, max_pixels: int, workers: int):
+    """Decode `paths` in order with a process pool (at most a bounded number ahead)."""
+    task = functools.partial(_decode_task, size=size, max_pixels=max_pixels)
+    if workers <= 1:
+        for p in paths:
+            yield task(p)
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    sem = threading.Semaphore(workers * 32)
+    pool = ctx.Pool(workers, initializer=_worker_init)
+    try:
+        for r in pool.imap(task, _bounded(paths, sem), chunksize=4):
+            sem.release()
+            yield r
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _idx_results(images: torch.Tensor, order: list[int], size: int):
+    """In-memory IDX images resized batch-wise (torch uses the cores)."""
+    for start in range(0, len(order), 256):
+        part = order[start:start + 256]
+        batch = resize_batch(images[torch.tensor(part)], size).numpy()
+        for arr in batch:
+            yield arr, StatsAccumulator.pixel_moments(arr)
+
+
+# ---------------------------------------------------------------------------- prepare
+
+@dataclass
+class PrepareResult:
+    out: str
+    written: int
+    skipped: int
+    ignored: int
+    report: str
+    complete: bool
+
+    def summary(self) -> str:
+        state = "" if self.complete else " (unfinished: run again to finish)"
+        ign = f", {self.ignored} non-image files ignored" if self.ignored else ""
+        return (f"prepared {self.out}: {self.written} images written, {self.skipped} skipped"
+                f"{ign} (report: {self.report}){state}")
+
+
+class _Writer:
+    """Append-only data files plus the atomically replaced progress.json."""
+
+    def __init__(self, out: Path, meta: dict, state: dict, acc: StatsAccumulator):
+        self.out, self.meta, self.state, self.acc = out, meta, state, acc
+        self.files = {k: open(out / k, "ab") for k in (IMAGES, LABELS_RAW, SOURCES, REPORT_PARTIAL)}
+        self.last_commit = time.monotonic()
+
+    def add(self, source: str, label: int, arr: np.ndarray, moments) -> None:
+        self.files[IMAGES].write(memoryview(arr).cast("B"))
+        self.files[LABELS_RAW].write(np.int64(label).tobytes())
+        self.files[SOURCES].write((json.dumps(source, ensure_ascii=False) + "\n").encode())
+        self.acc.image_sum += arr
+        self.acc.count += 1
+        self.acc.add_pixels(arr.size // 3, *moments)
+        self.state["records"] += 1
+
+    def skip(self, source: str, reason: str) -> None:
+        self.files[REPORT_PARTIAL].write(_report_line(source, reason).encode())
+        self.state["skipped"] += 1
+
+    def commit(self) -> None:
+        for name, f in self.files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            self.state[name] = f.tell()
+        seq = self.state["seq"] + 1
+        accum = f"accum-{seq}.npz"
+        with open(self.out / accum, "wb") as f:
+            np.savez(f, **self.acc.state())
+            f.flush()
+            os.fsync(f.fileno())
+        old = self.state.get("accum")
+        self.state.update(seq=seq, accum=accum)
+        _write_json_atomic(self.out / PROGRESS, {**self.meta, "state": self.state})
+        if old and old != accum:
+            (self.out / old).unlink(missing_ok=True)
+        self.last_commit = time.monotonic()
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def _params(src, listing, split: str, size: int, max_pixels: int) -> dict:
+    return {"format": FORMAT, "version": VERSION, "split": split, "image_size": size,
+            "source": os.path.realpath(src.path), "source_kind": src.kind,
+            "labels_file": listing.labels_file if listing else None, "max_pixels": max_pixels}
+
+
+def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = "train",
+            workers: int | None = None, size: int = 256, labels: str | os.PathLike | None = None,
+            max_pixels: int = MAX_PIXELS, progress: bool = True, commit_every: int = 512,
+            _stop_after: int | None = None) -> PrepareResult:
+    """Decode, rescale and centre-crop every image of `src` (any `open_dataset` source but
+    a store) into a store at `out`, computing the statistics on the way.
+
+    Uses `workers` processes (default: all cores); shows progress on stderr. Files that do
+    not decode are skipped and listed in skipped.tsv. If `out` holds an unfinished prepare
+    of the same source, split and size, it is continued; a complete store is left as it
+    is. `_stop_after` (tests) stops after about that many files, as an interruption
+    would."""
+    if size < 1:
+        raise DataSourceError(f"size must be >= 1, not {size}")
+    workers = max(1, workers or os.cpu_count() or 1)
+    out = Path(out).expanduser()
+    source = resolve_source(src, split, labels)
+    if source.kind == "store":
+        raise DataSourceError(f"{source.path} is already a prepared store")
+    if out.exists() and os.path.realpath(out) == os.path.realpath(source.path):
+        raise DataSourceError("the store folder must not be the source folder")
+    listing = source.listing
+    if listing is not None:
+        root = listing.root
+        names, item_labels = listing.paths, listing.labels
+        classes, class_names = listing.classes, listing.class_names
+        pre_skipped, ignored = listing.skipped, listing.ignored
+        idx_ds = None
+    else:
+        idx_ds = open_idx(source.path, split, image_size=size)
+        root = idx_ds.root
+        names, item_labels = idx_ds.sources, idx_ds.labels
+        classes, class_names = idx_ds.classes, idx_ds.class_names
+        pre_skipped, ignored = [], 0
+    meta = _params(source, listing, split, size, max_pixels)
+    meta.update(classes=classes, class_names=class_names, source_root=root)
+
+    # the output folder: new, complete, or an unfinished prepare to continue
+    if (out / INDEX).is_file():
+        index = json.loads((out / INDEX).read_text(encoding="utf-8"))
+        _check_same(out, index, meta)
+        _cleanup(out)
+        return PrepareResult(str(out), index["count"], index["skipped"], index.get("ignored", 0),
+                             str(out / REPORT), True)
+    if (out / PROGRESS).is_file():
+        saved = json.loads((out / PROGRESS).read_text(encoding="utf-8"))
+        _check_same(out, saved, meta)
+        state = saved["state"]
+        acc = _load_accum(out, state, size)
+        _truncate(out, state)
+    else:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise DataSourceError(f"{out} exists and is not an empty folder or a store")
+        out.mkdir(parents=True, exist_ok=True)
+        state = {"records": 0, "skipped": 0, "seq": 0, "accum": None,
+                 **{k: 0 for k in (IMAGES, LABELS_RAW, SOURCES, REPORT_PARTIAL)}}
+        acc = StatsAccumulator(size)
+        for k in (IMAGES, LABELS_RAW, SOURCES, REPORT_PARTIAL):
+            (out / k).write_bytes(b"")
+        _write_json_atomic(out / PROGRESS, {**meta, "state": state})
+
+    done = _done_sources(out, state)
+    todo = [i for i, n in enumerate(names) if n not in done]
+    total = len(names)
+    writer = _Writer(out, meta, state, acc)
+    bar = _Progress(total, total - len(todo), progress)
+    processed = 0
+    stopped = False
+    try:
+        if idx_ds is not None:
+            results = _idx_results(idx_ds.images, todo, size)
+        else:
+            results = _folder_results([os.path.join(root, names[i]) for i in todo], size,
+                                      max_pixels, workers)
+        since_commit = 0
+        try:
+            for i, (arr, extra) in zip(todo, results):
+                if arr is None:
+                    writer.skip(names[i], extra)
+                else:
+                    writer.add(names[i], int(item_labels[i]), arr, extra)
+                processed += 1
+                since_commit += 1
+                if since_commit >= commit_every or time.monotonic() - writer.last_commit > 30:
+                    writer.commit()
+                    since_commit = 0
+                bar.update(total - len(todo) + processed, state["skipped"] + len(pre_skipped))
+                if _stop_after is not None and processed >= _stop_after:
+                    stopped = True
+                    break
+        finally:
+            if hasattr(results, "close"):
+                results.close()  # stops the pool
+        writer.commit()
+    except KeyboardInterrupt:
+        # Nothing is committed here (the cut may have come in the middle of a record):
+        # what the last commit (at most 30 s ago) recorded is kept, the rest is redone.
+        writer.close()
+        if progress:
+            saved = json.loads((out / PROGRESS).read_text(encoding="utf-8"))["state"]
+            sys.stderr.write(f"\nprepare: interrupted; {saved['records']} images kept in {out}; "
+                             f"run the same command again to finish\n")
+        raise
+    writer.close()
+    if stopped:
+        return PrepareResult(str(out), state["records"], state["skipped"] + len(pre_skipped),
+                             ignored, str(out / REPORT_PARTIAL), False)
+    bar.update(total, state["skipped"] + len(pre_skipped), final=True)
+    return _finalize(out, meta, state, acc, pre_skipped, ignored)
+
+
+def _check_same(out: Path, saved: dict, meta: dict) -> None:
+    if saved.get("format") != FORMAT:
+        raise DataSourceError(f"{out} is not an alexnet store")
+    if saved.get("version") != VERSION:
+        raise DataSourceError(f"{out} is a store of version {saved.get('version')}; this is {VERSION}")
+    for key in ("source", "split", "image_size", "classes"):
+        if saved.get(key) != meta[key]:
+            what = {"classes": "class list"}.get(key, key)
+            raise DataSourceError(f"{out} holds a prepare with another {what}; delete it or "
+                                  f"choose another folder")
+
+
+def _load_accum(out: Path, state: dict, size: int) -> StatsAccumulator:
+    if not state.get("accum"):
+        return StatsAccumulator(size)
+    with np.load(out / state["accum"]) as z:
+        return StatsAccumulator.from_state(z)
+
+
+def _truncate(out: Path, state: dict) -> None:
+    """Cut every append-only file back to its committed length; drop stale temporaries."""
+    for name in (IMAGES, LABELS_RAW, SOURCES, REPORT_PARTIAL):
+        path = out / name
+        if not path.exists():
+            if state[name]:
+                raise DataSourceError(f"{out} is damaged: {name} is missing; delete it and prepare again")
+            path.write_bytes(b"")
+        elif path.stat().st_size < state[name]:
+            raise DataSourceError(f"{out} is damaged: {name} is shorter than committed; "
+                                  f"delete it and prepare again")
+        else:
+            os.truncate(path, state[name])
+    for p in out.glob("accum-*.npz"):
+        if p.name != state.get("accum"):
+            p.unlink(missing_ok=True)
+    for p in out.glob("*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def _done_sources(out: Path, state: dict) -> set[str]:
+    done = set()
+    with open(out / SOURCES, "rb") as f:
+        for line in f:
+            done.add(json.loads(line))
+    with open(out / REPORT_PARTIAL, "rb") as f:
+        for line in f:
+            done.add(line.decode("utf-8").split("\t", 1)[0])
+    return done
+
+
+def _cleanup(out: Path) -> None:
+    for name in (PROGRESS, LABELS_RAW, REPORT_PARTIAL):
+        (out / name).unlink(missing_ok=True)
+    for p in out.glob("accum-*.npz"):
+        p.unlink(missing_ok=True)
+    for p in out.glob("*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def _finalize(out: Path, meta: dict, state: dict, acc: StatsAccumulator,
+              pre_skipped: list[tuple[str, str]], ignored: int) -> PrepareResult:
+    from safetensors.torch import save_file
+
+    n, size = state["records"], meta["image_size"]
+    report = out / REPORT
+    with open(report.with_name(REPORT + ".tmp"), "wb") as f:
+        for path, reason in pre_skipped:
+            f.write(_report_line(path, reason).encode())
+        f.write((out / REPORT_PARTIAL).read_bytes())
+    os.replace(report.with_name(REPORT + ".tmp"), report)
+    skipped = state["skipped"] + len(pre_skipped)
+    if n == 0:
+        raise DataSourceError(f"no image of {meta['source']} could be decoded "
+                              f"({skipped} skipped, see {report})")
+    labels = np.fromfile(out / LABELS_RAW, dtype=np.int64)
+    assert len(labels) == n and (out / IMAGES).stat().st_size == n * 3 * size * size
+    np.save(out / (LABELS + ".tmp.npy"), labels)
+    os.replace(out / (LABELS + ".tmp.npy"), out / LABELS)
+    stats = acc.result()
+    save_file(stats.to_tensors(prefix=""), str(out / (STATS + ".tmp")),
+              metadata={"of": f"the {n} images of this {meta['split']} store"})
+    os.replace(out / (STATS + ".tmp"), out / STATS)
+    index = {k: v for k, v in meta.items()}
+    index.update(complete=True, count=n, shape=[n, 3, size, size], dtype="uint8",
+                 skipped=skipped, ignored=ignored, images=IMAGES, labels=LABELS,
+                 sources=SOURCES, stats=STATS, report=REPORT,
+                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    _write_json_atomic(out / INDEX, index)
+    _cleanup(out)
+    return PrepareResult(str(out), n, skipped, ignored, str(report), True)
+
+
+# ---------------------------------------------------------------------------- reading
+
+class StoreDataset(ImageDataset):
+    """A prepared store, read by memory mapping: `read` copies the requested records
+    (in file order, which helps when the file is not in the page cache) into one uint8
+    batch. If `image_size` differs from the stored size, batches are resized on read."""
+
+    def __init__(self, path: str | os.PathLike, image_size: int | None = None):
+        self.path = Path(path)
+        index_file = self.path / INDEX
+        if not index_file.is_file():
+            if (self.path / PROGRESS).is_file():
+                raise DataSourceError(f"{self.path} is an unfinished store; run alexnet prepare "
+                                      f"again to finish it")
+            raise SourceNotFoundError(f"no store at {self.path} (no {INDEX})")
+        try:
+            self.index = json.loads(index_file.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise DataSourceError(f"{index_file} is not valid JSON: {e}") from None
+        if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
+            raise DataSourceError(f"{self.path} is not an alexnet store of version {VERSION}")
+        self.stored_size = int(self.index["image_size"])
+        self.image_size = int(image_size or self.stored_size)
+        self.count = int(self.index["count"])
+        self.classes = list(self.index["classes"])
+        self.class_names = list(self.index["class_names"])
+        self.root = self.index.get("source_root", self.index.get("source"))
+        self.ignored = int(self.index.get("ignored", 0))
+        self.labels = np.load(self.path / self.index["labels"])
+        expect = self.count * 3 * self.stored_size ** 2
+        actual = (self.path / self.index["images"]).stat().st_size
+        if len(self.labels) != self.count or actual != expect:
+            raise DataSourceError(f"{self.path} is damaged: {actual} image bytes and "
+                                  f"{len(self.labels)} labels for {self.count} records")
+        self._mm: np.memmap | None = None
+        self._sources: list[str] | None = None
+        self._stats: DataStats | None = None
+
+    @property
+    def images(self) -> np.memmap:
+        if self._mm is None:
+            s = self.stored_size
+            self._mm = np.memmap(self.path / self.index["images"], np.uint8, "r",
+                                 shape=(self.count, 3, s, s))
+        return self._mm
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_mm"] = None  # reopened in the new process, never pickled as an array
+        state["_sources"] = None
+        return state
+
+    def _read(self, idx: np.ndarray) -> torch.Tensor:
+        mm = self.images
+        s = self.stored_size
+        if len(idx) and (idx.min() < -self.count or idx.max() >= self.count):
+            raise IndexError(f"index out of range for {self.count} images")
+        idx = idx % max(self.count, 1)
+        out = np.empty((len(idx), 3, s, s), np.uint8)
+        for k in np.argsort(idx, kind="stable"):
+            out[k] = mm[idx[k]]
+        batch = torch.from_numpy(out)
+        return batch if self.image_size == s else resize_batch(batch, self.image_size)
+
+    @property
+    def sources(self) -> list[str]:
+        if self._sources is None:
+            with open(self.path / self.index["sources"], "rb") as f:
+                self._sources = [json.loads(line) for line in f]
+        return self._sources
+
+    def stats(self) -> DataStats:
+        """This store's own statistics, as prepared (at the stored size)."""
+        if self._stats is None:
+            from safetensors.torch import load_file
+
+            self._stats = DataStats.from_tensors(load_file(str(self.path / self.index["stats"])),
+                                                 prefix="")
+        return self._stats
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """(source file, reason) of every file left out when preparing."""
+        out = []
+        with open(self.path / self.index["report"], encoding="utf-8") as f:
+            for line in f:
+                path, _, reason = line.rstrip("\n").partition("\t")
+                out.append((path, reason))
+        return out
+
+
+def open_store(path: str | os.PathLike, image_size: int | None = None) -> StoreDataset:
+    """The store at `path` (a folder `alexnet prepare` wrote)."""
+    if not Path(path).exists():
+        raise SourceNotFoundError(f"store not found: {path}")
+    return StoreDataset(path, image_size)
