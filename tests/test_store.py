@@ -1,0 +1,317 @@
+"""The prepared store (alexnet.store): a prepare run over a messy folder, the pixels
+against an independent PIL rescale + crop, the statistics against numpy, resuming an
+interrupted prepare, the flat validation layout and IDX sources."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet.dataset import resize_batch
+from alexnet.sources import DataSourceError, dataset_stats, imagenet_wnids, open_dataset
+from alexnet.store import StoreDataset, open_store, prepare
+
+S = 64  # stored side in these tests (the code path is the same as for 256)
+
+
+def rgb_array(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x * y) % 256], -1)
+    return np.clip(base + rng.integers(-25, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def expected_crop(rgb: np.ndarray, size: int = S) -> np.ndarray:
+    """Shorter side to `size` with PIL's bilinear filter, then the central crop."""
+    h, w = rgb.shape[:2]
+    if w <= h:
+        nw, nh = size, int(round(h * size / w))
+    else:
+        nw, nh = int(round(w * size / h)), size
+    img = Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
+
+
+def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+
+
+def make_messy_tree(root: Path) -> tuple[dict, dict]:
+    """root/train/<class>/... with good images in many formats and modes, broken files
+    and junk. Returns ({relative path: (label, expected RGB array)}, {broken path: reason word})."""
+    classes = ["cats", "n01440764", "n01443537"]
+    good: dict[str, tuple[int, np.ndarray]] = {}
+    train = root / "train"
+    for c in classes:
+        (train / c).mkdir(parents=True)
+
+    def add(rel: str, label: int, save, rgb=None):
+        path = train / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(path)
+        if rgb is None:  # lossy formats: the reference is PIL's own decode of the file
+            rgb = np.asarray(Image.open(path).convert("RGB"))
+        good[rel] = (label, rgb)
+
+    a = rgb_array(70, 90, 1)
+    add("cats/rgb.jpg", 0, lambda p: Image.fromarray(a).save(p, quality=90))
+    b = rgb_array(100, 64, 2)
+    add("cats/portrait.png", 0, lambda p: Image.fromarray(b).save(p), b)
+    g = rgb_array(50, 80, 3)[..., 0]
+    add("cats/sub/grey.png", 0, lambda p: Image.fromarray(g, "L").save(p), np.dstack([g] * 3))
+    c = rgb_array(66, 66, 4)
+    add("n01440764/cmyk.tif", 1, lambda p: Image.fromarray(c).convert("CMYK").save(p), c)
+    pal = Image.fromarray(rgb_array(64, 96, 5)).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    add("n01440764/palette.gif", 1, lambda p: pal.save(p), np.asarray(pal.convert("RGB")))
+    d = rgb_array(72, 72, 6)
+    alpha = np.full(d.shape[:2], 255, np.uint8)
+    alpha[:20] = 0
+    d_on_white = d.copy()
+    d_on_white[:20] = 255
+    add("n01440764/alpha.png", 1, lambda p: Image.fromarray(np.dstack([d, alpha]), "RGBA").save(p), d_on_white)
+    v = (rgb_array(80, 70, 7)[..., 1].astype(np.uint16) * 257 + 100)
+    v8 = np.round(v / 257).astype(np.uint8)
+    add("n01443537/deep.png", 2, lambda p: Image.fromarray(v).save(p), np.dstack([v8] * 3))
+    e = rgb_array(60, 100, 8)
+
+    def save_rotated(p):
+        img = Image.fromarray(e)
+        exif = img.getexif()
+        exif[0x0112] = 8  # "rotate 90 counter-clockwise to view"
+        img.save(p, exif=exif.tobytes(), quality=92)
+    save_rotated(train / "n01443537" / "rotated.JPEG")
+    good["n01443537/rotated.JPEG"] = (2, np.rot90(np.asarray(Image.open(train / "n01443537" / "rotated.JPEG")
+                                                             .convert("RGB")), k=1))
+
+    jpg = io.BytesIO()
+    Image.fromarray(rgb_array(80, 80, 9)).save(jpg, "JPEG")
+    broken = {
+        "cats/empty.jpg": "empty",
+        "n01440764/truncated.JPEG": "truncated",
+        "n01443537/text.jpg": "not an image",
+        "n01443537/bomb.png": "too large",
+    }
+    (train / "cats/empty.jpg").write_bytes(b"")
+    (train / "n01440764/truncated.JPEG").write_bytes(jpg.getvalue()[:600])
+    (train / "n01443537/text.jpg").write_text("not really a JPEG\n")
+    (train / "n01443537/bomb.png").write_bytes(bomb_png())
+    # junk that is ignored, not reported
+    (train / ".DS_Store").write_bytes(b"\0")
+    (train / "cats" / "._rgb.jpg").write_bytes(b"\0\5")
+    (train / "cats" / "README.txt").write_text("my cats")
+    return good, broken
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("messy")
+    good, broken = make_messy_tree(root / "src")
+    result = prepare(root / "src", root / "store", workers=2, size=S, max_pixels=10_000_000,
+                     progress=False)
+    return root, good, broken, result
+
+
+def test_prepare_report_lists_exactly_the_broken_files(messy):
+    root, good, broken, result = messy
+    assert result.complete and result.written == len(good) and result.skipped == len(broken)
+    assert result.ignored == 3
+    lines = (root / "store" / "skipped.tsv").read_text().splitlines()
+    report = dict(line.split("\t") for line in lines)
+    assert set(report) == set(broken)
+    for path, word in broken.items():
+        assert word in report[path], (path, report[path])
+    assert f"{len(good)} images written, {len(broken)} skipped" in result.summary()
+    leftovers = {p.name for p in (root / "store").iterdir()}
+    assert leftovers == {"index.json", "images.u8", "labels.npy", "sources.jsonl",
+                         "stats.safetensors", "skipped.tsv"}
+
+
+def test_prepare_every_good_file_stored_with_label_and_pixels(messy):
+    root, good, _, _ = messy
+    ds = open_dataset(root / "store", image_size=None)
+    assert isinstance(ds, StoreDataset) and len(ds) == len(good) and ds.image_size == S
+    assert ds.classes == ["cats", "n01440764", "n01443537"]
+    assert ds.class_names == ["cats", "tench", "goldfish"]
+    assert sorted(ds.sources) == sorted(good)
+    x, y = ds.read(np.arange(len(ds)))
+    for i, src in enumerate(ds.sources):
+        label, rgb = good[src]
+        assert y[i].item() == label, src
+        assert np.array_equal(x[i].numpy(), expected_crop(rgb)), src
+    index = json.loads((root / "store" / "index.json").read_text())
+    assert index["count"] == len(good) and index["shape"] == [len(good), 3, S, S]
+    assert index["image_size"] == S and index["complete"] and index["version"] == 1
+    assert ds.skipped()[0][0] in {"cats/empty.jpg"}
+
+
+def test_store_read_batches(messy):
+    root, good, _, _ = messy
+    ds = open_store(root / "store")
+    idx = np.array([5, 0, 5, 3])  # unsorted, repeated
+    x, y = ds.read(idx)
+    all_x, all_y = ds.read(np.arange(len(ds)))
+    assert torch.equal(x, all_x[idx]) and torch.equal(y, all_y[idx])
+    assert x.dtype == torch.uint8 and y.dtype == torch.int64
+    small = open_store(root / "store", image_size=32)
+    assert small.read([1])[0].shape == (1, 3, 32, 32)
+    assert dataset_stats(small).mean_image.shape == (3, 32, 32)
+    import pickle
+    clone = pickle.loads(pickle.dumps(ds))  # what a spawned loader worker gets
+    assert clone._mm is None and torch.equal(clone.read([2])[0], all_x[[2]])
+
+
+def test_prepare_stats_match_numpy(messy):
+    root, _, _, _ = messy
+    ds = open_store(root / "store")
+    images = ds.read(np.arange(len(ds)))[0].numpy()
+    s = dataset_stats(ds)
+    mean = images.astype(np.float64).mean(0)
+    assert np.allclose(s.mean_image.numpy(), mean, atol=1e-3)
+    pixels = images.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
+    val, vec = np.linalg.eigh(np.cov(pixels, bias=True))
+    assert np.allclose(s.eigval.numpy(), val[::-1], rtol=1e-4)
+    for i in range(3):
+        assert abs(abs(s.eigvec[:, i].numpy() @ vec[:, 2 - i]) - 1) < 1e-3
+
+
+def test_prepare_again_on_a_complete_store_is_a_no_op(messy):
+    root, good, broken, _ = messy
+    before = (root / "store" / "images.u8").stat().st_mtime_ns
+    again = prepare(root / "src", root / "store", workers=1, size=S, progress=False)
+    assert again.complete and again.written == len(good) and again.skipped == len(broken)
+    assert (root / "store" / "images.u8").stat().st_mtime_ns == before
+    with pytest.raises(DataSourceError, match="another image_size"):
+        prepare(root / "src", root / "store", size=S + 1, progress=False)
+
+
+# ---------------------------------------------------------------------------- resume
+
+def make_plain_tree(root: Path, n_per_class: int = 9) -> None:
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(rgb_array(30 + i, 40 + c, c * 100 + i)).save(root / f"class{c}" / f"{i:02d}.png")
+    (root / "class1" / "03_bad.png").write_bytes(b"\x89PNG broken")
+    (root / "class2" / "zz_empty.png").write_bytes(b"")
+
+
+def store_contents(path: Path) -> dict:
+    index = json.loads((path / "index.json").read_text())
+    index.pop("created")
+    return {name: (path / name).read_bytes()
+            for name in ("images.u8", "labels.npy", "sources.jsonl", "stats.safetensors", "skipped.tsv")
+            } | {"index": index}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupted_prepare_resumes_to_the_same_store(tmp_path, workers):
+    make_plain_tree(tmp_path / "src")
+    full = prepare(tmp_path / "src", tmp_path / "full", workers=workers, size=32, progress=False)
+    assert full.written == 27 and full.skipped == 2
+
+    part = prepare(tmp_path / "src", tmp_path / "part", workers=workers, size=32, progress=False,
+                   commit_every=4, _stop_after=13)
+    assert not part.complete and 0 < part.written < 27
+    with pytest.raises(DataSourceError, match="unfinished"):
+        open_dataset(tmp_path / "part")
+    # a crash in the middle of a write: bytes past the committed lengths, a stale temp file
+    for name in ("images.u8", "labels.i64", "sources.jsonl", "skipped.partial.tsv"):
+        with open(tmp_path / "part" / name, "ab") as f:
+            f.write(b"\x07" * 1001)
+    (tmp_path / "part" / "progress.json.tmp").write_text("{half")
+    (tmp_path / "part" / "accum-999.npz").write_bytes(b"junk")
+
+    second = prepare(tmp_path / "src", tmp_path / "part", workers=workers, size=32, progress=False,
+                     commit_every=4, _stop_after=5)
+    assert not second.complete and second.written > part.written
+    done = prepare(tmp_path / "src", tmp_path / "part", workers=workers, size=32, progress=False)
+    assert done.complete and (done.written, done.skipped) == (27, 2)
+    a, b = store_contents(tmp_path / "full"), store_contents(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == b[k], k  # byte for byte, statistics included
+
+
+def test_resume_refuses_a_different_source(tmp_path):
+    make_plain_tree(tmp_path / "src")
+    make_plain_tree(tmp_path / "other")
+    prepare(tmp_path / "src", tmp_path / "part", workers=1, size=32, progress=False, _stop_after=3)
+    with pytest.raises(DataSourceError, match="another source"):
+        prepare(tmp_path / "other", tmp_path / "part", workers=1, size=32, progress=False)
+    (tmp_path / "notempty").mkdir()
+    (tmp_path / "notempty" / "x").write_text("mine")
+    with pytest.raises(DataSourceError, match="not an empty folder"):
+        prepare(tmp_path / "src", tmp_path / "notempty", size=32, progress=False)
+
+
+def test_all_files_broken_is_an_error_with_report(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "x.jpg").write_bytes(b"")
+    with pytest.raises(DataSourceError, match="no image .* could be decoded"):
+        prepare(tmp_path / "src", tmp_path / "out", workers=1, size=32, progress=False)
+    assert "x.jpg\tempty file" in (tmp_path / "out" / "skipped.tsv").read_text()
+
+
+# ---------------------------------------------------------------------------- val layout and IDX
+
+def test_prepare_flat_val_with_ground_truth_and_train_classes(tmp_path):
+    wnids = imagenet_wnids()
+    root = tmp_path / "imagenet"
+    for w in (wnids[10], wnids[20]):
+        (root / "train" / w).mkdir(parents=True)
+        Image.fromarray(rgb_array(40, 40, 1)).save(root / "train" / w / "t.JPEG")
+    (root / "val").mkdir()
+    arrays = {}
+    for k in range(1, 5):
+        arrays[k] = rgb_array(36 + k, 48, 10 + k)
+        Image.fromarray(arrays[k]).save(root / "val" / f"ILSVRC2012_val_{k:08d}.png")
+    gt = tmp_path / "gt.txt"
+    gt.write_text(f"ILSVRC2012_val_00000001 {wnids[20]}\nILSVRC2012_val_00000002 {wnids[10]}\n"
+                  f"ILSVRC2012_val_00000003 {wnids[500]}\nILSVRC2012_val_00000004 {wnids[20]}\n")
+    r = prepare(root, tmp_path / "val_store", split="val", labels=gt, workers=1, size=S, progress=False)
+    assert (r.written, r.skipped) == (3, 1)
+    ds = open_store(tmp_path / "val_store")
+    assert ds.classes == [wnids[10], wnids[20]]  # the training split's classes
+    assert ds.sources == [f"ILSVRC2012_val_{k:08d}.png" for k in (1, 2, 4)]
+    assert ds.labels.tolist() == [1, 0, 1]
+    x, _ = ds.read([0, 1, 2])
+    for i, k in enumerate((1, 2, 4)):
+        assert np.array_equal(x[i].numpy(), expected_crop(arrays[k]))
+    report = (tmp_path / "val_store" / "skipped.tsv").read_text()
+    assert report.startswith("ILSVRC2012_val_00000003.png\tclass") and report.count("\n") == 1
+    # a root of stores: <root>/<split>/ is found
+    (tmp_path / "stores").mkdir()
+    (tmp_path / "val_store").rename(tmp_path / "stores" / "val")
+    assert len(open_dataset(tmp_path / "stores", split="val")) == 3
+    assert open_dataset(tmp_path / "stores", split="val").read([0])[0].shape == (1, 3, 256, 256)
+
+
+def test_prepare_idx_source(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    y = np.arange(7, dtype=np.uint8) % 3
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for name, arr in (("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y)):
+        (folder / name).write_bytes(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+                                    + arr.tobytes())
+    r = prepare(folder, tmp_path / "store", size=S, progress=False)
+    assert (r.written, r.skipped) == (7, 0)
+    ds = open_store(tmp_path / "store")
+    imgs, labels = ds.read(np.arange(7))
+    assert labels.tolist() == y.tolist() and ds.sources[2] == "train-images-idx3-ubyte#2"
+    assert torch.equal(imgs, resize_batch(torch.from_numpy(x)[:, None], S))
+    with pytest.raises(DataSourceError, match="already a prepared store"):
+        prepare(tmp_path / "store", tmp_path / "again", progress=False)
