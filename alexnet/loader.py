@@ -1,0 +1,349 @@
+"""Batches for training and evaluation: shuffled, sharded, augmented, loaded ahead.
+
+`BatchLoader(dataset, batch_size, transform, shuffle=..., seed=..., drop_last=...)` yields
+`(x float32, y int64)` batches. Everything random is a pure function of the seed:
+
+* the epoch's order is `epoch_permutation(len(dataset), seed, epoch)`, the same on every
+  rank (`shuffle=False`: 0, 1, 2, ...);
+* rank r of `world_size` W takes every W-th image of that order starting at r, so global
+  step k (the k-th batch of every rank together) covers positions [k*W*B, (k+1)*W*B) of
+  the order;
+* the augmentation of rank r's batch k draws from a `torch.Generator` seeded with
+  `batch_seed(seed, epoch, k * W + r)` (k * W + r is the batch's global index).
+
+So a run resumed at `start_batch=k` yields exactly the batches k, k+1, ... of the
+uninterrupted epoch, and `num_workers` changes only the speed, never a batch.
+
+Sharding modes:
+
+* `drop_last=True` (training): every rank gets `len(dataset) // (W * B)` full batches;
+  the images past the last full global step (fewer than W*B, a different set each
+  epoch) are skipped.
+* `drop_last=False` (evaluation): every image exactly once over all ranks, no padding
+  or duplicates. Ranks' image counts differ by at most one, so their batch counts can
+  differ by one and each rank's last batch may be short: sum metrics per rank and
+  reduce them after the loop, not per step.
+
+Epochs: `set_epoch(epoch, start_batch=0)` (or the constructor's `epoch=`/`start_batch=`)
+chooses what the next iteration yields; iterating again without it repeats the same
+batches. `len(loader)` is the number of batches of the whole epoch for this rank,
+`loader.remaining` the number the next iteration yields (`len - start_batch`).
+
+Workers. `num_workers=0` loads in the calling thread. With `num_workers > 0`, that many
+processes (forked, so the dataset is shared, not copied; one torch thread each) read
+and augment batches round-robin, each keeping up to `prefetch` batches ahead; the
+batches come back through shared memory in order. Budget: a worker competes with the
+model for the cores (see benchmarks/bench_loader.py for measurements). A worker that
+dies (killed, out of memory) makes the iteration raise `LoaderWorkerError` at once
+(the main process waits on the workers' sentinels, never on a lock they may hold); an
+exception inside a worker is re-raised with the worker's traceback. Abandoning the
+iteration (break, exception, garbage collection, `close()` on the iterator) stops and
+reaps the workers; they also exit by themselves when the main process disappears.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import signal
+import traceback
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.multiprocessing  # noqa: F401  (registers the shared-memory pickling of tensors)
+
+from alexnet.augment import TrainTransform
+from alexnet.dataset import ImageDataset
+
+_PERMUTATION_STREAM = 0x0A1E_0001
+_AUGMENT_STREAM = 0x0A1E_0002
+
+Transform = Callable[..., torch.Tensor]
+
+
+class LoaderWorkerError(RuntimeError):
+    """A loader worker process died or failed."""
+
+
+def _check_nonnegative(**kw: int) -> None:
+    for k, v in kw.items():
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{k} must be a non-negative integer, not {v!r}")
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the images in `epoch`: a permutation of range(n) (int64) that depends
+    only on (seed, epoch)."""
+    _check_nonnegative(n=n, seed=seed, epoch=epoch)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, _PERMUTATION_STREAM])))
+    return rng.permutation(n).astype(np.int64)
+
+
+def batch_seed(seed: int, epoch: int, global_batch: int) -> int:
+    """The seed of the augmentation generator of one batch (63 bits)."""
+    _check_nonnegative(seed=seed, epoch=epoch, global_batch=global_batch)
+    hi, lo = np.random.SeedSequence([seed, epoch, global_batch, _AUGMENT_STREAM]).generate_state(2, np.uint32)
+    return ((int(hi) << 32) | int(lo)) & ((1 << 63) - 1)
+
+
+def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor in shared memory. `_new_shared` (what torch's own
+    DataLoader collation uses) saves the copy that `share_memory_()` makes."""
+    numel = int(np.prod(shape))
+    try:
+        storage = torch.UntypedStorage._new_shared(numel * 4)
+    except (AttributeError, TypeError, RuntimeError):
+        return torch.empty(shape).share_memory_()
+    return torch.empty(0).set_(storage, 0, shape)
+
+
+def load_batch(dataset: ImageDataset, transform: Transform | None, idx: np.ndarray, seed: int,
+               shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read images `idx` and apply `transform(images, generator)` with a generator seeded
+    with `seed`; `shared` puts the result in shared memory (for sending to another
+    process without a copy)."""
+    images, labels = dataset.read(idx)
+    if transform is None:
+        x = images
+    else:
+        g = torch.Generator().manual_seed(seed)
+        if shared and isinstance(transform, TrainTransform):  # write straight into shared memory
+            x = transform(images, g, out=_shared_empty((images.shape[0], 3, transform.crop, transform.crop)))
+        else:
+            x = transform(images, g)
+    if shared and not x.is_shared():
+        x.share_memory_()
+    return x, labels
+
+
+class BatchLoader:
+    """See the module docstring. `transform(images uint8 (B, 3, S, S), generator)` makes
+    the batch (`TrainTransform`, `EvalTransform`, or None for the uint8 images)."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, transform: Transform | None, *, shuffle: bool,
+                 seed: int, epoch: int = 0, start_batch: int = 0, drop_last: bool, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, prefetch: int = 2, timeout: float | None = None,
+                 mp_context: str | None = None):
+        _check_nonnegative(seed=seed, num_workers=num_workers, rank=rank)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        if world_size < 1 or rank >= world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, not {prefetch}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, not {timeout}")
+        self.dataset, self.batch_size, self.transform = dataset, batch_size, transform
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.prefetch, self.timeout = num_workers, prefetch, timeout
+        if mp_context is None:
+            mp_context = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        self.mp_context = mp_context
+        n = len(dataset)
+        if drop_last and n < world_size * batch_size:
+            raise ValueError(f"{n} images make no full batch of {batch_size} for each of {world_size} ranks")
+        self.set_epoch(epoch, start_batch)
+
+    # --- what an epoch contains ---------------------------------------------------------
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next iteration yield batches start_batch, ... of `epoch`."""
+        _check_nonnegative(epoch=epoch, start_batch=start_batch)
+        self.epoch = int(epoch)
+        self._shard = self._make_shard()
+        if start_batch > len(self):
+            raise ValueError(f"start_batch {start_batch} is past the {len(self)} batches of the epoch")
+        self.start_batch = int(start_batch)
+
+    def _make_shard(self) -> np.ndarray:
+        n, w = len(self.dataset), self.world_size
+        order = epoch_permutation(n, self.seed, self.epoch) if self.shuffle else np.arange(n, dtype=np.int64)
+        if self.drop_last:
+            order = order[: n // (w * self.batch_size) * w * self.batch_size]
+        return order[self.rank::w]
+
+    def __len__(self) -> int:
+        k, b = len(self._shard), self.batch_size
+        return k // b if self.drop_last else -(-k // b)
+
+    @property
+    def remaining(self) -> int:
+        """Batches the next iteration yields."""
+        return len(self) - self.start_batch
+
+    def indices(self) -> np.ndarray:
+        """This rank's images of the epoch, in order (all batches, also before start_batch)."""
+        return self._shard.copy()
+
+    def batch_indices(self, b: int) -> np.ndarray:
+        if not 0 <= b < len(self):
+            raise IndexError(f"batch {b} of {len(self)}")
+        return self._shard[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def global_batch(self, b: int) -> int:
+        """The index of this rank's batch b among all ranks' batches of the epoch."""
+        return b * self.world_size + self.rank
+
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch b of the epoch, loaded here; the same tensors the iteration yields."""
+        return load_batch(self.dataset, self.transform, self.batch_indices(b),
+                          batch_seed(self.seed, self.epoch, self.global_batch(b)))
+
+    # --- iteration ----------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = range(self.start_batch, len(self))
+        if self.num_workers == 0:
+            return (self.batch(b) for b in batches)
+        return _pooled(self, batches)
+
+
+def _pooled(loader: BatchLoader, batches: range) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    pool = _WorkerPool(loader, min(loader.num_workers, max(len(batches), 1)))
+    try:
+        yield from pool.run(batches)
+    finally:
+        pool.close()
+
+
+def _worker_main(wid: int, dataset: ImageDataset, transform: Transform | None, tasks: mpc.Connection,
+                 results: mpc.Connection, parent: int, inherited: list[mpc.Connection]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
+    for c in inherited:  # the other ends, and other workers' pipes, inherited by fork
+        c.close()
+    torch.set_num_threads(1)
+    while True:
+        try:
+            if not tasks.poll(1.0):
+                if os.getppid() != parent:
+                    return
+                continue
+            task = tasks.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        b, idx, seed = task
+        try:
+            x, y = load_batch(dataset, transform, idx, seed, shared=True)
+            msg = (b, x, y.numpy(), None)
+        except Exception:
+            msg = (b, None, None, traceback.format_exc())
+        try:
+            results.send(msg)
+        except (BrokenPipeError, OSError):
+            return
+        msg = x = None  # drop this side's reference to the shared memory
+
+
+class _WorkerPool:
+    def __init__(self, loader: BatchLoader, n: int):
+        self.loader, self.n = loader, n
+        ctx = mp.get_context(loader.mp_context)
+        forked = loader.mp_context == "fork"
+        task_pipes = [ctx.Pipe(duplex=False) for _ in range(n)]  # (worker reads, main writes)
+        result_pipes = [ctx.Pipe(duplex=False) for _ in range(n)]  # (main reads, worker writes)
+        self.tasks = [w for _, w in task_pipes]
+        self.results = [r for r, _ in result_pipes]
+        self.workers: list[mp.process.BaseProcess] = []
+        self.closed = False
+        try:
+            for i in range(n):
+                mine = {id(task_pipes[i][0]), id(result_pipes[i][1])}
+                inherited = [c for pair in task_pipes + result_pipes for c in pair
+                             if id(c) not in mine and not c.closed] if forked else []
+                p = ctx.Process(target=_worker_main, name=f"alexnet-loader-{i}", daemon=True,
+                                args=(i, loader.dataset, loader.transform, task_pipes[i][0], result_pipes[i][1],
+                                      os.getpid(), inherited))
+                p.start()
+                self.workers.append(p)
+                task_pipes[i][0].close()  # the worker's ends live in the worker only
+                result_pipes[i][1].close()
+        except BaseException:
+            for pair in task_pipes + result_pipes:
+                for c in pair:
+                    c.close()
+            self.close()
+            raise
+
+    def _send(self, b: int, first: int) -> None:
+        ld = self.loader
+        task = (b, ld.batch_indices(b), batch_seed(ld.seed, ld.epoch, ld.global_batch(b)))
+        w = (b - first) % self.n
+        try:
+            self.tasks[w].send(task)
+        except (BrokenPipeError, OSError):
+            self._raise_dead(w)
+
+    def _raise_dead(self, w: int) -> None:
+        p = self.workers[w]
+        p.join(timeout=1.0)
+        code = p.exitcode
+        how = (f"was killed by signal {-code}" if code is not None and code < 0
+               else f"exited with code {code}" if code is not None else "stopped answering")
+        raise LoaderWorkerError(f"loader worker {w} (pid {p.pid}) {how}; the batches it was loading are lost")
+
+    def _receive(self, b: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = (b - first) % self.n
+        conn = self.results[w]
+        sentinels = {p.sentinel: i for i, p in enumerate(self.workers)}
+        timeout = self.loader.timeout
+        while True:
+            ready = mpc.wait([conn, *sentinels], timeout=timeout)
+            if not ready:
+                raise LoaderWorkerError(f"no batch from loader worker {w} (pid {self.workers[w].pid}) "
+                                        f"in {timeout} s")
+            for r in ready:
+                if r in sentinels:
+                    self._raise_dead(sentinels[r])
+            try:
+                got, x, y, err = conn.recv()
+            except (EOFError, OSError):
+                self._raise_dead(w)
+            except Exception:
+                if not self.workers[w].is_alive():
+                    self._raise_dead(w)
+                raise
+            if err is not None:
+                raise LoaderWorkerError(f"loader worker {w} failed on batch {got}:\n{err}")
+            if got != b:  # cannot happen: each worker answers its tasks in order
+                raise LoaderWorkerError(f"loader worker {w} sent batch {got}, expected {b}")
+            return x, torch.from_numpy(y)
+
+    def run(self, batches: range) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not batches:
+            return
+        first, stop = batches.start, batches.stop
+        ahead = first + min(len(batches), self.n * self.loader.prefetch)
+        for b in range(first, ahead):
+            self._send(b, first)
+        for b in batches:
+            x, y = self._receive(b, first)
+            if ahead < stop:
+                self._send(ahead, first)
+                ahead += 1
+            yield x, y
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for c in self.tasks:
+            try:
+                c.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            c.close()
+        for p in self.workers:
+            p.join(timeout=2.0)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=2.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for c in self.results:
+            c.close()

@@ -1,0 +1,199 @@
+"""The batch loader: reproducible order and augmentation, resumes, sharding, workers."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet.augment import EvalTransform, TrainTransform
+from alexnet.dataset import DataStats, TensorImageDataset
+from alexnet.loader import BatchLoader, LoaderWorkerError, batch_seed, epoch_permutation
+
+S, CROP = 16, 11
+
+
+def _dataset(n: int = 50) -> TensorImageDataset:
+    """Labels are the images' indices, so a batch's y says which images it holds."""
+    images = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    return TensorImageDataset(images, np.arange(n), [f"c{i}" for i in range(n)], image_size=S)
+
+
+def _stats(ds: TensorImageDataset) -> DataStats:
+    return DataStats(ds.images.float().mean(0), torch.tensor([900.0, 100.0, 10.0]), torch.eye(3))
+
+
+def _loader(ds, **kw) -> BatchLoader:
+    args = dict(batch_size=4, transform=TrainTransform(_stats(ds), CROP), shuffle=True, seed=3, drop_last=True)
+    args.update(kw)
+    return BatchLoader(ds, **args)
+
+
+def _epoch(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def _children() -> list:
+    return [p for p in mp.active_children() if p.name.startswith("alexnet-loader")]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_workers():
+    yield
+    deadline = time.monotonic() + 5
+    while _children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _children(), "loader workers outlived their iteration"
+
+
+def test_permutation_is_a_pure_function_of_seed_and_epoch():
+    a = epoch_permutation(100, 7, 2)
+    assert np.array_equal(a, epoch_permutation(100, 7, 2))
+    assert np.array_equal(np.sort(a), np.arange(100))
+    assert not np.array_equal(a, epoch_permutation(100, 7, 3))
+    assert not np.array_equal(a, epoch_permutation(100, 8, 2))
+    assert batch_seed(1, 2, 3) == batch_seed(1, 2, 3) != batch_seed(1, 2, 4)
+    assert 0 <= batch_seed(2**40, 5, 10**6) < 2**63
+
+
+def test_batches_shapes_and_lengths():
+    ds = _dataset(50)
+    ld = _loader(ds)
+    assert len(ld) == ld.remaining == 12  # 50 // 4, the last 2 images dropped
+    batches = _epoch(ld)
+    assert len(batches) == 12
+    x, y = batches[0]
+    assert x.shape == (4, 3, CROP, CROP) and x.dtype == torch.float32 and y.dtype == torch.int64
+    ys = torch.cat([y for _, y in batches]).numpy()
+    assert len(set(ys)) == 48 and np.array_equal(ys, epoch_permutation(50, 3, 0)[:48])
+    ld2 = _loader(ds, drop_last=False, shuffle=False)
+    assert len(ld2) == 13
+    ys = torch.cat([y for _, y in ld2]).numpy()
+    assert np.array_equal(ys, np.arange(50))  # in order, the short last batch included
+
+
+def test_same_seed_same_batches_with_and_without_workers():
+    ds = _dataset(40)
+    plain = _epoch(_loader(ds, num_workers=0))
+    assert _same(plain, _epoch(_loader(ds, num_workers=2, prefetch=1)))
+    assert _same(plain, _epoch(_loader(ds, num_workers=1, prefetch=3)))
+    assert _same(plain, _epoch(_loader(ds)))  # and again
+    other = _epoch(_loader(ds, seed=4))
+    assert not torch.equal(plain[0][0], other[0][0])
+    # each batch is augmented differently, also the same images in another epoch
+    ld = _loader(ds, shuffle=False)
+    e0 = _epoch(ld)
+    ld.set_epoch(1)
+    e1 = _epoch(ld)
+    assert torch.equal(e0[0][1], e1[0][1]) and not torch.equal(e0[0][0], e1[0][0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_the_rest_of_the_epoch(workers):
+    ds = _dataset(40)
+    full = _epoch(_loader(ds, epoch=2))
+    ld = _loader(ds, epoch=2, start_batch=7, num_workers=workers)
+    assert len(ld) == 10 and ld.remaining == 3
+    assert _same(_epoch(ld), full[7:])
+    ld.set_epoch(2, start_batch=10)
+    assert _epoch(ld) == []
+    with pytest.raises(ValueError):
+        ld.set_epoch(2, start_batch=11)
+
+
+def test_sharding_for_evaluation_covers_every_image_once():
+    ds = _dataset(41)
+    shards = [_loader(ds, drop_last=False, rank=r, world_size=2, transform=EvalTransform(_stats(ds), CROP))
+              for r in range(2)]
+    assert [len(s) for s in shards] == [6, 5]  # 21 and 20 images in batches of 4
+    ys = [torch.cat([y for _, y in s]).numpy() for s in shards]
+    assert len(ys[0]) == 21 and len(ys[1]) == 20
+    assert np.array_equal(np.sort(np.concatenate(ys)), np.arange(41))  # no duplicates, none missing
+    x, _ = next(iter(shards[0]))
+    assert x.shape == (4, 3, CROP, CROP)
+
+
+def test_sharding_for_training_gives_equal_batches_per_rank():
+    ds = _dataset(43)
+    shards = [_loader(ds, rank=r, world_size=2, epoch=5) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 5  # 43 // 8
+    batches = [_epoch(s) for s in shards]
+    ys = np.concatenate([torch.cat([y for _, y in b]).numpy() for b in batches])
+    assert len(ys) == 40 and len(set(ys)) == 40
+    perm = epoch_permutation(43, 3, 5)
+    for k in range(5):  # global step k is the k-th slice of the epoch's order
+        step = np.concatenate([batches[0][k][1].numpy(), batches[1][k][1].numpy()])
+        assert set(step) == set(perm[k * 8:(k + 1) * 8])
+    with pytest.raises(ValueError):
+        _loader(_dataset(7), world_size=2)  # no full batch for every rank
+
+
+def test_uint8_batches_without_transform_and_ten_crops():
+    ds = _dataset(12)
+    x, y = next(iter(_loader(ds, transform=None, shuffle=False)))
+    assert x.dtype == torch.uint8 and torch.equal(x, ds.images[:4]) and y.tolist() == [0, 1, 2, 3]
+    ld = _loader(ds, transform=EvalTransform(_stats(ds), CROP, ten_crop=True), num_workers=1)
+    x, _ = next(iter(ld))
+    assert x.shape == (4, 10, 3, CROP, CROP)
+
+
+def test_abandoned_iteration_stops_its_workers():
+    ld = _loader(_dataset(60), num_workers=2)
+    it = iter(ld)
+    next(it)
+    assert len(_children()) == 2
+    del it  # the fixture checks that the workers are gone
+    for i, _ in enumerate(ld):
+        if i == 2:
+            break
+
+
+class _Slow(TensorImageDataset):
+    def _read(self, idx):
+        time.sleep(0.05)
+        return super()._read(idx)
+
+
+class _Failing(TensorImageDataset):
+    def _read(self, idx):
+        if 13 in idx:
+            raise OSError("disk on fire reading image 13")
+        return super()._read(idx)
+
+
+def test_a_killed_worker_raises_promptly():
+    base = _dataset(200)
+    ds = _Slow(base.images, base.labels, base.classes, image_size=S)
+    it = iter(_loader(ds, num_workers=2))
+    next(it)
+    victim = _children()[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    t = time.monotonic()
+    with pytest.raises(LoaderWorkerError, match=r"killed by signal 9"):
+        for _ in it:
+            pass
+    assert time.monotonic() - t < 5
+
+
+def test_an_exception_in_a_worker_is_raised_with_its_traceback():
+    base = _dataset(40)
+    ds = _Failing(base.images, base.labels, base.classes, image_size=S)
+    with pytest.raises(LoaderWorkerError, match="disk on fire"):
+        _epoch(_loader(ds, num_workers=2, shuffle=False))
+
+
+def test_bad_arguments():
+    ds = _dataset(10)
+    for kw in ({"batch_size": 0}, {"rank": 2, "world_size": 2}, {"prefetch": 0}, {"seed": -1},
+               {"epoch": -1}, {"num_workers": -1}):
+        with pytest.raises(ValueError):
+            _loader(ds, **kw)
