@@ -186,12 +186,17 @@ class DataConfig:
     flip: bool = True  # horizontal reflections (section 4.1)
     ten_crop: bool = False  # evaluate on the 10 patches of section 4.1 instead of the centre crop
     num_workers: int = 1  # loader processes reading and augmenting ahead of training
+    # Inputs are (pixel - mean image + lighting) / pixel_scale: 1 feeds the paper's raw
+    # mean-subtracted 0..255 values, as its N(0, 0.01) initialisation expects.
+    pixel_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
             raise ConfigError(f"data.image_size must be >= 32, not {self.image_size}")
         if self.lighting_std < 0:
             raise ConfigError(f"data.lighting_std must be >= 0, not {self.lighting_std}")
+        if self.pixel_scale <= 0:
+            raise ConfigError(f"data.pixel_scale must be positive, not {self.pixel_scale}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, not {self.num_workers}")
 
@@ -268,10 +273,10 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_overrides(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_overrides(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -279,7 +284,7 @@ def run_config(recipe: str = "paper", overrides: dict | None = None) -> RunConfi
     """The recipe's preset, then `overrides` (nested dicts: {"train": {"lr": 0.02}})."""
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    data = _merge(RECIPES[recipe], overrides or {})
+    data = merge_overrides(RECIPES[recipe], overrides or {})
     data["recipe"] = recipe
     return from_dict(RunConfig, data)
 

@@ -86,3 +86,19 @@ class TensorImageDataset(ImageDataset):
 
     def _read(self, idx: np.ndarray) -> torch.Tensor:
         return resize_batch(self.images[torch.from_numpy(idx)], self.image_size)
+
+
+class SubsetDataset(ImageDataset):
+    """The records `indices` of another dataset (e.g. a held-out validation part)."""
+
+    def __init__(self, base: ImageDataset, indices: np.ndarray):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = base.labels[self.indices]
+        self.classes = base.classes
+        self.image_size = base.image_size
+        if hasattr(base, "class_names"):
+            self.class_names = base.class_names
+
+    def _read(self, idx: np.ndarray) -> torch.Tensor:
+        return self.base._read(self.indices[idx])

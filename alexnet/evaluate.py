@@ -1,0 +1,154 @@
+"""Top-1 and top-5 error (the paper reports error rates), accuracy, per-class accuracy and
+the confusion matrix, over a whole dataset; with the paper's 10-crop test the softmax
+outputs of the ten patches are averaged (section 4.1)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from alexnet.augment import EvalTransform, average_ten_crop
+from alexnet.distributed import DistInfo, all_reduce_sum
+from alexnet.loader import BatchLoader
+
+
+@dataclass
+class Metrics:
+    count: int
+    loss: float  # mean cross-entropy of the (averaged) predicted distribution
+    top1_err: float
+    top5_err: float
+    confusion: np.ndarray  # (K, K) int64, true class down, predicted across
+
+    @property
+    def top1_acc(self) -> float:
+        return 1.0 - self.top1_err
+
+    @property
+    def top5_acc(self) -> float:
+        return 1.0 - self.top5_err
+
+    def per_class_accuracy(self) -> np.ndarray:
+        totals = self.confusion.sum(1)
+        return np.where(totals > 0, np.diag(self.confusion) / np.maximum(totals, 1), np.nan)
+
+    def summary(self) -> dict:
+        return {"images": self.count, "loss": self.loss, "top1_err": self.top1_err,
+                "top5_err": self.top5_err, "top1_acc": self.top1_acc, "top5_acc": self.top5_acc}
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, loader: BatchLoader, num_classes: int, device: torch.device,
+                   amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                   info: DistInfo = DistInfo(), progress=None) -> Metrics:
+    """Every image of `loader` once (its shards added up over DDP processes)."""
+    model.eval()
+    k5 = min(5, num_classes)
+    stats = torch.zeros(3, dtype=torch.float64)  # count, loss sum, top-5 hits
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    for x, y in loader:
+        ten = x.dim() == 5
+        b = x.shape[0]
+        x = x.to(device, non_blocking=True).flatten(0, 1) if ten else x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float().cpu()
+        probs = average_ten_crop(logits.view(b, -1, logits.shape[-1])) if ten else logits.softmax(-1)
+        stats[0] += b
+        stats[1] += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").item()
+        top = probs.topk(k5, dim=-1).indices
+        stats[2] += (top == y[:, None]).any(-1).sum().item()
+        confusion += torch.bincount(y * num_classes + top[:, 0], minlength=num_classes ** 2)
+        if progress is not None:
+            progress.update(b)
+    all_reduce_sum(stats, info)
+    all_reduce_sum(confusion, info)
+    n = int(stats[0])
+    conf = confusion.view(num_classes, num_classes).numpy()
+    correct1 = int(np.trace(conf))
+    return Metrics(count=n, loss=float(stats[1]) / max(n, 1), top1_err=1 - correct1 / max(n, 1),
+                   top5_err=1 - float(stats[2]) / max(n, 1), confusion=conf)
+
+
+def eval_loader(dataset, stats, crop: int, batch_size: int, ten_crop: bool, pixel_scale: float = 1.0,
+                num_workers: int = 0, info: DistInfo = DistInfo()) -> BatchLoader:
+    transform = EvalTransform(stats, crop, ten_crop=ten_crop, scale=pixel_scale)
+    return BatchLoader(dataset, batch_size, transform, shuffle=False, seed=0, drop_last=False,
+                       rank=info.rank, world_size=info.world_size, num_workers=num_workers)
+
+
+def write_report(metrics: Metrics, class_names: list[str], out_dir: str | Path, title: str,
+                 extra: dict | None = None) -> dict:
+    """eval.json with the figures and per-class accuracy, and confusion.png for up to 100
+    classes. Returns the JSON document."""
+    from alexnet.checkpoint import atomic_write_text
+    from alexnet.plots import plot_confusion
+
+    out_dir = Path(out_dir)
+    per_class = metrics.per_class_accuracy()
+    doc = {**(extra or {}), **metrics.summary(),
+           "per_class_accuracy": {n: (None if np.isnan(a) else float(a)) for n, a in zip(class_names, per_class)}}
+    atomic_write_text(out_dir / "eval.json", json.dumps(doc, indent=2) + "\n")
+    if len(class_names) <= 100:
+        plot_confusion(metrics.confusion, class_names, out_dir / "confusion.png", title=title)
+        doc["confusion_png"] = str(out_dir / "confusion.png")
+    return doc
+
+
+def format_metrics(m: Metrics, label: str) -> str:
+    return (f"{label}: {m.count} images | top-1 error {100 * m.top1_err:.2f}% (accuracy {100 * m.top1_acc:.2f}%)"
+            f" | top-5 error {100 * m.top5_err:.2f}% (accuracy {100 * m.top5_acc:.2f}%) | loss {m.loss:.4f}")
+
+
+def evaluate_checkpoint(checkpoint, data_path=None, split: str = "test", ten_crop: bool = False,
+                        batch_size: int = 100, out_dir=None, device: str = "auto", workers: int = 1,
+                        dataset=None, label: str | None = None) -> dict:
+    """Evaluate a model file on `dataset` (or the source at `data_path`, split `split`) with
+    the checkpoint's own preprocessing; prints the figures, writes eval.json and
+    confusion.png, and returns the JSON document."""
+    from alexnet.checkpoint import CheckpointError, load_model_file
+    from alexnet.distributed import resolve_device
+    from alexnet.progress import Progress
+
+    ck = load_model_file(checkpoint)
+    if ck.stats is None:
+        raise CheckpointError(f"{checkpoint} has no data statistics (mean image); it cannot preprocess images")
+    if dataset is None:
+        from alexnet.sources import open_dataset
+
+        dataset = open_dataset(data_path, split, ck.preprocess.get("image_size", 256), classes=ck.classes)
+    if list(dataset.classes) != list(ck.classes):
+        raise CheckpointError(f"the data has {len(dataset.classes)} classes {dataset.classes[:3]}... but the "
+                              f"checkpoint was trained on {len(ck.classes)} {ck.classes[:3]}...")
+    dev = resolve_device(device, DistInfo())
+    model = ck.build_model().to(dev)
+    loader = eval_loader(dataset, ck.stats, ck.model_config.input_size, batch_size, ten_crop,
+                         ck.preprocess.get("pixel_scale", 1.0), workers)
+    label = label or split
+    title = f"{label}{' 10-crop' if ten_crop else ''}"
+    prog = Progress(len(dataset), f"evaluate {title}")
+    m = evaluate_model(model, loader, ck.model_config.num_classes, dev, progress=prog)
+    prog.close()
+    print(format_metrics(m, title))
+    names = ck.extra.get("class_names") or ck.classes
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"eval-{label}{'-10crop' if ten_crop else ''}"
+    doc = write_report(m, names, out, title=f"{Path(checkpoint).name} on {title}",
+                       extra={"checkpoint": str(checkpoint), "split": label, "ten_crop": ten_crop})
+    worst = sorted(((a, n) for n, a in doc["per_class_accuracy"].items() if a is not None))[:5]
+    print("lowest per-class accuracy: " + ", ".join(f"{n} {100 * a:.1f}%" for a, n in worst))
+    print(f"report: {out / 'eval.json'}" + (f", {doc['confusion_png']}" if "confusion_png" in doc else ""))
+    return doc

@@ -1,0 +1,59 @@
+"""A progress line for long loops: count, rate, ETA and live figures, redrawn in place on
+a terminal and printed every so often otherwise (logs of batch jobs)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class Progress:
+    def __init__(self, total: int, label: str, unit: str = "img", stream=None, every_s: float = 30.0,
+                 enabled: bool = True):
+        self.total, self.label, self.unit = total, label, unit
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.every_s = every_s if not self.tty else 0.2
+        self.enabled = enabled
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int, **figures: float | str) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < self.every_s and self.done < self.total):
+            return
+        self.last = now
+        self._draw(now, figures, final=False)
+
+    def _draw(self, now: float, figures: dict, final: bool) -> None:
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        parts = [f"{self.label} {pct:5.1f}% {self.done}/{self.total}"]
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()]
+        parts.append(f"{rate:.1f} {self.unit}/s")
+        parts.append(f"elapsed {format_duration(elapsed)}" if final else
+                     f"ETA {format_duration(eta) if eta != float('inf') else '?'}")
+        line = " | ".join(parts)
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self, **figures: float | str) -> float:
+        """Print the final line; returns the rate."""
+        now = time.perf_counter()
+        if self.enabled:
+            self._draw(now, figures, final=True)
+        elapsed = now - self.start
+        return self.done / elapsed if elapsed > 0 else 0.0

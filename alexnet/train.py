@@ -1,0 +1,478 @@
+"""Training with the paper's recipe (section 5) or a named preset, with checkpoints, exact
+resume, pre-emption handling, logs, plots and data-parallel processes.
+
+A run folder holds:
+  config.json            the resolved RunConfig
+  log.jsonl              one line per epoch: losses, error rates, learning rate, speed
+  curves.png             loss and top-1/top-5 error against epochs
+  best.safetensors       the weights with the lowest validation top-1 error, with config,
+                         class names and data statistics: enough to predict
+  checkpoints/step-N/    model.safetensors + state.pt (optimizer, schedule, epoch, step,
+                         RNG states, sampler position); `checkpoints/last.json` names the newest
+  stopped / diverged     why the last run ended early, when it did
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from alexnet.augment import TrainTransform
+from alexnet.checkpoint import (CheckpointError, atomic_write_text, load_model_file, load_state, save_model,
+                                save_state)
+from alexnet.config import ConfigError, RunConfig, from_dict, to_dict
+from alexnet.dataset import ImageDataset, SubsetDataset
+from alexnet.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
+from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
+from alexnet.loader import BatchLoader
+from alexnet.model import AlexNet
+from alexnet.progress import Progress
+
+VAL_HOLDOUT = 5000  # images held out of a training set that has no validation split of its own
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message says what and where."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset | None  # a separate test split (Fashion-MNIST's 10,000), if the source has one
+    stats: object  # DataStats of the training images
+
+
+def holdout_split(n: int, holdout: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random split of range(n) into (train, held-out) index arrays."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[holdout:]), np.sort(perm[:holdout])
+
+
+def open_data(cfg: RunConfig) -> Data:
+    from alexnet.sources import dataset_stats, open_dataset
+
+    d = cfg.data
+    full = open_dataset(d.path, "train", d.image_size)
+    test = None
+    if d.val_path is not None:
+        train, val = full, open_dataset(d.val_path, "val", d.image_size, classes=full.classes)
+    else:
+        try:
+            val = open_dataset(d.path, "val", d.image_size, classes=full.classes)
+        except (ConfigError, FileNotFoundError):
+            val = None
+        is_idx = d.path is None or type(full).__name__ == "IdxDataset"
+        if val is None or is_idx:
+            # No validation split of its own (or, for IDX data, the "val" split is the test
+            # set, which must not steer training): hold out part of the training images.
+            if is_idx and val is not None:
+                test = val
+            holdout = min(VAL_HOLDOUT, len(full) // 10)
+            if holdout < 1:
+                raise ConfigError(f"{len(full)} training images are too few to hold out a validation set")
+            tr, va = holdout_split(len(full), holdout)
+            train, val = SubsetDataset(full, tr), SubsetDataset(full, va)
+        else:
+            train = full
+    if list(val.classes) != list(full.classes):
+        raise ConfigError(f"the validation classes differ from the training classes "
+                          f"({len(val.classes)} vs {len(full.classes)})")
+    return Data(train, val, test, dataset_stats(full))
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def resolve_numerics(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, channels_last). "auto" picks what measured fastest and is
+    safe: bf16 and channels-last on CUDA; on a CPU bf16 only where it has native bf16
+    instructions (AMX or AVX-512 BF16), where it emulates them bf16 is slower than fp32."""
+    t = cfg.train
+    if t.amp == "auto":
+        if device.type == "cuda":
+            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            cap = torch.backends.cpu.get_cpu_capability()
+            amp = torch.bfloat16 if cap in ("AVX512_BF16", "AMX") else None
+    else:
+        amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
+    if amp is torch.float16 and device.type != "cuda":
+        raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on a CPU")
+    cl = t.channels_last == "on" or (t.channels_last == "auto" and device.type == "cuda")
+    return amp, cl
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+class LRSchedule:
+    """The learning rate for each step. "plateau" is the paper's: divide by 10 when the
+    validation error did not improve for `plateau_patience` epochs, at most `max_lr_drops`
+    times. "cosine" and "onecycle" follow the step count to `total_steps`."""
+
+    def __init__(self, cfg: RunConfig, total_steps: int):
+        self.t = cfg.train
+        self.total = max(total_steps, 1)
+        self.scale = 1.0  # plateau drops so far, as a factor
+        self.drops = 0
+        self.best = math.inf
+        self.bad_epochs = 0
+
+    def lr(self, step: int) -> float:
+        t = self.t
+        if t.schedule == "onecycle":
+            # up from lr/25 over the first 30% (or the warm-up), then cosine down to lr/1e4
+            up = t.warmup_steps or max(1, int(0.3 * self.total))
+            if step < up:
+                return t.lr * (0.04 + 0.96 * step / up)
+            p = min(1.0, (step - up) / max(1, self.total - up))
+            return t.lr * (1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * p)))
+        warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+        if t.schedule == "cosine":
+            p = min(1.0, step / self.total)
+            return t.lr * warm * 0.5 * (1 + math.cos(math.pi * p))
+        return t.lr * warm * self.scale  # plateau, constant
+
+    def epoch_end(self, val_err: float) -> bool:
+        """Record an epoch's validation error; True if the learning rate was just divided."""
+        if val_err < self.best:
+            self.best, self.bad_epochs = val_err, 0
+            return False
+        self.bad_epochs += 1
+        if (self.t.schedule == "plateau" and self.bad_epochs >= self.t.plateau_patience
+                and self.drops < self.t.max_lr_drops):
+            self.drops += 1
+            self.scale *= self.t.lr_drop
+            self.bad_epochs = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "drops": self.drops, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.scale, self.drops, self.best, self.bad_epochs = s["scale"], s["drops"], s["best"], s["bad_epochs"]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, quiet: bool = False):
+        self.run_dir = Path(run_dir)
+        if resume:
+            cfg = self._read_config()
+        self.info, self.device = init_distributed(cfg.train.device)
+        self.data = open_data(cfg)
+        classes = list(self.data.train.classes)
+        cfg = replace(cfg, model=replace(cfg.model, num_classes=len(classes)))
+        self.cfg = cfg
+        self.classes = classes
+        self.class_names = list(getattr(self.data.train, "class_names", None) or classes)
+        self.quiet = quiet or not self.info.is_main
+        t = cfg.train
+        if t.batch_size % self.info.world_size:
+            raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the "
+                              f"{self.info.world_size} processes")
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.manual_seed(t.seed)
+        self.amp, self.channels_last = resolve_numerics(cfg, self.device)
+        self.crop = cfg.model.input_size
+        self.model = AlexNet(cfg.model).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=t.lr, momentum=t.momentum,
+                                         weight_decay=t.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
+        self.net = self.model
+        if self.info.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if t.compile:
+            self.net = torch.compile(self.net)
+        self.per_rank_batch = t.batch_size // self.info.world_size
+        self.steps_per_epoch = len(self._train_loader(0, 0))
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{len(self.data.train)} training images make no batch of {t.batch_size}")
+        total = t.epochs * self.steps_per_epoch
+        self.total_steps = min(total, t.max_steps) if t.max_steps else total
+        self.schedule = LRSchedule(cfg, self.total_steps)
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.epoch_loss = [0.0, 0]  # loss sum, images, over this epoch so far
+        self.best_err = math.inf
+        self.history: list[dict] = []
+        self.stop_requested = False
+        self.preprocess = {"image_size": cfg.data.image_size, "crop": self.crop,
+                           "pixel_scale": cfg.data.pixel_scale, "mean": "mean_image"}
+        if resume:
+            self._load_last()
+        elif self.info.is_main:
+            self._start_run_dir()
+
+    # --- run folder -----------------------------------------------------------------
+
+    def _read_config(self) -> RunConfig:
+        path = self.run_dir / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{self.run_dir} is not a run folder (no config.json)")
+        try:
+            return from_dict(RunConfig, json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+    def _start_run_dir(self) -> None:
+        if (self.run_dir / "checkpoints" / "last.json").exists():
+            raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
+                              f"or choose another --out")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2) + "\n")
+        (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+        for f in ("stopped", "diverged"):
+            (self.run_dir / f).unlink(missing_ok=True)
+
+    def _train_loader(self, epoch: int, start_batch: int) -> BatchLoader:
+        d = self.cfg.data
+        transform = TrainTransform(self.data.stats, self.crop, lighting_std=d.lighting_std,
+                                   scale=d.pixel_scale, flip=d.flip)
+        return BatchLoader(self.data.train, self.per_rank_batch, transform, shuffle=True, seed=self.cfg.train.seed,
+                           epoch=epoch, start_batch=start_batch, drop_last=True, rank=self.info.rank,
+                           world_size=self.info.world_size, num_workers=d.num_workers)
+
+    # --- checkpoints ------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        s = {
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch_loss": list(self.epoch_loss),
+            "best_err": self.best_err, "rng_cpu": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            s["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return s
+
+    def save_checkpoint(self) -> Path:
+        """checkpoints/step-N/{model.safetensors,state.pt}, then last.json names it; older
+        step folders beyond `keep_checkpoints` are removed only after that."""
+        ck = self.run_dir / "checkpoints"
+        name = f"step-{self.step:08d}"
+        final = ck / name
+        if self.info.is_main:
+            tmp = ck / f".{name}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_model(tmp / "model.safetensors", self.model, self.classes, self.data.stats, self.preprocess,
+                       {"epoch": self.epoch, "step": self.step, "class_names": self.class_names})
+            save_state(tmp / "state.pt", self._state())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            atomic_write_text(ck / "last.json", json.dumps({"dir": name, "step": self.step, "epoch": self.epoch,
+                                                            "batch_in_epoch": self.batch_in_epoch}) + "\n")
+            kept = sorted(p for p in ck.glob("step-*") if p.is_dir())
+            for old in kept[:-self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _load_last(self) -> None:
+        ck = self.run_dir / "checkpoints"
+        try:
+            last = json.loads((ck / "last.json").read_text())
+            folder = ck / last["dir"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            raise CheckpointError(f"{self.run_dir} has no readable checkpoints/last.json to resume from") from None
+        model_file = load_model_file(folder / "model.safetensors")
+        state = load_state(folder / "state.pt")
+        self.model.load_state_dict(model_file.state_dict)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.epoch_loss = list(state["epoch_loss"])
+        self.best_err = state["best_err"]
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.history = [r for r in self._read_log() if r["epoch"] <= self.epoch]
+        if self.info.is_main:  # drop log lines of epochs after the checkpoint
+            self._write_log()
+            for f in ("stopped", "diverged"):
+                (self.run_dir / f).unlink(missing_ok=True)
+
+    def _read_log(self) -> list[dict]:
+        path = self.run_dir / "log.jsonl"
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line
+        return rows
+
+    def _write_log(self) -> None:
+        atomic_write_text(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+
+    # --- the loop -------------------------------------------------------------------
+
+    def _set_lr(self) -> float:
+        lr = self.schedule.lr(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_context(self.device, self.amp):
+            logits = self.net(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if not all_reduce_sum(finite, self.info).item() == self.info.world_size:
+            raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1})")
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item()
+
+    def _validate(self) -> Metrics:
+        d = self.cfg.data
+        loader = eval_loader(self.data.val, self.data.stats, self.crop, self.per_rank_batch, d.ten_crop,
+                             d.pixel_scale, d.num_workers, self.info)
+        prog = Progress(len(self.data.val), f"validate {self.epoch + 1}", enabled=not self.quiet)
+        m = evaluate_model(self.net, loader, self.cfg.model.num_classes, self.device, self.amp,
+                           self.channels_last, self.info, prog)
+        prog.close()
+        return m
+
+    def _request_stop(self, signum, frame) -> None:
+        if not self.quiet:
+            print(f"\nalexnet: {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
+        self.stop_requested = True
+
+    def fit(self) -> dict:
+        """Train to the end (or a stop request); returns a summary dict."""
+        old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._fit()
+        except TrainingError as e:
+            if self.info.is_main:
+                atomic_write_text(self.run_dir / "diverged", str(e) + "\n")
+            raise TrainingError(f"{e}; the last good checkpoint is in {self.run_dir / 'checkpoints'}") from None
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _fit(self) -> dict:
+        t = self.cfg.train
+        if not self.quiet:
+            print(f"run {self.run_dir}: {self.cfg.model.variant} AlexNet, {len(self.classes)} classes, "
+                  f"{len(self.data.train)} training / {len(self.data.val)} validation images, "
+                  f"{self.total_steps} steps of {t.batch_size} ({self.steps_per_epoch}/epoch), "
+                  f"{self.device}, amp {self.amp or 'off'}, channels-last {'on' if self.channels_last else 'off'}"
+                  f"{f', {self.info.world_size} processes' if self.info.enabled else ''}", flush=True)
+        while self.epoch < t.epochs and self.step < self.total_steps:
+            self.net.train()
+            loader = self._train_loader(self.epoch, self.batch_in_epoch)
+            steps_left = min(self.steps_per_epoch - self.batch_in_epoch, self.total_steps - self.step)
+            prog = Progress(steps_left * t.batch_size, f"epoch {self.epoch + 1}/{t.epochs}", enabled=not self.quiet)
+            t0 = time.perf_counter()
+            for x, y in loader:
+                lr = self._set_lr()
+                loss = self._train_step(x, y)
+                self.step += 1
+                self.batch_in_epoch += 1
+                self.epoch_loss[0] += loss * len(y)
+                self.epoch_loss[1] += len(y)
+                prog.update(len(y) * self.info.world_size, loss=loss, lr=lr)
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.stop_requested or self.step >= self.total_steps:
+                    break
+            if self.stop_requested:
+                prog.close()
+                path = self.save_checkpoint()
+                if self.info.is_main:
+                    atomic_write_text(self.run_dir / "stopped", f"stopped at step {self.step}\n")
+                return {"stopped": True, "step": self.step, "checkpoint": str(path)}
+            speed = prog.close()
+            train_time = time.perf_counter() - t0
+            self._end_epoch(speed, train_time)
+        return {"stopped": False, "step": self.step, "epochs": self.epoch,
+                "best": str(self.run_dir / "best.safetensors"), "best_top1_err": self.best_err}
+
+    def _end_epoch(self, speed: float, train_time: float) -> None:
+        m = self._validate()
+        loss_sum = torch.tensor(self.epoch_loss, dtype=torch.float64)
+        all_reduce_sum(loss_sum, self.info)
+        row = {"epoch": self.epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+               "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)), "val_loss": m.loss,
+               "val_top1_err": m.top1_err, "val_top5_err": m.top5_err, "train_img_s": speed,
+               "train_time_s": train_time}
+        if not self.quiet:
+            print(format_metrics(m, f"epoch {self.epoch + 1} validation"), flush=True)
+        if self.schedule.epoch_end(m.top1_err) and not self.quiet:
+            print(f"validation error stopped improving: learning rate divided by "
+                  f"{1 / self.cfg.train.lr_drop:g} (drop {self.schedule.drops} of {self.cfg.train.max_lr_drops})")
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.epoch_loss = [0.0, 0]
+        improved = m.top1_err < self.best_err
+        if improved:
+            self.best_err = m.top1_err
+        # best and log first, the checkpoint last: a resume from the previous checkpoint
+        # redoes this epoch and rewrites both
+        if self.info.is_main:
+            if improved:
+                save_model(self.run_dir / "best.safetensors", self.model, self.classes, self.data.stats,
+                           self.preprocess, {"epoch": self.epoch, "step": self.step, "val_top1_err": m.top1_err,
+                                             "val_top5_err": m.top5_err, "class_names": self.class_names})
+            self.history.append(row)
+            self._write_log()
+            from alexnet.plots import plot_curves
+
+            plot_curves(self.history, self.run_dir / "curves.png")
+        self.save_checkpoint()
+
+    def close(self) -> None:
+        shutdown(self.info)
+
+
+
+def finish_run(trainer: Trainer, test: bool = True) -> dict | None:
+    """After training: evaluate the best weights on the source's test split (if it has
+    one) and print where everything is."""
+    from alexnet.evaluate import evaluate_checkpoint
+
+    run = trainer.run_dir
+    best = run / "best.safetensors"
+    result = None
+    if test and trainer.data.test is not None:
+        result = evaluate_checkpoint(best, dataset=trainer.data.test, out_dir=run / "eval-test",
+                                     device=str(trainer.device), workers=trainer.cfg.data.num_workers,
+                                     label="test")
+    print(f"run folder: {run}")
+    print(f"checkpoint: {best}")
+    print(f"plots:      {run / 'curves.png'}" + (f", {run / 'eval-test' / 'confusion.png'}" if result else ""))
+    if result:
+        print(f"test accuracy: {100 * result['top1_acc']:.2f}% (top-1 error {100 * result['top1_err']:.2f}%)")
+    return result
