@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from alexnet.checkpoint import CheckpointError
 from alexnet.config import INPUT_SIZES, VARIANTS, ConfigError
 
 
@@ -71,6 +72,93 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_config_file(path: str) -> dict:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"no config file at {path}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # JSON and TOML parsers raise their own types
+        raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config sections")
+    return data
+
+
+def _train_config(args: argparse.Namespace):
+    from alexnet.config import merge_overrides, parse_override, run_config
+
+    over: dict = {}
+    recipe = args.recipe
+    if args.config:
+        file_cfg = _load_config_file(args.config)
+        recipe = recipe or file_cfg.pop("recipe", None)
+        over = merge_overrides(over, file_cfg)
+    recipe = recipe or ("fast" if args.data is None else "paper")
+    flags = {
+        ("data", "path"): args.data, ("data", "val_path"): args.val_data, ("model", "variant"): args.variant,
+        ("model", "input_size"): args.input, ("train", "epochs"): args.epochs,
+        ("train", "batch_size"): args.batch_size, ("train", "lr"): args.lr, ("train", "max_steps"): args.max_steps,
+        ("train", "seed"): args.seed, ("train", "device"): args.device, ("train", "amp"): args.amp,
+        ("train", "channels_last"): args.channels_last, ("train", "compile"): args.compile or None,
+        ("train", "deterministic"): args.deterministic or None, ("data", "num_workers"): args.workers,
+        ("data", "ten_crop"): args.ten_crop or None,
+    }
+    for (section, key), value in flags.items():
+        if value is not None:
+            over = merge_overrides(over, {section: {key: value}})
+    for item in args.set:
+        over = merge_overrides(over, parse_override(item))
+    return run_config(recipe, over)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from alexnet.train import Trainer, TrainingError, finish_run
+
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                 if k not in ("resume", "func", "command", "set", "no_test") and v not in (None, False)]
+        if given or args.set:
+            raise UserError(f"--resume continues a run with its saved config; drop {', '.join(given or ['--set'])}")
+        trainer = Trainer(None, args.resume, resume=True)
+    else:
+        cfg = _train_config(args)
+        out = args.out or str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.recipe}")
+        trainer = Trainer(cfg, out)
+    try:
+        result = trainer.fit()
+    except TrainingError as e:
+        raise UserError(str(e)) from None
+    finally:
+        trainer.close()
+    if result["stopped"]:
+        print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}; "
+              f"continue with: alexnet train --resume {trainer.run_dir}")
+        return 0
+    if trainer.info.is_main:
+        finish_run(trainer, test=not args.no_test)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from alexnet.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, args.data, split=args.split, ten_crop=args.ten_crop,
+                        batch_size=args.batch_size, out_dir=args.out, device=args.device, workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="alexnet",
@@ -121,6 +209,55 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 100 million)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train with the paper's recipe or a preset",
+                       description="Train AlexNet. With no --data, trains on Fashion-MNIST (the built-in "
+                                   "default) with the 'fast' recipe and ends by evaluating on its 10,000 "
+                                   "test images; with --data the default recipe is the paper's. Options "
+                                   "override the recipe, a --config file overrides the recipe too, and "
+                                   "--set KEY=VALUE overrides anything (e.g. --set train.lr=0.02).")
+    p.add_argument("--data", metavar="PATH", help="a prepared store, an ImageFolder tree, a flat validation "
+                                                   "folder or a folder of Fashion-MNIST IDX files")
+    p.add_argument("--val-data", metavar="PATH", help="validation data (default: the source's val split, "
+                                                       "else a held-out part of train)")
+    p.add_argument("--recipe", choices=["paper", "fast"], help="named preset (default: fast for the built-in "
+                                                                "data, paper otherwise)")
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file with model/data/train sections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. train.weight_decay=0.0005 (repeatable)")
+    p.add_argument("--variant", choices=VARIANTS, help="network variant (default: the recipe's)")
+    p.add_argument("--input", type=_input_size, metavar="{224,227}", help="input side")
+    p.add_argument("--epochs", type=_positive_int, metavar="N")
+    p.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N optimizer steps")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="global batch size")
+    p.add_argument("--lr", type=float, metavar="LR", help="(peak) learning rate")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", metavar="DEV", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision (default auto)")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], help="memory format (default auto)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact resume)")
+    p.add_argument("--workers", type=int, metavar="N", help="data loader processes")
+    p.add_argument("--ten-crop", action="store_true", help="validate with the paper's 10 crops")
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/DATE-TIME-RECIPE)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    p.add_argument("--no-test", action="store_true", help="skip the final test-set evaluation")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 error of a checkpoint on a dataset",
+                       description="Evaluate a model file: top-1 and top-5 error and accuracy, per-class "
+                                   "accuracy, a confusion-matrix PNG (up to 100 classes) and eval.json.")
+    p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
+    p.add_argument("--data", metavar="PATH", help="dataset (default: Fashion-MNIST)")
+    p.add_argument("--split", default="test", help="split of the source to use (default test; "
+                                                   "val for ImageFolder trees)")
+    p.add_argument("--ten-crop", action="store_true", help="average the softmax of the paper's 10 patches")
+    p.add_argument("--batch-size", type=_positive_int, default=100, metavar="N")
+    p.add_argument("--device", default="auto", metavar="DEV")
+    p.add_argument("--workers", type=int, default=1, metavar="N")
+    p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: beside "
+                                                 "the checkpoint, in eval-SPLIT[-10crop]/)")
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 
@@ -129,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, ConfigError) as e:
+    except (UserError, ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"alexnet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
