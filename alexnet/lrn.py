@@ -2,53 +2,205 @@
 
 b[i] = a[i] / (k + alpha_sum * sum_{j=max(0,i-h)}^{min(N-1,i+h)} a[j]^2) ** beta,  h = n // 2
 
-with alpha_sum = alpha in the paper's form and alpha / n in Caffe's. The forward and
-the backward are written out by hand in one autograd Function, so that autograd keeps
-two tensors instead of the eight intermediates of torch.nn.LocalResponseNorm.
+with alpha_sum = alpha in the paper's form and alpha / n in Caffe's.
+
+Two implementations of the same math, each with a hand-written backward that keeps only
+the input for the backward pass:
+
+  "c"      a fused C kernel (csrc/lrn.c), one pass over memory forward and one backward,
+           for float32 CPU tensors in NCHW or channels_last layout (and bfloat16/float16
+           CPU tensors, computed in float32). It is compiled with the system C compiler on
+           first use and cached in $ALEXNET_CACHE (default ~/.cache/alexnet), keyed by a
+           hash of the source, the compiler command and the CPU.
+  "torch"  plain torch operations: everything else (CUDA, float64, no compiler), or
+           everything when the environment variable ALEXNET_LRN=torch.
+
+`backend(x)` says which one runs for a tensor.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from alexnet.config import LRNConfig
 
+# ---------------------------------------------------------------------------------------
+# The pure-torch path.
 
-def _window_sum(sq: torch.Tensor, size: int) -> torch.Tensor:
+
+def _window_sum(v: torch.Tensor, size: int) -> torch.Tensor:
     """Sum over the `size` neighbouring channels (dim 1), zero beyond the edges."""
-    s = sq.clone()
+    s = v.clone()
     for j in range(1, size // 2 + 1):
-        s[:, j:] += sq[:, :-j]
-        s[:, :-j] += sq[:, j:]
+        s[:, j:] += v[:, :-j]
+        s[:, :-j] += v[:, j:]
     return s
 
 
-class _LRNFunction(torch.autograd.Function):
+def _torch_denominator(x: torch.Tensor, size: int, alpha_sum: float, k: float) -> torch.Tensor:
+    return _window_sum(x * x, size).mul_(alpha_sum).add_(k)  # k + alpha * sum a^2
+
+
+class _TorchLRN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, alpha_sum: float, beta: float, k: float) -> torch.Tensor:
-        d = _window_sum(x * x, size).mul_(alpha_sum).add_(k)  # k + alpha * sum a^2
-        scale = d.pow(-beta)
-        y = x * scale
-        ctx.save_for_backward(x, d, scale)
-        ctx.hyper = (size, alpha_sum, beta)
-        return y
+        ctx.save_for_backward(x)
+        ctx.hyper = (size, alpha_sum, beta, k)
+        return x * _torch_denominator(x, size, alpha_sum, k).pow_(-beta)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g: torch.Tensor):
-        x, d, scale = ctx.saved_tensors
-        size, alpha_sum, beta = ctx.hyper
+        (x,) = ctx.saved_tensors
+        size, alpha_sum, beta, k = ctx.hyper
         # dy[i]/dx[j] = scale[i] [i == j] - 2 alpha beta x[i] scale[i] / d[i] x[j] for j in window(i);
         # the window is symmetric, so the sum over i runs over window(j).
-        t = g * x * scale / d
-        grad = g * scale - _window_sum(t, size) * x * (2.0 * alpha_sum * beta)
+        d = _torch_denominator(x, size, alpha_sum, k)
+        gs = g * d.pow(-beta)
+        t = gs * x / d
+        grad = gs - _window_sum(t, size) * x * (2.0 * alpha_sum * beta)
         return grad, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# The C kernel: built on first use, loaded with ctypes.
+
+_SOURCE = Path(__file__).with_name("csrc") / "lrn.c"
+# -fno-math-errno lets sqrtf vectorise (it only stops errno being set); no -ffast-math, so
+# results round as written and loading the library leaves the process's FPU flags alone.
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_failed = False
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ALEXNET_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "alexnet")
+    return Path(root).expanduser()
+
+
+def _cpu_id() -> bytes:
+    """What -march=native depends on, so that a cache shared between machines stays safe."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return b"".join(line for line in f if line.startswith((b"model name", b"flags")))
+    except OSError:
+        return platform.processor().encode()
+
+
+def _build() -> Path:
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not cc[0]:
+        raise RuntimeError("no C compiler: cc and gcc are not on PATH and CC is not set")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join((*cc, *_FLAGS)).encode(), _cpu_id()]))
+    lib = cache_dir() / f"lrn-{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name and rename: a concurrent process sees no file or a whole one.
+    fd, tmp = tempfile.mkstemp(prefix="lrn-", suffix=".so.tmp", dir=lib.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            raise RuntimeError(f"{cc[0]} failed: {lines[0]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    """The kernel library, or None (after one warning) when it cannot be built."""
+    global _lib, _lib_failed
+    with _lock:
+        if _lib is None and not _lib_failed:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _lib_failed = True
+                msg = " ".join(str(e).split())
+                warnings.warn(f"alexnet.lrn: C kernel unavailable ({msg}); using the slower torch path",
+                              RuntimeWarning, stacklevel=3)
+                return None
+            p, long, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+            common = [long, long, long, ctypes.c_int, f, f, f, ctypes.c_int]  # N, C, H*W, size, ...
+            for name in ("lrn_forward_nchw", "lrn_forward_nhwc"):
+                getattr(lib, name).argtypes = [p, p, *common]  # x, y
+            for name in ("lrn_backward_nchw", "lrn_backward_nhwc"):
+                getattr(lib, name).argtypes = [p, p, p, *common]  # x, g, dx
+            _lib = lib
+        return _lib
+
+
+def _kernel(name: str, x: torch.Tensor, *more: torch.Tensor, hyper: tuple[int, float, float, float]) -> torch.Tensor:
+    """Runs lrn_{name}_{layout}(x, *more, out) in float32 and returns out in x's dtype."""
+    # channels_last when x is stored so; NCHW otherwise (copying x if it is not dense).
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        fmt, layout = torch.channels_last, "nhwc"
+    else:
+        fmt, layout = torch.contiguous_format, "nchw"
+    args = [t.to(torch.float32).contiguous(memory_format=fmt) for t in (x, *more)]
+    out = torch.empty_like(args[0])
+    n, c, h, w = out.shape
+    fn = getattr(_lib, f"lrn_{name}_{layout}")
+    fn(*(t.data_ptr() for t in args), out.data_ptr(), n, c, h * w, *hyper, torch.get_num_threads())
+    return out.to(x.dtype)
+
+
+class _KernelLRN(torch.autograd.Function):
+    """CPU tensors of _KERNEL_DTYPES; half-precision ones are computed in float32."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size: int, alpha_sum: float, beta: float, k: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.hyper = (size, alpha_sum, beta, k)
+        return _kernel("forward", x, hyper=ctx.hyper)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return _kernel("backward", x, g, hyper=ctx.hyper), None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# Public interface.
+
+
+def backend(x: torch.Tensor) -> str:
+    """Which implementation local_response_norm runs for x: "c" (the kernel) or "torch"."""
+    if os.environ.get("ALEXNET_LRN") == "torch" or x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
+        return "torch"
+    return "c" if _load() is not None else "torch"
 
 
 def local_response_norm(x: torch.Tensor, cfg: LRNConfig) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"local response norm expects (N, C, H, W) input, got shape {tuple(x.shape)}")
-    return _LRNFunction.apply(x, cfg.size, cfg.alpha_sum, cfg.beta, cfg.k)
+    fn = _KernelLRN if backend(x) == "c" else _TorchLRN
+    return fn.apply(x, cfg.size, cfg.alpha_sum, cfg.beta, cfg.k)
 
 
 class LocalResponseNorm(nn.Module):

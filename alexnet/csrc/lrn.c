@@ -1,0 +1,217 @@
+/* Local response normalisation across channels (section 3.3 of the paper), float32.
+ *
+ *   y[c] = x[c] * d[c]^-beta,   d[c] = k + alpha * S(x^2)[c],
+ *   S(v)[c] = sum of v[j] for j in [max(0, c-h), min(C-1, c+h)],  h = size / 2,
+ *
+ * where alpha multiplies the plain sum (the caller turns Caffe's alpha into alpha / size).
+ * The gradient, with t = g * x * d^-beta / d (S is symmetric, so it is its own transpose):
+ *
+ *   dx[c] = g[c] * d[c]^-beta - 2 * alpha * beta * x[c] * S(t)[c].
+ *
+ * Nothing but x is kept for the backward pass: it recomputes d, which costs a few
+ * arithmetic operations per element but saves writing and reading back a tensor the
+ * size of the activation.
+ *
+ * The arithmetic is done on strips of up to STRIP values that are contiguous in memory,
+ * for which the window's `size` neighbours are `size` other strips at a fixed stride:
+ *   NCHW (contiguous): a strip is pixels of one channel plane, the neighbours are the
+ *     planes of the adjacent channels. Work goes by blocks of pixels of one image,
+ *     walking the channels, so the planes of one window stay in L1.
+ *   NHWC (channels_last): a strip is channels of one pixel, the neighbours are the same
+ *     row shifted by one channel; the row is copied between zeros so that every window
+ *     has `size` entries.
+ * Window sums are recomputed for every channel rather than kept as a running sum (add
+ * the entering square, subtract the leaving one): in float32 a running sum forgets small
+ * values after a large one has passed through the window.
+ *
+ * Threads: OpenMP over independent work items, as many as the caller asks for
+ * (torch.get_num_threads()).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 1024 /* NCHW pixels per work item: a window's planes, 4 KiB each, stay in L1 */
+#define STRIP 64   /* values per strip: 8 AVX registers of sums */
+
+/* Runs STMT for the strips of [0, len), with p the strip's start and w its width. Full
+ * strips see w as the constant STRIP, so the compiler unrolls the inlined strip functions
+ * and keeps their window sums in registers instead of storing them at every step. */
+#define FOR_EACH_STRIP(len, STMT)                                                          \
+    do {                                                                                   \
+        long p = 0;                                                                        \
+        for (; p + STRIP <= (len); p += STRIP) {                                           \
+            const long w = STRIP;                                                          \
+            STMT;                                                                          \
+        }                                                                                  \
+        if (p < (len)) {                                                                   \
+            const long w = (len) - p;                                                      \
+            STMT;                                                                          \
+        }                                                                                  \
+    } while (0)
+
+/* The strip functions must be inlined at each call for the constant width to count. */
+#define STRIP_FN static inline __attribute__((always_inline)) void
+
+typedef struct {
+    float alpha, beta, k;
+} params;
+
+/* d^-beta for d > 0. The paper's and Caffe's beta = 0.75 takes two square roots and a
+ * division, which vectorise and round exactly; other values take the (scalar) powf. */
+static inline float pow_neg(float d, float beta) {
+    if (beta == 0.75f) {
+        float r = sqrtf(d);
+        return 1.0f / (r * sqrtf(r));
+    }
+    return powf(d, -beta);
+}
+
+static inline long min_l(long a, long b) { return a < b ? a : b; }
+static inline long max_l(long a, long b) { return a > b ? a : b; }
+
+/* s[q] = sum over j < count of v[j * stride + q], squared if `square`. */
+STRIP_FN window_sum(const float *restrict v, long stride, long count, int square,
+                              long width, float *restrict s) {
+    for (long q = 0; q < width; q++) s[q] = 0.0f;
+    for (long j = 0; j < count; j++) {
+        const float *vj = v + j * stride;
+        for (long q = 0; q < width; q++) s[q] += square ? vj[q] * vj[q] : vj[q];
+    }
+}
+
+/* y = x * d^-beta for one strip x, whose window starts at v. */
+STRIP_FN forward_strip(const float *restrict x, const float *restrict v, long stride,
+                                 long count, float *restrict y, long width, params prm) {
+    float s[STRIP];
+    window_sum(v, stride, count, 1, width, s);
+    for (long q = 0; q < width; q++) y[q] = x[q] * pow_neg(prm.k + prm.alpha * s[q], prm.beta);
+}
+
+/* The backward pass's first half for one strip: dx = g * d^-beta and t. */
+STRIP_FN backward_strip_t(const float *restrict x, const float *restrict v,
+                                    long stride, long count, const float *restrict g,
+                                    float *restrict dx, float *restrict t, long width,
+                                    params prm) {
+    float s[STRIP];
+    window_sum(v, stride, count, 1, width, s);
+    for (long q = 0; q < width; q++) {
+        const float d = prm.k + prm.alpha * s[q];
+        const float gs = g[q] * pow_neg(d, prm.beta);
+        dx[q] = gs;
+        t[q] = gs * x[q] / d;
+    }
+}
+
+/* The second half: dx -= 2 alpha beta x S(t), with the strip's window of t starting at t. */
+STRIP_FN backward_strip_dx(const float *restrict x, const float *restrict t,
+                                     long stride, long count, float *restrict dx, long width,
+                                     params prm) {
+    const float coef = 2.0f * prm.alpha * prm.beta;
+    float s[STRIP];
+    window_sum(t, stride, count, 0, width, s);
+    for (long q = 0; q < width; q++) dx[q] -= coef * x[q] * s[q];
+}
+
+void lrn_forward_nchw(const float *x, float *y, long N, long C, long HW, int size,
+                      float alpha, float beta, float k, int nthreads) {
+    const params prm = {alpha, beta, k};
+    const long h = size / 2, nblocks = (HW + BLOCK - 1) / BLOCK;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long item = 0; item < N * nblocks; item++) {
+        const long n = item / nblocks, p0 = (item % nblocks) * BLOCK;
+        const long len = min_l(BLOCK, HW - p0);
+        const float *xb = x + n * C * HW + p0;
+        float *yb = y + n * C * HW + p0;
+        for (long c = 0; c < C; c++) {
+            const long lo = max_l(0, c - h), count = min_l(C - 1, c + h) - lo + 1;
+            const float *xc = xb + c * HW, *xw = xb + lo * HW;
+            float *yc = yb + c * HW;
+            FOR_EACH_STRIP(len, forward_strip(xc + p, xw + p, HW, count, yc + p, w, prm));
+        }
+    }
+}
+
+void lrn_backward_nchw(const float *x, const float *g, float *dx, long N, long C, long HW,
+                       int size, float alpha, float beta, float k, int nthreads) {
+    const params prm = {alpha, beta, k};
+    const long h = size / 2, nblocks = (HW + BLOCK - 1) / BLOCK;
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* t of the last `size` channels, channel j in row j % size; rows of channels
+         * outside [0, C) hold zeros, so a window of t is all `size` rows. */
+        float *ring = malloc(sizeof(float) * size * BLOCK);
+#pragma omp for schedule(static)
+        for (long item = 0; item < N * nblocks; item++) {
+            const long n = item / nblocks, p0 = (item % nblocks) * BLOCK;
+            const long len = min_l(BLOCK, HW - p0);
+            const long off = n * C * HW + p0;
+            const float *xb = x + off, *gb = g + off;
+            float *dxb = dx + off;
+            memset(ring, 0, sizeof(float) * size * BLOCK);
+            /* Step c computes the first term and t of channel c, then finishes channel
+             * c - h, whose window of t is now complete. */
+            for (long c = 0; c < C + h; c++) {
+                float *tc = ring + (c % size) * BLOCK;
+                if (c < C) {
+                    const long lo = max_l(0, c - h), count = min_l(C - 1, c + h) - lo + 1;
+                    const float *xc = xb + c * HW, *xw = xb + lo * HW, *gc = gb + c * HW;
+                    float *dxc = dxb + c * HW;
+                    FOR_EACH_STRIP(len, backward_strip_t(xc + p, xw + p, HW, count, gc + p,
+                                                         dxc + p, tc + p, w, prm));
+                } else {
+                    memset(tc, 0, sizeof(float) * len);
+                }
+                const long i = c - h;
+                if (i >= 0) {
+                    const float *xi = xb + i * HW;
+                    float *dxi = dxb + i * HW;
+                    FOR_EACH_STRIP(len, backward_strip_dx(xi + p, ring + p, BLOCK, size,
+                                                          dxi + p, w, prm));
+                }
+            }
+        }
+        free(ring);
+    }
+}
+
+void lrn_forward_nhwc(const float *x, float *y, long N, long C, long HW, int size,
+                      float alpha, float beta, float k, int nthreads) {
+    const params prm = {alpha, beta, k};
+    const long h = size / 2;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *xpad = calloc(C + 2 * h, sizeof(float)); /* a pixel's row, h zeros each side */
+#pragma omp for schedule(static)
+        for (long pix = 0; pix < N * HW; pix++) {
+            const float *xp = x + pix * C;
+            float *yp = y + pix * C;
+            memcpy(xpad + h, xp, sizeof(float) * C);
+            /* channel c's window starts at xpad[c] */
+            FOR_EACH_STRIP(C, forward_strip(xp + p, xpad + p, 1, size, yp + p, w, prm));
+        }
+        free(xpad);
+    }
+}
+
+void lrn_backward_nhwc(const float *x, const float *g, float *dx, long N, long C, long HW,
+                       int size, float alpha, float beta, float k, int nthreads) {
+    const params prm = {alpha, beta, k};
+    const long h = size / 2;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *xpad = calloc(C + 2 * h, sizeof(float)); /* rows of x and t between h zeros */
+        float *tpad = calloc(C + 2 * h, sizeof(float));
+#pragma omp for schedule(static)
+        for (long pix = 0; pix < N * HW; pix++) {
+            const float *xp = x + pix * C, *gp = g + pix * C;
+            float *dxp = dx + pix * C;
+            memcpy(xpad + h, xp, sizeof(float) * C);
+            FOR_EACH_STRIP(C, backward_strip_t(xp + p, xpad + p, 1, size, gp + p, dxp + p,
+                                               tpad + h + p, w, prm));
+            FOR_EACH_STRIP(C, backward_strip_dx(xp + p, tpad + p, 1, size, dxp + p, w, prm));
+        }
+        free(xpad);
+        free(tpad);
+    }
+}
