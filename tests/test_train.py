@@ -1,0 +1,176 @@
+"""Training: exact resume, pre-emption, divergence, checkpoints, and evaluation of the result."""
+
+import json
+import os
+import signal
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet.checkpoint import load_model_file
+from alexnet.config import run_config
+from alexnet.train import LRSchedule, Trainer, TrainingError, holdout_split
+
+
+def write_idx(folder, train_n=44, test_n=12, classes=4, seed=0):
+    """Tiny IDX files in Fashion-MNIST's layout: each class a brighter block in its own corner."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train_n), ("t10k", test_n)):
+        labels = np.arange(n) % classes
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            r, q = divmod(int(c), 2)
+            images[i, r * 14:(r + 1) * 14, q * 14:(q + 1) * 14] += 150
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">4B3I", 0, 0, 8, 3, n, 28, 28)
+                                                              + images.tobytes())
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">4BI", 0, 0, 8, 1, n)
+                                                              + labels.astype(np.uint8).tobytes())
+    return folder
+
+
+def tiny_config(data, **train):
+    t = {"batch_size": 8, "epochs": 2, "lr": 0.001, "deterministic": True, "checkpoint_every": 0,
+         "log_every": 1, **train}
+    return run_config("paper", {"data": {"path": str(data), "num_workers": 0},
+                                "train": t, "model": {"dropout": 0.5}})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_idx(tmp_path_factory.mktemp("idx"))
+
+
+def weights(run_dir):
+    last = json.loads((run_dir / "checkpoints" / "last.json").read_text())
+    return load_model_file(run_dir / "checkpoints" / last["dir"] / "model.safetensors").state_dict
+
+
+def stop_at(trainer, step, how="flag"):
+    """Make `trainer` receive a stop request during step `step`."""
+    inner = trainer._train_step
+
+    def step_fn(x, y):
+        loss = inner(x, y)
+        if trainer.step + 1 == step:
+            if how == "signal":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                trainer.stop_requested = True
+        return loss
+
+    trainer._train_step = step_fn
+
+
+def test_resume_mid_epoch_and_at_epoch_end_gives_identical_weights(data, tmp_path):
+    cfg = tiny_config(data)
+    straight = Trainer(cfg, tmp_path / "straight", quiet=True)
+    assert straight.fit()["stopped"] is False
+    assert straight.step == 2 * 5  # 40 training images (4 held out) in batches of 8
+
+    # stop mid-epoch 1 by a real SIGTERM, resume; stop again at the end of epoch 1, resume
+    run = tmp_path / "interrupted"
+    t = Trainer(cfg, run, quiet=True)
+    stop_at(t, 3, how="signal")
+    r = t.fit()
+    assert r["stopped"] and r["step"] == 3 and (run / "stopped").exists()
+    t = Trainer(None, run, resume=True, quiet=True)
+    assert (t.epoch, t.batch_in_epoch, t.step) == (0, 3, 3)
+    stop_at(t, 5)
+    assert t.fit()["stopped"]
+    t = Trainer(None, run, resume=True, quiet=True)
+    assert t.fit()["stopped"] is False
+    a, b = weights(tmp_path / "straight"), weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the log has each epoch once, with the same figures
+    log_a = [json.loads(x) for x in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log_b] == [1, 2]
+    assert [r["val_top1_err"] for r in log_a] == [r["val_top1_err"] for r in log_b]
+    assert [r["train_loss"] for r in log_a] == pytest.approx([r["train_loss"] for r in log_b], rel=1e-9)
+    assert (run / "curves.png").stat().st_size > 1000
+    assert not (run / "stopped").exists()
+
+
+def test_checkpoints_every_n_steps_keep_the_newest(data, tmp_path):
+    t = Trainer(tiny_config(data, checkpoint_every=2, keep_checkpoints=2, epochs=1), tmp_path / "r", quiet=True)
+    t.fit()
+    names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert names == ["last.json", "step-00000004", "step-00000005"]
+    assert not list((tmp_path / "r" / "checkpoints").glob(".*"))  # no partial folders left
+    best = load_model_file(tmp_path / "r" / "best.safetensors")
+    assert best.classes == ["0", "1", "2", "3"] and best.stats is not None
+    assert best.stats.mean_image.shape == (3, 256, 256)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    t = Trainer(tiny_config(data, checkpoint_every=1, epochs=1), tmp_path / "r", quiet=True)
+    forward = t.model.forward
+
+    def poisoned(x):
+        out = forward(x)
+        return out * float("nan") if t.step == 3 else out
+
+    t.net.forward = poisoned
+    with pytest.raises(TrainingError, match="the loss became nan at step 4"):
+        t.fit()
+    last = json.loads((tmp_path / "r" / "checkpoints" / "last.json").read_text())
+    assert last["step"] == 3
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "r").values())
+    assert (tmp_path / "r" / "diverged").read_text().startswith("the loss became nan")
+
+
+def test_a_second_run_in_the_same_folder_is_refused(data, tmp_path):
+    Trainer(tiny_config(data, max_steps=1, epochs=1), tmp_path / "r", quiet=True).fit()
+    with pytest.raises(Exception, match="already holds a run"):
+        Trainer(tiny_config(data), tmp_path / "r", quiet=True)
+
+
+def test_evaluate_matches_a_direct_computation(data, tmp_path, capsys):
+    from alexnet.augment import center_crop
+    from alexnet.cli import main
+    from alexnet.sources import open_dataset
+
+    Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True).fit()
+    best = tmp_path / "r" / "best.safetensors"
+    assert main(["evaluate", str(best), "--data", str(data), "--out", str(tmp_path / "ev")]) == 0
+    doc = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    # the same figure by hand: centre 227 crop of the 256x256 images minus the mean image's
+    ck = load_model_file(best)
+    model = ck.build_model().eval()
+    test = open_dataset(str(data), "test", 256)
+    x, y = test.read(np.arange(len(test)))
+    inp = center_crop(x, 227).float() - center_crop(ck.stats.mean_image[None], 227)
+    with torch.no_grad():
+        pred = model(inp).argmax(1)
+    assert doc["images"] == len(test) == 12
+    assert doc["top1_acc"] == pytest.approx((pred == y).float().mean().item())
+    assert 0 <= doc["top5_err"] <= doc["top1_err"]
+    assert (tmp_path / "ev" / "confusion.png").stat().st_size > 1000
+
+
+def test_plateau_schedule_divides_by_ten_at_most_three_times():
+    s = LRSchedule(run_config("paper"), total_steps=100)
+    errs = [0.5, 0.4, 0.4, 0.39, 0.39, 0.39, 0.39, 0.39, 0.39]
+    assert [s.epoch_end(e) for e in errs] == [False, False, True, False, True, True, False, False, False]
+    assert s.drops == 3
+    assert s.lr(0) == pytest.approx(0.01 * 0.1 ** 3)
+
+
+def test_onecycle_rises_then_falls():
+    s = LRSchedule(run_config("fast"), total_steps=100)
+    lrs = [s.lr(i) for i in range(100)]
+    peak = int(np.argmax(lrs))
+    assert 25 <= peak <= 35 and lrs[peak] == pytest.approx(0.05, rel=0.05)
+    assert lrs[0] < 0.1 * lrs[peak] and lrs[-1] < 0.01 * lrs[peak]
+
+
+def test_holdout_split_is_fixed_and_disjoint():
+    a, b = holdout_split(100, 10)
+    a2, b2 = holdout_split(100, 10)
+    assert np.array_equal(a, a2) and np.array_equal(b, b2)
+    assert len(b) == 10 and len(set(a) | set(b)) == 100 and not set(a) & set(b)
