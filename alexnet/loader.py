@@ -30,10 +30,15 @@ batches. `len(loader)` is the number of batches of the whole epoch for this rank
 `loader.remaining` the number the next iteration yields (`len - start_batch`).
 
 Workers. `num_workers=0` loads in the calling thread. With `num_workers > 0`, that many
-processes (forked, so the dataset is shared, not copied; one torch thread each) read
-and augment batches round-robin, each keeping up to `prefetch` batches ahead; the
-batches come back through shared memory in order. Budget: a worker competes with the
-model for the cores (see benchmarks/bench_loader.py for measurements). A worker that
+processes (forked, so the dataset is shared, not copied; one torch thread each, niced by
+`worker_nice`) read and augment batches round-robin, each keeping up to `prefetch`
+batches ahead; the batches come back through shared memory in order, and the main
+process only maps them. Budget: on a machine whose cores all train the model, a worker
+preempts the model's threads, and a multi-threaded step waits for its slowest thread:
+on 2 cores, a prepared store fed training fastest with `num_workers=0` (augmentation
+is ~1 ms of one core per image, next to ~150 ms of training), and one worker at nice 0
+cost ~20% of the speed (nice 10-19: ~8%); workers pay off where loading is heavy
+(decoding JPEGs) or cores are spare. See benchmarks/bench_loader.py. A worker that
 dies (killed, out of memory) makes the iteration raise `LoaderWorkerError` at once
 (the main process waits on the workers' sentinels, never on a lock they may hold); an
 exception inside a worker is re-raised with the worker's traceback. Abandoning the
@@ -125,7 +130,7 @@ class BatchLoader:
     def __init__(self, dataset: ImageDataset, batch_size: int, transform: Transform | None, *, shuffle: bool,
                  seed: int, epoch: int = 0, start_batch: int = 0, drop_last: bool, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, prefetch: int = 2, timeout: float | None = None,
-                 mp_context: str | None = None):
+                 worker_nice: int = 10, mp_context: str | None = None):
         _check_nonnegative(seed=seed, num_workers=num_workers, rank=rank)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
@@ -139,6 +144,7 @@ class BatchLoader:
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.prefetch, self.timeout = num_workers, prefetch, timeout
+        self.worker_nice = worker_nice
         if mp_context is None:
             mp_context = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         self.mp_context = mp_context
@@ -210,11 +216,16 @@ def _pooled(loader: BatchLoader, batches: range) -> Iterator[tuple[torch.Tensor,
 
 
 def _worker_main(wid: int, dataset: ImageDataset, transform: Transform | None, tasks: mpc.Connection,
-                 results: mpc.Connection, parent: int, inherited: list[mpc.Connection]) -> None:
+                 results: mpc.Connection, parent: int, inherited: list[mpc.Connection], nice: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     for c in inherited:  # the other ends, and other workers' pipes, inherited by fork
         c.close()
     torch.set_num_threads(1)
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
     while True:
         try:
             if not tasks.poll(1.0):
@@ -257,7 +268,7 @@ class _WorkerPool:
                              if id(c) not in mine and not c.closed] if forked else []
                 p = ctx.Process(target=_worker_main, name=f"alexnet-loader-{i}", daemon=True,
                                 args=(i, loader.dataset, loader.transform, task_pipes[i][0], result_pipes[i][1],
-                                      os.getpid(), inherited))
+                                      os.getpid(), inherited, loader.worker_nice))
                 p.start()
                 self.workers.append(p)
                 task_pipes[i][0].close()  # the worker's ends live in the worker only

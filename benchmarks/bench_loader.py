@@ -1,0 +1,214 @@
+"""Input pipeline speed, and what it costs a training run, on this machine, in one run.
+
+    .venv/bin/python benchmarks/bench_loader.py [--images 256] [--batch 64]
+        [--train-batch 16] [--train-steps 4] [--rounds 2] [--json out.json]
+
+1. Loader throughput (images/s, no model): `BatchLoader` with the full training
+   augmentation (`TrainTransform`: random 227 crop, reflection, mean image, PCA
+   lighting) over
+   * the prepared store (`alexnet prepare` of a folder of synthetic 500x375 JPEGs, read
+     by memory mapping, page cache warm),
+   * the same images as an in-memory uint8 tensor (`TensorImageDataset`),
+   * the JPEG folder decoded on the fly (`FolderDataset`: decode, rescale, centre crop),
+   with 0, 1 and 2 worker processes. Iterator start-up (forking workers) is included.
+2. Training speed: SGD steps of the paper's network (`build_model("paper",
+   num_classes=10)`, lr 0.01, momentum 0.9, weight decay 5e-4) fed by random tensors
+   already in memory, and fed by the loader over the prepared store (0 and 1 workers,
+   the workers at `--worker-nice`).
+   Blocks of `--train-steps` timed steps alternate between the feeds for `--rounds`
+   rounds so that drift of the machine hits all alike; each block starts a fresh
+   iterator and one untimed step (start-up is a once-per-epoch cost). The ratio
+   is (steps/s fed by the loader) / (steps/s fed from memory), median step times; the
+   target is >= 0.9. Wall-clock times are only as good as the machine is quiet (the
+   load average is printed); the CPU seconds per step (this process and its workers,
+   all threads) are a steadier measure of what the loader adds to a step: "CPU-speed"
+   is memory's CPU s/step over the feed's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from alexnet.augment import TrainTransform
+from alexnet.dataset import TensorImageDataset
+from alexnet.loader import BatchLoader
+from alexnet.model import build_model
+
+
+def _make_jpegs(root: Path, n: int, classes: int = 10, size=(500, 375), seed: int = 0) -> None:
+    """Photo-like synthetic JPEGs (smooth colour fields plus grain), ImageNet's typical size."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for i in range(n):
+        d = root / f"class{i % classes:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        coarse = rng.uniform(0, 255, (h // 25 + 1, w // 25 + 1, 3)).astype(np.uint8)
+        img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32)
+        img += rng.normal(0, 12, img.shape)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"img{i:05d}.jpg", quality=90)
+
+
+def _throughput(ds, transform, batch: int, workers: int, epochs: int = 1) -> float:
+    loader = BatchLoader(ds, batch, transform, shuffle=True, seed=0, drop_last=True, num_workers=workers)
+    n, t = 0, time.perf_counter()
+    for e in range(epochs):
+        loader.set_epoch(e)
+        for x, _ in loader:
+            n += len(x)
+    return n / (time.perf_counter() - t)
+
+
+def _batches(loader: BatchLoader):
+    """Endless batches, epoch after epoch; the caller closes it."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _cpu() -> float:
+    """CPU seconds of this process (all threads) and of its reaped children (workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _train_compare(store, transform, batch: int, steps: int, rounds: int, workers: list[int],
+                   nices: tuple[int, ...] = (10,)) -> dict:
+    torch.manual_seed(0)
+    model = build_model("paper", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    crop = model.cfg.input_size
+    x_mem = torch.randn(batch, 3, crop, crop) * 50
+    y_mem = torch.randint(0, 10, (batch,))
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def memory_block():
+        step(x_mem, y_mem)  # untimed, as the loader blocks' first step
+        times, cpu = [], _cpu()
+        for _ in range(steps):
+            t = time.perf_counter()
+            step(x_mem, y_mem)
+            times.append(time.perf_counter() - t)
+        return times, (_cpu() - cpu) / steps
+
+    def loader_block(w, nice):
+        loader = BatchLoader(store, batch, transform, shuffle=True, seed=1, drop_last=True, num_workers=w,
+                             worker_nice=nice)
+        it = _batches(loader)
+        try:
+            step(*next(it))
+            times, cpu = [], _cpu()
+            for _ in range(steps):
+                t = time.perf_counter()
+                step(*next(it))  # the wait for the batch is part of the step
+                times.append(time.perf_counter() - t)
+        finally:
+            it.close()  # reaps the workers, so their CPU time is counted below
+        return times, (_cpu() - cpu) / steps  # (workers' CPU includes the batches prefetched in vain)
+
+    model.train()
+    feeds = {"memory": memory_block}
+    for w in workers:
+        for nice in (nices if w else (0,)):
+            name = f"store, {w} workers" + (f" nice {nice}" if w else "")
+            feeds[name] = lambda w=w, nice=nice: loader_block(w, nice)
+    times: dict[str, list[float]] = {k: [] for k in feeds}
+    cpus: dict[str, list[float]] = {k: [] for k in feeds}
+    for r in range(rounds):
+        order = list(feeds) if r % 2 == 0 else list(feeds)[::-1]
+        for k in order:
+            t, c = feeds[k]()
+            times[k] += t
+            cpus[k].append(c)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
+    return {k: {"median_step_s": med[k], "img_s": batch / med[k], "ratio_vs_memory": med["memory"] / med[k],
+                "cpu_s_per_step": cpu[k], "cpu_ratio_vs_memory": cpu["memory"] / cpu[k],
+                "steps": len(times[k])} for k in feeds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=256, help="synthetic JPEGs to prepare")
+    ap.add_argument("--batch", type=int, default=64, help="batch size of the throughput runs")
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--train-steps", type=int, default=4, help="timed steps per block")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--train-workers", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--worker-nice", type=int, nargs="+", default=[10],
+                    help="niceness of the training runs' workers (one run per value)")
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+
+    from alexnet.sources import open_dataset
+    from alexnet.store import open_store, prepare
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+          f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    results: dict = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, out = Path(tmp) / "jpegs", Path(tmp) / "store"
+        _make_jpegs(folder, args.images)
+        t = time.perf_counter()
+        prepare(folder, out, split="train", workers=os.cpu_count(), progress=False)
+        results["prepare_img_s"] = args.images / (time.perf_counter() - t)
+        store = open_store(out)
+        stats = store.stats()
+        transform = TrainTransform(stats, 227)
+        memory = TensorImageDataset(torch.from_numpy(np.array(store.images)), store.labels, store.classes)
+        folder_ds = open_dataset(folder, "train")
+        print(f"{args.images} JPEGs 500x375 -> store 256x256: prepared at {results['prepare_img_s']:.0f} img/s "
+              f"(decode + resize + statistics, {os.cpu_count()} processes)", flush=True)
+
+        print(f"\nloader throughput, full training augmentation to 227x227, batch {args.batch} (img/s)")
+        print(f"{'source':28} " + " ".join(f"{f'{w} workers':>10}" for w in args.workers))
+        sources = [("prepared store (memmap)", store, 2), ("in-memory uint8 tensor", memory, 2),
+                   ("JPEG decoding on the fly", folder_ds, 1)]
+        results["throughput_img_s"] = {}
+        for name, ds, epochs in sources:
+            _throughput(ds, transform, args.batch, 0, 1) if ds is store else None  # page cache warm
+            row = {w: _throughput(ds, transform, args.batch, w, epochs) for w in args.workers}
+            results["throughput_img_s"][name] = row
+            print(f"{name:28} " + " ".join(f"{row[w]:10.0f}" for w in args.workers), flush=True)
+
+        if not args.skip_train:
+            print(f"\ntraining, paper network 227 input, batch {args.train_batch}, "
+                  f"{args.rounds} x {args.train_steps} timed steps per feed")
+            tr = _train_compare(store, transform, args.train_batch, args.train_steps, args.rounds,
+                                args.train_workers, tuple(args.worker_nice))
+            results["train"] = tr
+            print(f"{'feed':22} {'step s':>8} {'img/s':>7} {'speed vs memory':>16} {'CPU s/step':>11} "
+                  f"{'CPU-speed vs memory':>20}")
+            for k, v in tr.items():
+                print(f"{k:22} {v['median_step_s']:8.3f} {v['img_s']:7.2f} {v['ratio_vs_memory']:15.3f}x "
+                      f"{v['cpu_s_per_step']:11.3f} {v['cpu_ratio_vs_memory']:19.3f}x")
+            best = max(v["ratio_vs_memory"] for k, v in tr.items() if k != "memory")
+            print(f"best loader-fed speed ratio {best:.3f} (target >= 0.9): {'met' if best >= 0.9 else 'NOT met'}")
+    results["load_average_after"] = os.getloadavg()[0]
+    print(f"load average after: {results['load_average_after']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
