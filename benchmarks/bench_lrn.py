@@ -1,18 +1,18 @@
 """Time local response normalisation: ours (C kernel and torch path) against torch's.
 
-    .venv/bin/python benchmarks/bench_lrn.py [--repeat 5] [--threads N]
+    .venv/bin/python benchmarks/bench_lrn.py [--repeat 5] [--threads N] [--beta 0.75]
 
-For the shapes LRN sees in AlexNet, float32, NCHW and channels_last, prints the median
-time of forward and of forward+backward in ms, and torch.nn.LocalResponseNorm's time
-divided by ours. torch's module is Caffe's form, so it gets alpha * size to do the same
-math as the paper's form.
+For the shapes LRN sees in AlexNet, float32, NCHW and channels_last, prints the best of
+`repeat` times (the one least disturbed by other load) of forward and of forward+backward
+in ms, and torch.nn.LocalResponseNorm's time divided by ours. torch's module is Caffe's
+form, so it gets alpha * size to do the same math as the paper's form. The paper's beta
+is 0.75; another --beta shows the kernel's slower general power.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
@@ -23,14 +23,22 @@ from alexnet.lrn import backend, local_response_norm
 SHAPES = [(64, 96, 55, 55), (64, 256, 27, 27)]  # after conv1 and conv2, batch 64
 
 
-def median_ms(fn, repeat: int) -> float:
+def set_torch_path(force: bool) -> None:
+    """ALEXNET_LRN=torch forces the torch path; lrn.py reads it on every call."""
+    if force:
+        os.environ["ALEXNET_LRN"] = "torch"
+    else:
+        os.environ.pop("ALEXNET_LRN", None)
+
+
+def best_ms(fn, repeat: int) -> float:
     fn()  # warm-up: first-use compilation, allocator
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return min(times)
 
 
 def timings(lrn, x: torch.Tensor, g: torch.Tensor, repeat: int) -> tuple[float, float]:
@@ -42,13 +50,13 @@ def timings(lrn, x: torch.Tensor, g: torch.Tensor, repeat: int) -> tuple[float, 
         x.grad = None
         lrn(x).backward(g)
 
-    return median_ms(forward, repeat), median_ms(forward_backward, repeat)
+    return best_ms(forward, repeat), best_ms(forward_backward, repeat)
 
 
-def ours(path: str):
+def ours(force_torch: bool, cfg: LRNConfig):
     def run(x: torch.Tensor) -> torch.Tensor:
-        os.environ["ALEXNET_LRN"] = path  # read on every call
-        return local_response_norm(x, LRNConfig())
+        set_torch_path(force_torch)
+        return local_response_norm(x, cfg)
 
     return run
 
@@ -57,18 +65,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--beta", type=float, default=LRNConfig.beta)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = LRNConfig()
+    cfg = LRNConfig(beta=args.beta)
     theirs = torch.nn.LocalResponseNorm(cfg.size, cfg.alpha * cfg.size, cfg.beta, cfg.k)
-    impls = {"torch.nn.LocalResponseNorm": theirs, "ours, torch path": ours("torch"), "ours, C kernel": ours("c")}
+    impls = {"torch.nn.LocalResponseNorm": theirs, "ours, torch path": ours(True, cfg), "ours, C kernel": ours(False, cfg)}
 
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeat}")
+    print(f"torch {torch.__version__}, {args.threads} threads, beta {cfg.beta}, best of {args.repeat}")
     for shape in SHAPES:
         for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
             x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
             g = torch.randn(shape).contiguous(memory_format=fmt)
-            os.environ["ALEXNET_LRN"] = "c"
+            set_torch_path(False)
             print(f"\n{tuple(shape)} {fmt_name} (kernel backend here: {backend(x)})")
             print(f"  {'':28} {'forward ms':>11} {'fwd+bwd ms':>11} {'speed-up f/f+b':>15}")
             base = None
@@ -76,7 +85,7 @@ def main() -> None:
                 f, fb = timings(lrn, x, g, args.repeat)
                 base = base or (f, fb)
                 print(f"  {name:28} {f:11.1f} {fb:11.1f} {base[0] / f:7.1f}x {base[1] / fb:6.1f}x")
-    os.environ.pop("ALEXNET_LRN")
+    set_torch_path(False)
 
 
 if __name__ == "__main__":

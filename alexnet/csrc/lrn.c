@@ -58,7 +58,8 @@ typedef struct {
 } params;
 
 /* d^-beta for d > 0. The paper's and Caffe's beta = 0.75 takes two square roots and a
- * division, which vectorise and round exactly; other values take the (scalar) powf. */
+ * division, which vectorise and are each correctly rounded; other values take powf, which
+ * does not vectorise (about 9x slower, still well ahead of torch.nn.LocalResponseNorm). */
 static inline float pow_neg(float d, float beta) {
     if (beta == 0.75f) {
         float r = sqrtf(d);
@@ -71,8 +72,8 @@ static inline long min_l(long a, long b) { return a < b ? a : b; }
 static inline long max_l(long a, long b) { return a > b ? a : b; }
 
 /* s[q] = sum over j < count of v[j * stride + q], squared if `square`. */
-STRIP_FN window_sum(const float *restrict v, long stride, long count, int square,
-                              long width, float *restrict s) {
+STRIP_FN window_sum(const float *restrict v, long stride, long count, int square, long width,
+                    float *restrict s) {
     for (long q = 0; q < width; q++) s[q] = 0.0f;
     for (long j = 0; j < count; j++) {
         const float *vj = v + j * stride;
@@ -82,17 +83,16 @@ STRIP_FN window_sum(const float *restrict v, long stride, long count, int square
 
 /* y = x * d^-beta for one strip x, whose window starts at v. */
 STRIP_FN forward_strip(const float *restrict x, const float *restrict v, long stride,
-                                 long count, float *restrict y, long width, params prm) {
+                       long count, float *restrict y, long width, params prm) {
     float s[STRIP];
     window_sum(v, stride, count, 1, width, s);
     for (long q = 0; q < width; q++) y[q] = x[q] * pow_neg(prm.k + prm.alpha * s[q], prm.beta);
 }
 
 /* The backward pass's first half for one strip: dx = g * d^-beta and t. */
-STRIP_FN backward_strip_t(const float *restrict x, const float *restrict v,
-                                    long stride, long count, const float *restrict g,
-                                    float *restrict dx, float *restrict t, long width,
-                                    params prm) {
+STRIP_FN backward_strip_t(const float *restrict x, const float *restrict v, long stride,
+                          long count, const float *restrict g, float *restrict dx,
+                          float *restrict t, long width, params prm) {
     float s[STRIP];
     window_sum(v, stride, count, 1, width, s);
     for (long q = 0; q < width; q++) {
@@ -104,9 +104,8 @@ STRIP_FN backward_strip_t(const float *restrict x, const float *restrict v,
 }
 
 /* The second half: dx -= 2 alpha beta x S(t), with the strip's window of t starting at t. */
-STRIP_FN backward_strip_dx(const float *restrict x, const float *restrict t,
-                                     long stride, long count, float *restrict dx, long width,
-                                     params prm) {
+STRIP_FN backward_strip_dx(const float *restrict x, const float *restrict t, long stride,
+                           long count, float *restrict dx, long width, params prm) {
     const float coef = 2.0f * prm.alpha * prm.beta;
     float s[STRIP];
     window_sum(t, stride, count, 0, width, s);
