@@ -33,10 +33,14 @@ function of the generator's seed): crop tops (B,), crop lefts (B,), flips (B,), 
 alphas (B, 3).
 
 Implementation note (measured on a 2-core machine, batch 128, crop 227): crop, flip,
-mean subtraction and lighting are one small loop over the images of the batch, each
-step a few whole-image tensor ops on cache-resident data (~0.3 ms/image); index-grid
-gathers over the whole batch were 2-4x slower. The loop runs its ops on one thread
-(`_one_thread`): a 2-thread OpenMP region per small op was up to 100x slower here.
+mean subtraction and lighting are one small loop over the images of the batch, three
+whole-image tensor ops each on cache-resident data: ~0.15 ms/image into a reused `out`
+buffer, ~0.5 ms/image with a fresh output (the page faults of 79 MB cost more than the
+arithmetic). Index-grid gathers over the whole batch were 2-7x slower. The loop runs
+its ops on one thread (`_one_thread`): a 2-thread OpenMP region per small op was up to
+100x slower on that machine. That sets torch's thread count for the whole process for
+the loop's duration, so call the transforms from the thread that trains (as
+`BatchLoader` does) or from worker processes, not from a thread beside training.
 """
 
 from __future__ import annotations
