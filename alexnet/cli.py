@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ten-crop", action="store_true", help="average the softmax of the paper's 10 patches")
     p.add_argument("--batch-size", type=_positive_int, default=100, metavar="N")
     p.add_argument("--device", default="auto", metavar="DEV")
-    p.add_argument("--workers", type=int, default=1, metavar="N")
+    p.add_argument("--workers", type=int, default=-1, metavar="N",
+                   help="loader processes (default -1: none on a CPU, up to 8 beside a GPU)")
     p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: beside "
                                                  "the checkpoint, in eval-SPLIT[-10crop]/)")
     p.set_defaults(func=_cmd_evaluate)

@@ -185,7 +185,9 @@ class DataConfig:
     lighting_std: float = 0.1  # alpha_i ~ N(0, 0.1) for PCA lighting (section 4.1)
     flip: bool = True  # horizontal reflections (section 4.1)
     ten_crop: bool = False  # evaluate on the 10 patches of section 4.1 instead of the centre crop
-    num_workers: int = 1  # loader processes reading and augmenting ahead of training
+    # Loader processes reading and augmenting ahead of training; -1: none on a CPU (a worker
+    # takes a core from the model there: measured slower), min(8, cores) beside a GPU.
+    num_workers: int = -1
     # Inputs are (pixel - mean image + lighting) / pixel_scale: 1 feeds the paper's raw
     # mean-subtracted 0..255 values, as its N(0, 0.01) initialisation expects.
     pixel_scale: float = 1.0
@@ -197,8 +199,8 @@ class DataConfig:
             raise ConfigError(f"data.lighting_std must be >= 0, not {self.lighting_std}")
         if self.pixel_scale <= 0:
             raise ConfigError(f"data.pixel_scale must be positive, not {self.pixel_scale}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, not {self.num_workers}")
+        if self.num_workers < -1:
+            raise ConfigError(f"data.num_workers must be >= 0 (or -1 for auto), not {self.num_workers}")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,14 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
     return device
 
 
+def resolve_workers(n: int, device: torch.device) -> int:
+    """Loader processes for `data.num_workers` n (-1: auto). On a CPU a worker takes a core
+    from the model, which measured slower than loading in the main process."""
+    if n >= 0:
+        return n
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun; a no-op for a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -115,13 +115,13 @@ def format_metrics(m: Metrics, label: str) -> str:
 
 
 def evaluate_checkpoint(checkpoint, data_path=None, split: str = "test", ten_crop: bool = False,
-                        batch_size: int = 100, out_dir=None, device: str = "auto", workers: int = 1,
+                        batch_size: int = 100, out_dir=None, device: str = "auto", workers: int = -1,
                         dataset=None, label: str | None = None) -> dict:
     """Evaluate a model file on `dataset` (or the source at `data_path`, split `split`) with
     the checkpoint's own preprocessing; prints the figures, writes eval.json and
     confusion.png, and returns the JSON document."""
     from alexnet.checkpoint import CheckpointError, load_model_file
-    from alexnet.distributed import resolve_device
+    from alexnet.distributed import resolve_device, resolve_workers
     from alexnet.progress import Progress
 
     ck = load_model_file(checkpoint)
@@ -135,6 +135,7 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str = "test", ten_cro
         raise CheckpointError(f"the data has {len(dataset.classes)} classes {dataset.classes[:3]}... but the "
                               f"checkpoint was trained on {len(ck.classes)} {ck.classes[:3]}...")
     dev = resolve_device(device, DistInfo())
+    workers = resolve_workers(workers, dev)
     model = ck.build_model().to(dev)
     loader = eval_loader(dataset, ck.stats, ck.model_config.input_size, batch_size, ten_crop,
                          ck.preprocess.get("pixel_scale", 1.0), workers)

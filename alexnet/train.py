@@ -32,7 +32,7 @@ from alexnet.checkpoint import (CheckpointError, atomic_write_text, load_model_f
                                 save_state)
 from alexnet.config import ConfigError, RunConfig, from_dict, to_dict
 from alexnet.dataset import ImageDataset, SubsetDataset
-from alexnet.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
+from alexnet.distributed import DistInfo, all_reduce_sum, init_distributed, resolve_workers, shutdown
 from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
 from alexnet.loader import BatchLoader
 from alexnet.model import AlexNet
@@ -193,6 +193,7 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.manual_seed(t.seed)
         self.amp, self.channels_last = resolve_numerics(cfg, self.device)
+        self.num_workers = resolve_workers(cfg.data.num_workers, self.device)
         self.crop = cfg.model.input_size
         self.model = AlexNet(cfg.model).to(self.device)
         if self.channels_last:
@@ -252,7 +253,7 @@ class Trainer:
                                    scale=d.pixel_scale, flip=d.flip)
         return BatchLoader(self.data.train, self.per_rank_batch, transform, shuffle=True, seed=self.cfg.train.seed,
                            epoch=epoch, start_batch=start_batch, drop_last=True, rank=self.info.rank,
-                           world_size=self.info.world_size, num_workers=d.num_workers)
+                           world_size=self.info.world_size, num_workers=self.num_workers)
 
     # --- checkpoints ------------------------------------------------------------------
 
@@ -357,7 +358,7 @@ class Trainer:
     def _validate(self) -> Metrics:
         d = self.cfg.data
         loader = eval_loader(self.data.val, self.data.stats, self.crop, self.per_rank_batch, d.ten_crop,
-                             d.pixel_scale, d.num_workers, self.info)
+                             d.pixel_scale, self.num_workers, self.info)
         prog = Progress(len(self.data.val), f"validate {self.epoch + 1}", enabled=not self.quiet)
         m = evaluate_model(self.net, loader, self.cfg.model.num_classes, self.device, self.amp,
                            self.channels_last, self.info, prog)
@@ -468,7 +469,7 @@ def finish_run(trainer: Trainer, test: bool = True) -> dict | None:
     result = None
     if test and trainer.data.test is not None:
         result = evaluate_checkpoint(best, dataset=trainer.data.test, out_dir=run / "eval-test",
-                                     device=str(trainer.device), workers=trainer.cfg.data.num_workers,
+                                     device=str(trainer.device), workers=trainer.num_workers,
                                      label="test")
     print(f"run folder: {run}")
     print(f"checkpoint: {best}")
