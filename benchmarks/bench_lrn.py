@@ -6,7 +6,9 @@ For the shapes LRN sees in AlexNet, float32, NCHW and channels_last, prints the 
 `repeat` times (the one least disturbed by other load) of forward and of forward+backward
 in ms, and torch.nn.LocalResponseNorm's time divided by ours. torch's module is Caffe's
 form, so it gets alpha * size to do the same math as the paper's form. The paper's beta
-is 0.75; another --beta shows the kernel's slower general power.
+is 0.75; another --beta shows the kernel's slower general power. The last row, a copy
+of x (and of g), is a floor: allocating and writing a fresh output tensor, which any
+implementation pays.
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ def ours(force_torch: bool, cfg: LRNConfig):
     return run
 
 
+class CopyFloor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clone()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
@@ -70,7 +82,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = LRNConfig(beta=args.beta)
     theirs = torch.nn.LocalResponseNorm(cfg.size, cfg.alpha * cfg.size, cfg.beta, cfg.k)
-    impls = {"torch.nn.LocalResponseNorm": theirs, "ours, torch path": ours(True, cfg), "ours, C kernel": ours(False, cfg)}
+    impls = {"torch.nn.LocalResponseNorm": theirs, "ours, torch path": ours(True, cfg), "ours, C kernel": ours(False, cfg),
+             "copy (floor)": CopyFloor.apply}
 
     print(f"torch {torch.__version__}, {args.threads} threads, beta {cfg.beta}, best of {args.repeat}")
     for shape in SHAPES:
