@@ -30,6 +30,7 @@ index.json is complete.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -56,6 +57,7 @@ INDEX, PROGRESS = "index.json", "progress.json"
 IMAGES, LABELS, LABELS_RAW = "images.u8", "labels.npy", "labels.i64"
 SOURCES, STATS = "sources.jsonl", "stats.safetensors"
 REPORT, REPORT_PARTIAL = "skipped.tsv", "skipped.partial.tsv"
+LOCK = ".lock"
 
 
 # ---------------------------------------------------------------------------- small file helpers
@@ -146,11 +148,27 @@ def _decode_task(path: str, size: int, max_pixels: int):
 
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    if sys.platform.startswith("linux"):  # end quietly with a parent that was killed
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
 
 
-def _bounded(items, sem: threading.Semaphore):
+_AHEAD_PER_WORKER = 32  # files decoded ahead of the writer, per worker
+
+
+def _bounded(items, sem: threading.Semaphore, stop: threading.Event):
+    """`items`, each only after `sem` is acquired; ends when `stop` is set (the pool's
+    task thread runs this, and terminating the pool waits for that thread)."""
     for it in items:
-        sem.acquire()
+        while not sem.acquire(timeout=0.1):
+            if stop.is_set():
+                return
+        if stop.is_set():
+            return
         yield it
 
 
@@ -162,14 +180,18 @@ def _folder_results(paths: list[str], size: int, max_pixels: int, workers: int):
             yield task(p)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    sem = threading.Semaphore(workers * 32)
+    chunk = 4
+    # room for at least two chunks per worker, or the feeder waits for results that never come
+    sem = threading.Semaphore(workers * max(_AHEAD_PER_WORKER, 2 * chunk))
+    stop = threading.Event()
     pool = ctx.Pool(workers, initializer=_worker_init)
     try:
-        for r in pool.imap(task, _bounded(paths, sem), chunksize=4):
+        for r in pool.imap(task, _bounded(paths, sem, stop), chunksize=chunk):
             sem.release()
             yield r
         pool.close()
     finally:
+        stop.set()
         pool.terminate()
         pool.join()
 
@@ -288,6 +310,42 @@ def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = 
     meta = _params(source, listing, split, size, max_pixels)
     meta.update(classes=classes, class_names=class_names, source_root=root)
 
+    if out.exists() and not out.is_dir():
+        raise DataSourceError(f"{out} exists and is not a folder")
+    if (out / INDEX).is_file():
+        index = json.loads((out / INDEX).read_text(encoding="utf-8"))
+        _check_same(out, index, meta)
+    elif out.exists() and not (out / PROGRESS).is_file() and any(p.name != LOCK for p in out.iterdir()):
+        raise DataSourceError(f"{out} exists and is not an empty folder or a store")
+    out.mkdir(parents=True, exist_ok=True)
+    with _store_lock(out):
+        return _prepare_locked(out, meta, names, item_labels, pre_skipped, ignored, idx_ds, root,
+                               size, max_pixels, workers, progress, commit_every, _stop_after)
+
+
+@contextlib.contextmanager
+def _store_lock(out: Path):
+    """An exclusive lock on `out` for one prepare at a time (where fcntl exists)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / LOCK, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataSourceError(f"another alexnet prepare is writing {out}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.ndarray,
+                    pre_skipped: list[tuple[str, str]], ignored: int, idx_ds, root: str,
+                    size: int, max_pixels: int, workers: int, progress: bool, commit_every: int,
+                    _stop_after: int | None) -> PrepareResult:
     # the output folder: new, complete, or an unfinished prepare to continue
     if (out / INDEX).is_file():
         index = json.loads((out / INDEX).read_text(encoding="utf-8"))
@@ -302,9 +360,8 @@ def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = 
         acc = _load_accum(out, state, size)
         _truncate(out, state)
     else:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if any(p.name != LOCK for p in out.iterdir()):
             raise DataSourceError(f"{out} exists and is not an empty folder or a store")
-        out.mkdir(parents=True, exist_ok=True)
         state = {"records": 0, "skipped": 0, "seq": 0, "accum": None,
                  **{k: 0 for k in (IMAGES, LABELS_RAW, SOURCES, REPORT_PARTIAL)}}
         acc = StatsAccumulator(size)
@@ -413,7 +470,7 @@ def _done_sources(out: Path, state: dict) -> set[str]:
 
 
 def _cleanup(out: Path) -> None:
-    for name in (PROGRESS, LABELS_RAW, REPORT_PARTIAL):
+    for name in (PROGRESS, LABELS_RAW, REPORT_PARTIAL, LOCK):
         (out / name).unlink(missing_ok=True)
     for p in out.glob("accum-*.npz"):
         p.unlink(missing_ok=True)

@@ -244,6 +244,34 @@ def test_interrupted_prepare_resumes_to_the_same_store(tmp_path, workers):
         assert a[k] == b[k], k  # byte for byte, statistics included
 
 
+def test_stopping_with_a_full_pool_does_not_hang(tmp_path, monkeypatch):
+    """Stopping (or Ctrl-C) while the pool's task feeder waits for room must end the pool."""
+    import threading
+
+    import alexnet.store as store
+
+    monkeypatch.setattr(store, "_AHEAD_PER_WORKER", 1)
+    make_plain_tree(tmp_path / "src")
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=prepare(
+        tmp_path / "src", tmp_path / "out", workers=2, size=32, progress=False, commit_every=2,
+        _stop_after=6)), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "prepare hung while stopping its pool"
+    assert not result["r"].complete and result["r"].written >= 4
+
+
+def test_one_prepare_at_a_time(tmp_path):
+    from alexnet.store import _store_lock
+
+    make_plain_tree(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    with _store_lock(tmp_path / "out"):
+        with pytest.raises(DataSourceError, match="another alexnet prepare is writing"):
+            prepare(tmp_path / "src", tmp_path / "out", workers=1, size=32, progress=False)
+
+
 def test_resume_refuses_a_different_source(tmp_path):
     make_plain_tree(tmp_path / "src")
     make_plain_tree(tmp_path / "other")
