@@ -579,9 +579,11 @@ def resolve_source(path: str | os.PathLike | None, split: str = "train",
     if not p.is_dir():
         raise DataSourceError(f"data source must be a folder, not a file: {path}")
     if is_store(p):
+        _check_store_split(p, split)
         return Source("store", str(p), split)
     sub = _split_dir(p, split)
     if sub is not None and is_store(sub):
+        _check_store_split(sub, split)
         return Source("store", str(sub), split)
     if is_idx_folder(p):
         return Source("idx", str(p), split)
@@ -595,7 +597,32 @@ def resolve_source(path: str | os.PathLike | None, split: str = "train",
     split_names = {n for names in _SPLIT_DIRS.values() for n in names}
     if dirs and set(dirs) <= split_names and not files:
         raise DataSourceError(f"no {split!r} split in {p} (it has {', '.join(dirs)})")
+    if split != "train" and not _looks_like(p, split, files, labels):
+        # a tree without split folders is a training set; never hand it out as val/test
+        raise DataSourceError(f"no {split!r} split in {p}: it has no "
+                              f"{'/'.join(_SPLIT_DIRS[split])} subfolder")
     return _resolve_folder(p, split, labels, classes)
+
+
+def _looks_like(p: Path, split: str, files: list[str], labels) -> bool:
+    """Whether folder `p` (no split subfolders) is itself evidently of `split`: its name
+    has the split's word (val, validation, valid, test) in it, it holds ILSVRC2012
+    validation files, or a ground-truth file comes with it."""
+    words = set(re.split(r"[^a-z0-9]+", p.resolve().name.lower()))
+    return (bool(words & set(_SPLIT_DIRS[split])) or labels is not None
+            or (split == "val" and any(f.startswith("ILSVRC2012_val_") for f in files)))
+
+
+def _check_store_split(store: Path, split: str) -> None:
+    """A train store is only the train split; a val or test store serves val and test."""
+    for name in ("index.json", "progress.json"):
+        try:
+            stored = json.loads((store / name).read_text(encoding="utf-8")).get("split")
+            break
+        except (OSError, ValueError, AttributeError):
+            stored = None
+    if stored is not None and (stored == "train") != (split == "train"):
+        raise DataSourceError(f"{store} is a store of the {stored!r} split, not {split!r}")
 
 
 def _train_classes(train: Path) -> list[str] | None:
@@ -639,7 +666,10 @@ def open_dataset(path: str | os.PathLike | None, split: str = "train", image_siz
     if src.kind == "store":
         from alexnet.store import open_store
 
-        return open_store(src.path, image_size=image_size)
+        ds = open_store(src.path, image_size=image_size)
+        if classes is not None and list(classes) != ds.classes:
+            ds.use_classes(list(classes))
+        return ds
     image_size = image_size or 256
     if src.kind == "idx":
         return open_idx(src.path, split, image_size)

@@ -591,6 +591,21 @@ class StoreDataset(ImageDataset):
                                                  prefix="")
         return self._stats
 
+    def use_classes(self, classes: list[str]) -> None:
+        """Relabel the records for the class list `classes` (a training split's), which
+        must contain every class of this store."""
+        index = {c: i for i, c in enumerate(classes)}
+        missing = [c for c in self.classes if c not in index]
+        if missing:
+            raise DataSourceError(f"{self.path} has classes that are not among the {len(classes)} "
+                                  f"given ones: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        from alexnet.sources import readable_names
+
+        names = dict(zip(self.classes, self.class_names))
+        self.labels = np.array([index[c] for c in self.classes], np.int64)[self.labels]
+        self.class_names = [names.get(c) or n for c, n in zip(classes, readable_names(classes))]
+        self.classes = list(classes)
+
     def skipped(self) -> list[tuple[str, str]]:
         """(source file, reason) of every file left out when preparing."""
         out = []

@@ -215,6 +215,17 @@ def test_val_split_uses_train_classes(tmp_path):
     assert ds.listing.skipped == [("fox/0.png", "class folder 'fox' is not among the training classes")]
 
 
+def test_a_tree_without_split_folders_is_only_a_training_set(tmp_path):
+    make_tree(tmp_path / "photos", classes=("a", "b"), per_class=1)
+    assert len(open_dataset(tmp_path / "photos", image_size=16)) == 2
+    with pytest.raises(DataSourceError, match="no 'val' split"):
+        open_dataset(tmp_path / "photos", split="val")  # not the training images again
+    with pytest.raises(DataSourceError, match="no 'test' split"):
+        open_dataset(tmp_path / "photos", split="test")
+    (tmp_path / "photos").rename(tmp_path / "imagenet-val-sorted")
+    assert len(open_dataset(tmp_path / "imagenet-val-sorted", split="val", image_size=16)) == 2
+
+
 def test_source_errors(tmp_path):
     with pytest.raises(SourceNotFoundError, match="not found"):
         open_dataset(tmp_path / "nope")

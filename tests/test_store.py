@@ -196,6 +196,21 @@ def test_prepare_again_on_a_complete_store_is_a_no_op(messy):
         prepare(root / "src", root / "store", size=S + 1, progress=False)
 
 
+def test_store_splits_and_class_lists(messy, tmp_path):
+    root, good, _, _ = messy
+    # a train store is never handed out as a validation or test split
+    with pytest.raises(DataSourceError, match="store of the 'train' split, not 'val'"):
+        open_dataset(root / "store", split="val")
+    ds = open_dataset(root / "store", image_size=None)
+    # relabelled for a larger class list in another order
+    wider = ["n01443537", "zebra", "cats", "n01440764"]
+    re = open_dataset(root / "store", image_size=None, classes=wider)
+    assert re.classes == wider and re.class_names == ["goldfish", "zebra", "cats", "tench"]
+    assert [wider[i] for i in re.labels] == [ds.classes[i] for i in ds.labels]
+    with pytest.raises(DataSourceError, match="not among the 2 given"):
+        open_dataset(root / "store", classes=["cats", "zebra"])
+
+
 # ---------------------------------------------------------------------------- resume
 
 def make_plain_tree(root: Path, n_per_class: int = 9) -> None:
