@@ -389,8 +389,15 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
     ignored += len(top_images)
     for d in dirs:
         files = []
+        seen = {os.path.realpath(root / d)}  # symlinked folders are followed, cycles are not
         for dirpath, dirnames, filenames in os.walk(root / d, followlinks=True):
-            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+            keep = []
+            for n in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, n))
+                if not n.startswith(".") and real not in seen:
+                    seen.add(real)
+                    keep.append(n)
+            dirnames[:] = keep
             rel = Path(dirpath).relative_to(root).as_posix()
             for name in filenames:
                 if is_image_name(name):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
 import warnings
 import zlib
@@ -189,6 +190,15 @@ def test_imagefolder_on_the_fly(tmp_path):
         assert np.array_equal(x[k].numpy(), expected_crop(a, 64))
     # the class folders themselves work too
     assert len(open_dataset(tmp_path / "data" / "train", image_size=64)) == 6
+
+
+def test_symlinked_folders_followed_without_cycles(tmp_path):
+    files = make_tree(tmp_path / "elsewhere", classes=("x",), per_class=2)
+    (tmp_path / "d").mkdir()
+    os.symlink(tmp_path / "elsewhere" / "x", tmp_path / "d" / "x")  # a linked class folder
+    os.symlink(tmp_path / "d" / "x", tmp_path / "elsewhere" / "x" / "loop")  # a cycle inside it
+    ds = open_dataset(tmp_path / "d", image_size=16)
+    assert sorted(ds.sources) == sorted(files)
 
 
 def test_on_the_fly_bad_file_is_substituted(tmp_path):
