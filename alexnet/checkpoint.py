@@ -6,16 +6,13 @@ preprocessing (JSON strings). Nothing in it can execute code. The training state
 (optimizer, schedule, epoch, step, RNG states, sampler position) is a torch file read back
 with `weights_only=True`.
 
-Every write goes to a temporary file in the same folder, is flushed to disk, then renamed
-over the target (`atomic_write`), so a crash during a save leaves the previous file whole.
+Every write goes through `alexnet.fileio.atomic_write`, so a crash during a save leaves
+the previous file whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from safetensors.torch import save as st_save
 
 from alexnet.config import ConfigError, ModelConfig, from_dict, to_dict
 from alexnet.dataset import DataStats
+from alexnet.fileio import atomic_write
 from alexnet.model import AlexNet
 
 FORMAT = "alexnet-checkpoint-1"
@@ -32,37 +30,6 @@ FORMAT = "alexnet-checkpoint-1"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says why, in one line."""
-
-
-def atomic_write(path: str | Path, write: Callable[[object], None]) -> None:
-    """Call `write(fileobj)` on a temporary file beside `path`, fsync it, rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 @dataclass

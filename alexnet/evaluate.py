@@ -95,7 +95,7 @@ def write_report(metrics: Metrics, class_names: list[str], out_dir: str | Path, 
                  extra: dict | None = None) -> dict:
     """eval.json with the figures and per-class accuracy, and confusion.png for up to 100
     classes. Returns the JSON document."""
-    from alexnet.checkpoint import atomic_write_text
+    from alexnet.fileio import atomic_write_text
     from alexnet.plots import plot_confusion
 
     out_dir = Path(out_dir)

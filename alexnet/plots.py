@@ -18,9 +18,9 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> None:
-    from alexnet.checkpoint import atomic_write
-
     import io
+
+    from alexnet.fileio import atomic_write
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

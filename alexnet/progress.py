@@ -16,26 +16,27 @@ def format_duration(seconds: float) -> str:
 
 class Progress:
     def __init__(self, total: int, label: str, unit: str = "img", stream=None, every_s: float = 30.0,
-                 enabled: bool = True):
+                 enabled: bool = True, done: int = 0):
+        """`done`: work finished before this run (a resumed job); rate and ETA count only new work."""
         self.total, self.label, self.unit = total, label, unit
         self.stream = stream or sys.stderr
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.every_s = every_s if not self.tty else 0.2
         self.enabled = enabled
-        self.done = 0
+        self.done = self.start_done = done
         self.start = self.last = time.perf_counter()
 
     def update(self, n: int, **figures: float | str) -> None:
         self.done += n
         now = time.perf_counter()
-        if not self.enabled or (now - self.last < self.every_s and self.done < self.total):
+        if not self.enabled or now - self.last < self.every_s:
             return
         self.last = now
         self._draw(now, figures, final=False)
 
     def _draw(self, now: float, figures: dict, final: bool) -> None:
         elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.done / self.total if self.total else 100.0
         parts = [f"{self.label} {pct:5.1f}% {self.done}/{self.total}"]
@@ -56,4 +57,4 @@ class Progress:
         if self.enabled:
             self._draw(now, figures, final=True)
         elapsed = now - self.start
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0

@@ -47,6 +47,8 @@ import numpy as np
 import torch
 
 from alexnet.dataset import DataStats, ImageDataset, resize_batch
+from alexnet.fileio import atomic_write_json, fsync_dir
+from alexnet.progress import Progress
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.sources import (DataSourceError, SourceNotFoundError, StatsAccumulator,
                              open_idx, resolve_source)
@@ -62,75 +64,9 @@ LOCK = ".lock"
 
 # ---------------------------------------------------------------------------- small file helpers
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _report_line(path: str, reason: str) -> str:
     path = str(path).replace("\t", " ").replace("\n", " ").replace("\r", " ")
     return f"{path}\t{' '.join(str(reason).split())}\n"
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-class _Progress:
-    """One progress line on stderr: done/total, percent, rate, ETA, skipped. Rewritten in
-    place on a terminal, a new line every 10 s otherwise."""
-
-    def __init__(self, total: int, done: int, enabled: bool, stream=None):
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.total, self.start_done = total, done
-        self.t0 = self.last = time.monotonic()
-        self.width = 0
-
-    def update(self, done: int, skipped: int, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not final and now - self.last < (0.5 if self.tty else 10.0):
-            return
-        self.last = now
-        rate = (done - self.start_done) / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        pct = 100.0 * done / self.total if self.total else 100.0
-        text = (f"prepare: {done:,}/{self.total:,} ({pct:.1f}%)  {rate:,.0f} img/s  "
-                f"ETA {_fmt_time(eta) if eta != float('inf') else '?'}  {skipped:,} skipped")
-        if final:
-            text = (f"prepare: {done:,}/{self.total:,} done in "
-                    f"{_fmt_time(now - self.t0)} ({rate:,.0f} img/s)  {skipped:,} skipped")
-        if self.tty:
-            self.stream.write("\r" + text.ljust(self.width) + ("\n" if final else ""))
-            self.width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
 
 
 # ---------------------------------------------------------------------------- decoding work
@@ -257,7 +193,7 @@ class _Writer:
             os.fsync(f.fileno())
         old = self.state.get("accum")
         self.state.update(seq=seq, accum=accum)
-        _write_json_atomic(self.out / PROGRESS, {**self.meta, "state": self.state})
+        atomic_write_json(self.out / PROGRESS, {**self.meta, "state": self.state})
         if old and old != accum:
             (self.out / old).unlink(missing_ok=True)
         self.last_commit = time.monotonic()
@@ -367,13 +303,13 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
         acc = StatsAccumulator(size)
         for k in (IMAGES, LABELS_RAW, SOURCES, REPORT_PARTIAL):
             (out / k).write_bytes(b"")
-        _write_json_atomic(out / PROGRESS, {**meta, "state": state})
+        atomic_write_json(out / PROGRESS, {**meta, "state": state})
 
     done = _done_sources(out, state)
     todo = [i for i, n in enumerate(names) if n not in done]
     total = len(names)
     writer = _Writer(out, meta, state, acc)
-    bar = _Progress(total, total - len(todo), progress)
+    bar = Progress(total, "prepare", every_s=10.0, enabled=progress, done=total - len(todo))
     processed = 0
     stopped = False
     try:
@@ -394,7 +330,7 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
                 if since_commit >= commit_every or time.monotonic() - writer.last_commit > 30:
                     writer.commit()
                     since_commit = 0
-                bar.update(total - len(todo) + processed, state["skipped"] + len(pre_skipped))
+                bar.update(1, skipped=state["skipped"] + len(pre_skipped))
                 if _stop_after is not None and processed >= _stop_after:
                     stopped = True
                     break
@@ -415,7 +351,7 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
     if stopped:
         return PrepareResult(str(out), state["records"], state["skipped"] + len(pre_skipped),
                              ignored, str(out / REPORT_PARTIAL), False)
-    bar.update(total, state["skipped"] + len(pre_skipped), final=True)
+    bar.close(skipped=state["skipped"] + len(pre_skipped))
     return _finalize(out, meta, state, acc, pre_skipped, ignored)
 
 
@@ -454,7 +390,7 @@ def _truncate(out: Path, state: dict) -> None:
     for p in out.glob("accum-*.npz"):
         if p.name != state.get("accum"):
             p.unlink(missing_ok=True)
-    for p in out.glob("*.tmp"):
+    for p in [*out.glob("*.tmp"), *out.glob(".*.tmp")]:
         p.unlink(missing_ok=True)
 
 
@@ -474,7 +410,7 @@ def _cleanup(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for p in out.glob("accum-*.npz"):
         p.unlink(missing_ok=True)
-    for p in out.glob("*.tmp"):
+    for p in [*out.glob("*.tmp"), *out.glob(".*.tmp")]:
         p.unlink(missing_ok=True)
 
 
@@ -506,7 +442,7 @@ def _finalize(out: Path, meta: dict, state: dict, acc: StatsAccumulator,
                  skipped=skipped, ignored=ignored, images=IMAGES, labels=LABELS,
                  sources=SOURCES, stats=STATS, report=REPORT,
                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    _write_json_atomic(out / INDEX, index)
+    atomic_write_json(out / INDEX, index)
     _cleanup(out)
     return PrepareResult(str(out), n, skipped, ignored, str(report), True)
 

@@ -38,7 +38,7 @@ def test_prepare_prints_summary(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out.strip() == (f"prepared {tmp_path / 'out'}: 4 images written, 1 skipped "
                            f"(report: {tmp_path / 'out' / 'skipped.tsv'})")
-    assert "prepare: 5/5 done" in err  # the progress line
+    assert "prepare 100.0% 5/5 | skipped 1 |" in err and "elapsed" in err  # the final progress line
     assert (tmp_path / "out" / "skipped.tsv").read_text().startswith("b/broken.jpg\t")
     assert (tmp_path / "out" / "images.u8").stat().st_size == 4 * 3 * 32 * 32
 
