@@ -11,7 +11,7 @@ import json
 import sys
 
 from alexnet.checkpoint import CheckpointError
-from alexnet.config import INPUT_SIZES, VARIANTS, ConfigError
+from alexnet.config import INPUT_SIZES, RECIPES, VARIANTS, ConfigError
 
 
 class UserError(Exception):
@@ -102,7 +102,7 @@ def _train_config(args: argparse.Namespace):
         file_cfg = _load_config_file(args.config)
         recipe = recipe or file_cfg.pop("recipe", None)
         over = merge_overrides(over, file_cfg)
-    recipe = recipe or ("fast" if args.data is None else "paper")
+    recipe = recipe or ("demo" if args.data is None else "paper")
     flags = {
         ("data", "path"): args.data, ("data", "val_path"): args.val_data, ("model", "variant"): args.variant,
         ("model", "input_size"): args.input, ("train", "epochs"): args.epochs,
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with the paper's recipe or a preset",
                        description="Train AlexNet. With no --data, trains on Fashion-MNIST (the built-in "
-                                   "default) with the 'fast' recipe and ends by evaluating on its 10,000 "
+                                   "default) with the 'demo' recipe and ends by evaluating on its 10,000 "
                                    "test images; with --data the default recipe is the paper's. Options "
                                    "override the recipe, a --config file overrides the recipe too, and "
                                    "--set KEY=VALUE overrides anything (e.g. --set train.lr=0.02).")
@@ -220,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "folder or a folder of Fashion-MNIST IDX files")
     p.add_argument("--val-data", metavar="PATH", help="validation data (default: the source's val split, "
                                                        "else a held-out part of train)")
-    p.add_argument("--recipe", choices=["paper", "fast"], help="named preset (default: fast for the built-in "
-                                                                "data, paper otherwise)")
+    p.add_argument("--recipe", choices=list(RECIPES), help="named preset: paper (section 5), fast (one-cycle, "
+                   "label smoothing, BatchNorm variant), demo (fast within ten CPU minutes); default demo for "
+                   "the built-in data, paper otherwise")
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file with model/data/train sections")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. train.weight_decay=0.0005 (repeatable)")

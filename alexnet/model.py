@@ -108,12 +108,18 @@ class AlexNet(nn.Module):
         raise KeyError(f"no layer {name!r}; layers: {', '.join(self._names)}")
 
     def reset_parameters(self) -> None:
-        """Section 5: weights from N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+        """Section 5: weights from N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
+        With `init="kaiming"`: He-normal weights (fan-in, ReLU gain) but N(0, 0.01) in fc8, biases 0."""
+        kaiming = self.cfg.init == "kaiming"
         for name, m in self.named_layers():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+                if kaiming and name != "fc8":
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                else:
+                    nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
                 if m.bias is not None:
-                    nn.init.constant_(m.bias, 1.0 if name in self.cfg.init_bias_one else 0.0)
+                    one = not kaiming and name in self.cfg.init_bias_one
+                    nn.init.constant_(m.bias, 1.0 if one else 0.0)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

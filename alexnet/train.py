@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from alexnet.augment import TrainTransform
-from alexnet.checkpoint import (CheckpointError, atomic_write_text, load_model_file, load_state, save_model,
-                                save_state)
+from alexnet.checkpoint import CheckpointError, load_model_file, load_state, save_model, save_state
+from alexnet.fileio import atomic_write_text
 from alexnet.config import ConfigError, RunConfig, from_dict, to_dict
 from alexnet.dataset import ImageDataset, SubsetDataset
 from alexnet.distributed import DistInfo, all_reduce_sum, init_distributed, resolve_workers, shutdown
@@ -38,7 +38,6 @@ from alexnet.loader import BatchLoader
 from alexnet.model import AlexNet
 from alexnet.progress import Progress
 
-VAL_HOLDOUT = 5000  # images held out of a training set that has no validation split of its own
 
 
 class TrainingError(RuntimeError):
@@ -81,7 +80,7 @@ def open_data(cfg: RunConfig) -> Data:
             # set, which must not steer training): hold out part of the training images.
             if is_idx and val is not None:
                 test = val
-            holdout = min(VAL_HOLDOUT, len(full) // 10)
+            holdout = min(d.val_holdout, len(full) // 10)
             if holdout < 1:
                 raise ConfigError(f"{len(full)} training images are too few to hold out a validation set")
             tr, va = holdout_split(len(full), holdout)
@@ -351,6 +350,9 @@ class Trainer:
         if not all_reduce_sum(finite, self.info).item() == self.info.world_size:
             raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1})")
         self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.item()
