@@ -77,3 +77,44 @@ def test_python_dash_m_works():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "61,100,840" in r.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--set", "train.lrr=1"], "unknown key train.lrr"),
+    (["train", "--set", "train.lr=fast"], "train.lr must be a number"),
+    (["train", "--set", "lr"], "--set expects KEY=VALUE"),
+    (["train", "--batch-size", "0"], "must be >= 1"),
+    (["train", "--data", "/nonexistent/images"], "not found"),
+    (["train", "--config", "/nonexistent.toml"], "no config file"),
+    (["train", "--resume", "/nonexistent/run"], "not a run folder"),
+    (["train", "--resume", "runs/x", "--lr", "0.1"], "drop --lr"),
+    (["evaluate", "/nonexistent.safetensors"], "no checkpoint file"),
+])
+def test_train_and_evaluate_argument_errors(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_train_config_file_and_overrides(tmp_path):
+    from alexnet.cli import _train_config, build_parser
+
+    f = tmp_path / "c.toml"
+    f.write_text('recipe = "fast"\n[train]\nlr = 0.3\nepochs = 4\n[data]\nlighting_std = 0.0\n')
+    args = build_parser().parse_args(["train", "--config", str(f), "--epochs", "5", "--set", "train.seed=7",
+                                      "--data", "x"])
+    cfg = _train_config(args)
+    assert cfg.recipe == "fast" and cfg.model.variant == "bn"  # from the recipe
+    assert cfg.train.lr == 0.3 and cfg.data.lighting_std == 0.0  # from the file
+    assert cfg.train.epochs == 5 and cfg.train.seed == 7  # flags and --set win
+    f.write_text('[train]\nlearning_rate = 0.3\n')
+    with pytest.raises(Exception, match="unknown key train.learning_rate"):
+        _train_config(build_parser().parse_args(["train", "--config", str(f)]))
+
+
+def test_default_recipe_depends_on_the_data():
+    from alexnet.cli import _train_config, build_parser
+
+    assert _train_config(build_parser().parse_args(["train"])).recipe == "demo"
+    cfg = _train_config(build_parser().parse_args(["train", "--data", "x"]))
+    assert cfg.recipe == "paper" and cfg.train.lr == 0.01 and cfg.model.variant == "paper"
