@@ -201,3 +201,13 @@ def test_bf16_autocast_trains_on_the_cpu(data, tmp_path):
     t.fit()
     row = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
     assert np.isfinite(row["train_loss"]) and row["step"] == 2
+
+
+@pytest.mark.slow
+def test_compiled_network_trains(data, tmp_path):
+    t = Trainer(tiny_config(data, compile=True, max_steps=2, epochs=1, deterministic=False), tmp_path / "r",
+                quiet=True)
+    t.fit()
+    row = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(row["train_loss"]) and row["step"] == 2
+    assert load_model_file(tmp_path / "r" / "best.safetensors").state_dict  # saved unwrapped
