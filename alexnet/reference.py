@@ -29,6 +29,17 @@ def plain_alexnet(variant: str = "paper", num_classes: int = 1000, input_size: i
             nn.Conv2d(384, 384, 3, padding=1, groups=g), nn.ReLU(inplace=True),
             nn.Conv2d(384, 256, 3, padding=1, groups=g), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
         ]
+    elif variant == "bn":
+        features = [
+            nn.Conv2d(3, 96, 11, stride=4, padding=p1, bias=False), nn.BatchNorm2d(96), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(96, 256, 5, padding=2, groups=2, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(256, 384, 3, padding=1, bias=False), nn.BatchNorm2d(384), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(384), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2),
+        ]
     else:
         raise ValueError(f"no plain version of variant {variant!r}")
     model = nn.Sequential()

@@ -179,7 +179,7 @@ def test_dropout_is_off_in_eval_mode():
         assert torch.equal(m(x), m(x))
 
 
-@pytest.mark.parametrize("variant", ["paper", "paper-ungrouped", "owt"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_matches_the_plain_pytorch_network(variant):
     """Outputs and gradients equal those of the obvious nn.Module version with the same weights."""
     from alexnet.reference import plain_alexnet
