@@ -396,6 +396,8 @@ class Trainer:
                   f"{self.device}, amp {self.amp or 'off'}, channels-last {'on' if self.channels_last else 'off'}"
                   f"{f', {self.info.world_size} processes' if self.info.enabled else ''}", flush=True)
         while self.epoch < t.epochs and self.step < self.total_steps:
+            if self._agreed_stop():  # asked during validation: the epoch's checkpoint is written
+                return self._stop()
             self.net.train()
             loader = self._train_loader(self.epoch, self.batch_in_epoch)
             steps_left = min(self.steps_per_epoch - self.batch_in_epoch, self.total_steps - self.step)
@@ -411,19 +413,28 @@ class Trainer:
                 prog.update(len(y) * self.info.world_size, loss=loss, lr=lr)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                     self.save_checkpoint()
-                if self.stop_requested or self.step >= self.total_steps:
+                if self._agreed_stop():
+                    prog.close()
+                    return self._stop()
+                if self.step >= self.total_steps:
                     break
-            if self.stop_requested:
-                prog.close()
-                path = self.save_checkpoint()
-                if self.info.is_main:
-                    atomic_write_text(self.run_dir / "stopped", f"stopped at step {self.step}\n")
-                return {"stopped": True, "step": self.step, "checkpoint": str(path)}
             speed = prog.close()
             train_time = time.perf_counter() - t0
             self._end_epoch(speed, train_time)
         return {"stopped": False, "step": self.step, "epochs": self.epoch,
                 "best": str(self.run_dir / "best.safetensors"), "best_top1_err": self.best_err}
+
+    def _agreed_stop(self) -> bool:
+        """Whether any process was asked to stop; every process gets the same answer, so
+        all of them stop after the same step."""
+        flag = torch.tensor([float(self.stop_requested)])
+        return all_reduce_sum(flag, self.info).item() > 0
+
+    def _stop(self) -> dict:
+        path = self.save_checkpoint()
+        if self.info.is_main:
+            atomic_write_text(self.run_dir / "stopped", f"stopped at step {self.step}\n")
+        return {"stopped": True, "step": self.step, "checkpoint": str(path)}
 
     def _end_epoch(self, speed: float, train_time: float) -> None:
         m = self._validate()

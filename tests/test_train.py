@@ -211,3 +211,17 @@ def test_compiled_network_trains(data, tmp_path):
     row = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
     assert np.isfinite(row["train_loss"]) and row["step"] == 2
     assert load_model_file(tmp_path / "r" / "best.safetensors").state_dict  # saved unwrapped
+
+
+def test_a_stop_during_validation_ends_the_run_at_the_epoch_checkpoint(data, tmp_path):
+    t = Trainer(tiny_config(data, epochs=2), tmp_path / "r", quiet=True)
+    validate = t._validate
+
+    def interrupted_validation():
+        os.kill(os.getpid(), signal.SIGINT)
+        return validate()
+
+    t._validate = interrupted_validation
+    r = t.fit()
+    assert r["stopped"] and r["step"] == 5  # the first epoch's 5 steps, none of the second
+    assert json.loads((tmp_path / "r" / "checkpoints" / "last.json").read_text())["epoch"] == 1
