@@ -11,6 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """Where built kernels and computed statistics are kept: $ALEXNET_CACHE, else
+    $XDG_CACHE_HOME/alexnet, else ~/.cache/alexnet."""
+    root = os.environ.get("ALEXNET_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "alexnet")
+    return Path(root).expanduser()
+
+
 def fsync_dir(folder: str | Path) -> None:
     """Make a rename inside `folder` durable (best effort: some file systems refuse)."""
     try:

@@ -37,6 +37,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from alexnet.config import LRNConfig
+from alexnet.fileio import cache_dir
 
 # ---------------------------------------------------------------------------------------
 # The pure-torch path.
@@ -88,13 +89,6 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_failed = False
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ALEXNET_CACHE")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "alexnet")
-    return Path(root).expanduser()
 
 
 def _cpu_id() -> bytes:

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from alexnet.config import ConfigError
 from alexnet.dataset import DataStats, ImageDataset, TensorImageDataset
+from alexnet.fileio import cache_dir
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -685,12 +686,6 @@ def open_dataset(path: str | os.PathLike | None, split: str = "train", image_siz
 
 # ---------------------------------------------------------------------------- on-the-fly folders
 
-def _cache_dir() -> Path:
-    base = os.environ.get("ALEXNET_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "alexnet")
-    return Path(base)
-
-
 class FolderDataset(ImageDataset):
     """Images decoded on the fly: `load_rgb` + `resize_center_crop` (the same transform
     as `alexnet prepare`), `threads` at a time.
@@ -798,7 +793,7 @@ class FolderDataset(ImageDataset):
             return self._stats
         from safetensors.torch import load_file, save_file
 
-        path = _cache_dir() / f"stats-{self._cache_key()}.safetensors"
+        path = cache_dir() / f"stats-{self._cache_key()}.safetensors"
         try:
             self._stats = DataStats.from_tensors(load_file(str(path)), prefix="")
             return self._stats
