@@ -51,7 +51,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from alexnet.dataset import DataStats
+from alexnet.dataset import DataStats, covariance_eigen
 
 LIGHTING_STD = 0.1  # "alpha_i drawn from a Gaussian with mean zero and standard deviation 0.1" (section 4.1)
 PIXEL_RANGE = 255.0  # eigenvalues are taken in 0..1 units: DataStats.eigval / PIXEL_RANGE**2
@@ -164,12 +164,7 @@ def rgb_eigen(pixels: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Te
         raise ValueError(f"expected pixels (N, 3) or images (B, 3, H, W), got {tuple(p.shape)}")
     p = p.double()
     centred = p - p.mean(0)
-    cov = centred.T @ centred / p.shape[0]
-    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
-    eigval, eigvec = eigval.flip(0), eigvec.flip(1)
-    peak = eigvec.abs().argmax(0)
-    eigvec = eigvec * torch.sign(eigvec[peak, torch.arange(3)])
-    return eigval.clamp_min(0).float(), eigvec.float()
+    return covariance_eigen((centred.T @ centred / p.shape[0]).numpy())
 
 
 # --- test-time crops ------------------------------------------------------------------

@@ -41,6 +41,20 @@ class DataStats:
         return s
 
 
+def covariance_eigen(cov: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of a 3x3 RGB covariance: eigenvalues descending (clamped at 0)
+    and eigenvectors as columns, each signed so its largest-magnitude entry is positive;
+    float32 tensors."""
+    cov = np.asarray(cov, dtype=np.float64)
+    val, vec = np.linalg.eigh((cov + cov.T) / 2)
+    order = np.argsort(val)[::-1]
+    val, vec = np.clip(val[order], 0, None), vec[:, order]
+    signs = np.sign(vec[np.abs(vec).argmax(0), np.arange(3)])
+    vec = vec * np.where(signs == 0, 1, signs)
+    return (torch.from_numpy(np.ascontiguousarray(val, np.float32)),
+            torch.from_numpy(np.ascontiguousarray(vec, np.float32)))
+
+
 class ImageDataset:
     """Base class: subclasses set `classes`, `labels`, `image_size` and implement `_read`."""
 

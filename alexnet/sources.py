@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from alexnet.config import ConfigError
-from alexnet.dataset import DataStats, ImageDataset, TensorImageDataset
+from alexnet.dataset import DataStats, ImageDataset, TensorImageDataset, covariance_eigen
 from alexnet.fileio import cache_dir
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 
@@ -182,16 +182,8 @@ def stats_from_moments(mean_image: np.ndarray, n: int, pixel_sum: np.ndarray,
     """DataStats from the mean image and the pixel moments. Eigenvalues descending
     (clamped at 0), each eigenvector signed so its largest-magnitude entry is positive."""
     mu = pixel_sum / n
-    cov = pixel_outer / n - np.outer(mu, mu)
-    cov = (cov + cov.T) / 2
-    val, vec = np.linalg.eigh(cov)
-    order = np.argsort(val)[::-1]
-    val, vec = np.clip(val[order], 0, None), vec[:, order]
-    signs = np.sign(vec[np.abs(vec).argmax(0), np.arange(3)])
-    vec = vec * np.where(signs == 0, 1, signs)
-    return DataStats(torch.from_numpy(np.asarray(mean_image, np.float32).copy()),
-                     torch.from_numpy(np.ascontiguousarray(val, np.float32)),
-                     torch.from_numpy(np.ascontiguousarray(vec, np.float32)))
+    eigval, eigvec = covariance_eigen(pixel_outer / n - np.outer(mu, mu))
+    return DataStats(torch.from_numpy(np.asarray(mean_image, np.float32).copy()), eigval, eigvec)
 
 
 def _resize_mean(mean_image: torch.Tensor, size: int) -> torch.Tensor:
