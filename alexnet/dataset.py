@@ -41,6 +41,22 @@ class DataStats:
         return s
 
 
+def save_stats(stats: DataStats, path, metadata: dict[str, str] | None = None) -> None:
+    """The statistics as a safetensors file, written atomically."""
+    from safetensors.torch import save
+
+    from alexnet.fileio import atomic_write
+
+    data = save(stats.to_tensors(prefix=""), metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_stats(path) -> DataStats:
+    from safetensors.torch import load_file
+
+    return DataStats.from_tensors(load_file(str(path)), prefix="")
+
+
 def covariance_eigen(cov: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of a 3x3 RGB covariance: eigenvalues descending (clamped at 0)
     and eigenvectors as columns, each signed so its largest-magnitude entry is positive;

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from alexnet.config import ConfigError
-from alexnet.dataset import DataStats, ImageDataset, TensorImageDataset, covariance_eigen
+from alexnet.dataset import (DataStats, ImageDataset, TensorImageDataset, covariance_eigen, load_stats,
+                             save_stats)
 from alexnet.fileio import cache_dir
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 
@@ -783,11 +784,9 @@ class FolderDataset(ImageDataset):
         names, sizes and modification times, so a changed folder is computed afresh."""
         if self._stats is not None:
             return self._stats
-        from safetensors.torch import load_file, save_file
-
         path = cache_dir() / f"stats-{self._cache_key()}.safetensors"
         try:
-            self._stats = DataStats.from_tensors(load_file(str(path)), prefix="")
+            self._stats = load_stats(path)
             return self._stats
         except Exception:
             pass
@@ -798,10 +797,7 @@ class FolderDataset(ImageDataset):
                 acc.add(np.stack(images))
         self._stats = acc.result()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file(self._stats.to_tensors(prefix=""), str(tmp))
-            os.replace(tmp, path)
+            save_stats(self._stats, path)
         except OSError:
             pass
         return self._stats

@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexnet.dataset import DataStats, ImageDataset, resize_batch
-from alexnet.fileio import atomic_write_json, fsync_dir
+from alexnet.dataset import DataStats, ImageDataset, load_stats, resize_batch, save_stats
+from alexnet.fileio import atomic_write, atomic_write_json
 from alexnet.progress import Progress
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.sources import (DataSourceError, SourceNotFoundError, StatsAccumulator,
@@ -416,15 +416,11 @@ def _cleanup(out: Path) -> None:
 
 def _finalize(out: Path, meta: dict, state: dict, acc: StatsAccumulator,
               pre_skipped: list[tuple[str, str]], ignored: int) -> PrepareResult:
-    from safetensors.torch import save_file
 
     n, size = state["records"], meta["image_size"]
     report = out / REPORT
-    with open(report.with_name(REPORT + ".tmp"), "wb") as f:
-        for path, reason in pre_skipped:
-            f.write(_report_line(path, reason).encode())
-        f.write((out / REPORT_PARTIAL).read_bytes())
-    os.replace(report.with_name(REPORT + ".tmp"), report)
+    lines = "".join(_report_line(path, reason) for path, reason in pre_skipped).encode()
+    atomic_write(report, lambda f: f.write(lines + (out / REPORT_PARTIAL).read_bytes()))
     skipped = state["skipped"] + len(pre_skipped)
     if n == 0:
         raise DataSourceError(f"no image of {meta['source']} could be decoded "
@@ -434,9 +430,7 @@ def _finalize(out: Path, meta: dict, state: dict, acc: StatsAccumulator,
     np.save(out / (LABELS + ".tmp.npy"), labels)
     os.replace(out / (LABELS + ".tmp.npy"), out / LABELS)
     stats = acc.result()
-    save_file(stats.to_tensors(prefix=""), str(out / (STATS + ".tmp")),
-              metadata={"of": f"the {n} images of this {meta['split']} store"})
-    os.replace(out / (STATS + ".tmp"), out / STATS)
+    save_stats(stats, out / STATS, metadata={"of": f"the {n} images of this {meta['split']} store"})
     index = {k: v for k, v in meta.items()}
     index.update(complete=True, count=n, shape=[n, 3, size, size], dtype="uint8",
                  skipped=skipped, ignored=ignored, images=IMAGES, labels=LABELS,
@@ -521,10 +515,7 @@ class StoreDataset(ImageDataset):
     def stats(self) -> DataStats:
         """This store's own statistics, as prepared (at the stored size)."""
         if self._stats is None:
-            from safetensors.torch import load_file
-
-            self._stats = DataStats.from_tensors(load_file(str(self.path / self.index["stats"])),
-                                                 prefix="")
+            self._stats = load_stats(self.path / self.index["stats"])
         return self._stats
 
     def use_classes(self, classes: list[str]) -> None:

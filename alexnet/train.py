@@ -32,7 +32,7 @@ from alexnet.checkpoint import CheckpointError, load_model_file, load_state, sav
 from alexnet.fileio import atomic_write_text
 from alexnet.config import ConfigError, RunConfig, from_dict, to_dict
 from alexnet.dataset import ImageDataset, SubsetDataset
-from alexnet.distributed import DistInfo, all_reduce_sum, init_distributed, resolve_workers, shutdown
+from alexnet.distributed import all_reduce_sum, init_distributed, resolve_workers, shutdown
 from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
 from alexnet.loader import BatchLoader
 from alexnet.model import AlexNet
