@@ -136,13 +136,13 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str = "test", ten_cro
                               f"checkpoint was trained on {len(ck.classes)} {ck.classes[:3]}...")
     dev = resolve_device(device, DistInfo())
     workers = resolve_workers(workers, dev)
-    model = ck.build_model().to(dev)
+    model = ck.build_model().to(dev).to(memory_format=torch.channels_last)
     loader = eval_loader(dataset, ck.stats, ck.model_config.input_size, batch_size, ten_crop,
                          ck.preprocess.get("pixel_scale", 1.0), workers)
     label = label or split
     title = f"{label}{' 10-crop' if ten_crop else ''}"
     prog = Progress(len(dataset), f"evaluate {title}")
-    m = evaluate_model(model, loader, ck.model_config.num_classes, dev, progress=prog)
+    m = evaluate_model(model, loader, ck.model_config.num_classes, dev, channels_last=True, progress=prog)
     prog.close()
     print(format_metrics(m, title))
     names = ck.extra.get("class_names") or ck.classes

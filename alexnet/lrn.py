@@ -144,6 +144,10 @@ def _load() -> ctypes.CDLL | None:
                 getattr(lib, name).argtypes = [p, p, *common]  # x, y
             for name in ("lrn_backward_nchw", "lrn_backward_nhwc"):
                 getattr(lib, name).argtypes = [p, p, p, *common]  # x, g, dx
+            i = ctypes.c_int
+            shape = [long, long, long, long, i, f, f, f, i, i, i]  # N, H, W, C, size, ..., z, s, threads
+            lib.block_forward_nhwc.argtypes = [p, p, p, *shape]  # x, y, idx (or NULL)
+            lib.block_backward_nhwc.argtypes = [p, p, p, p, *shape]  # x, idx, gy, gx
             _lib = lib
         return _lib
 
@@ -177,6 +181,71 @@ class _KernelLRN(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         (x,) = ctx.saved_tensors
         return _kernel("backward", x, g, hyper=ctx.hyper), None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# ReLU -> LRN -> max-pool as one kernel (channels_last float32 CPU tensors).
+
+
+def _block_call(name: str, x: torch.Tensor, *rest, lrn: LRNConfig | None, pool: tuple[int, int]):
+    n, c, h, w = x.shape
+    size, alpha, beta, k = (lrn.size, lrn.alpha_sum, lrn.beta, lrn.k) if lrn else (0, 0.0, 0.0, 0.0)
+    ptrs = [t.data_ptr() if t is not None else None for t in rest]
+    getattr(_lib, name)(x.data_ptr(), *ptrs, n, h, w, c, size, alpha, beta, k, *pool, torch.get_num_threads())
+
+
+def _pooled(x: torch.Tensor, pool: tuple[int, int]) -> tuple[int, int, int, int]:
+    z, s = pool
+    n, c, h, w = x.shape
+    return n, c, (h - z) // s + 1, (w - z) // s + 1
+
+
+class _BlockFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lrn: LRNConfig | None, pool: tuple[int, int]) -> torch.Tensor:
+        y = torch.empty(_pooled(x, pool), memory_format=torch.channels_last)
+        idx = torch.empty(y.shape, dtype=torch.uint8, memory_format=torch.channels_last)
+        _block_call("block_forward_nhwc", x, y, idx, lrn=lrn, pool=pool)
+        ctx.save_for_backward(x, idx)
+        ctx.hyper = (lrn, pool)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy: torch.Tensor):
+        x, idx = ctx.saved_tensors
+        lrn, pool = ctx.hyper
+        gx = torch.empty_like(x)
+        gy = gy.contiguous(memory_format=torch.channels_last)
+        _block_call("block_backward_nhwc", x, idx, gy, gx, lrn=lrn, pool=pool)
+        return gx, None, None
+
+
+def block_fusable(x: torch.Tensor) -> bool:
+    """Whether relu_lrn_pool runs as one kernel for x: float32 channels_last CPU tensors
+    (with the C kernel built and ALEXNET_LRN not set to torch)."""
+    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] > 1
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and os.environ.get("ALEXNET_LRN") != "torch" and _load() is not None)
+
+
+def relu_lrn_pool(x: torch.Tensor, lrn: LRNConfig | None, pool: tuple[int, int] = (3, 2)) -> torch.Tensor:
+    """max_pool2d(local_response_norm(relu(x)), z, s) (no LRN when `lrn` is None) in one pass
+    over memory each way; for tensors that block_fusable() rejects, the same ops one by one.
+    x is not modified. The result is channels_last."""
+    z, s = pool
+    if x.dim() == 4 and min(x.shape[2:]) < z:
+        raise ValueError(f"max-pool window {z} is larger than the {tuple(x.shape[2:])} maps")
+    if not block_fusable(x):
+        y = torch.relu(x)
+        if lrn is not None:
+            y = local_response_norm(y, lrn)
+        return nn.functional.max_pool2d(y, z, s)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _BlockFunction.apply(x, lrn, pool)
+    y = torch.empty(_pooled(x, pool), memory_format=torch.channels_last)
+    _block_call("block_forward_nhwc", x, y, None, lrn=lrn, pool=pool)
+    return y
 
 
 # ---------------------------------------------------------------------------------------

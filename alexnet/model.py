@@ -13,6 +13,11 @@ well-known variants.
 Module names follow torchvision (`features`, `classifier`, indices inside), so a
 torchvision state dict loads into `owt` as it is; the paper's layer names (conv1 ... fc8)
 come from `named_layers()`.
+
+Speed: each ReLU -> (LRN) -> max-pool run in `features` goes through one fused kernel
+(`alexnet.lrn.relu_lrn_pool`) when the activations are float32 channels_last CPU tensors;
+otherwise, when `model.fuse` is False, or when a hook is registered on one of those
+modules (to look at its output), the modules run one by one with the same results.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 from alexnet.config import ModelConfig, model_config
-from alexnet.lrn import LocalResponseNorm
+from alexnet.lrn import LocalResponseNorm, block_fusable, relu_lrn_pool
 
 
 def _conv_block(cfg: ModelConfig, name: str, cin: int, cout: int, kernel: int, stride: int = 1,
@@ -95,6 +100,8 @@ class AlexNet(nn.Module):
         self.features = nn.Sequential(*(m for _, m in features))
         self.classifier = nn.Sequential(*(m for _, m in classifier))
         self._names = [n for n, _ in features] + [n for n, _ in classifier]
+        self._blocks = _fusable_blocks(self.features)
+        self.fuse = True
         self.reset_parameters()
 
     def named_layers(self) -> Iterator[tuple[str, nn.Module]]:
@@ -129,12 +136,59 @@ class AlexNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != s or x.shape[3] != s:
             raise ValueError(f"{self.cfg.variant} AlexNet with input_size={s} expects (N, 3, {s}, {s}) "
                              f"images, got {tuple(x.shape)}")
-        x = self.features(x)  # (N, 256, 6, 6)
+        x = self._features(x)  # (N, 256, 6, 6)
         x = torch.flatten(x, 1)  # (N, 9216)
         return self.classifier(x)  # (N, num_classes)
 
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fuse or not _is_cl(x):
+            return self.features(x)
+        i, layers = 0, list(self.features)
+        while i < len(layers):
+            block = self._blocks.get(i)
+            if block is not None and block_fusable(x) and not _hooked(layers[i:block[0]]):
+                end, lrn, pool = block
+                x = relu_lrn_pool(x, lrn, pool)
+                i = end
+            else:
+                x = layers[i](x)
+                i += 1
+        return x
+
     def get_num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _is_cl(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _fusable_blocks(features: nn.Sequential) -> dict[int, tuple[int, object, tuple[int, int]]]:
+    """{index of a ReLU: (index after its max-pool, LRN config or None, (z, s))} for every
+    ReLU -> [LRN] -> MaxPool2d run whose pool has no padding, dilation or ceil mode."""
+    layers, blocks = list(features), {}
+    for i, m in enumerate(layers):
+        if not isinstance(m, nn.ReLU):
+            continue
+        j, lrn = i + 1, None
+        if j < len(layers) and isinstance(layers[j], LocalResponseNorm):
+            lrn, j = layers[j].cfg, j + 1
+        if j < len(layers) and isinstance(layers[j], nn.MaxPool2d):
+            p = layers[j]
+            z, s = p.kernel_size, p.stride
+            if (isinstance(z, int) and isinstance(s, int) and p.padding == 0 and p.dilation == 1
+                    and not p.ceil_mode and not p.return_indices):
+                blocks[i] = (j + 1, lrn, (z, s))
+    return blocks
+
+
+def _hooked(modules: list[nn.Module]) -> bool:
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
 
 
 def build_model(variant: str = "paper", **overrides) -> AlexNet:

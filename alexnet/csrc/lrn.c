@@ -214,3 +214,130 @@ void lrn_backward_nhwc(const float *x, const float *g, float *dx, long N, long C
         free(tpad);
     }
 }
+
+/* ---------------------------------------------------------------------------------------
+ * The block after conv1, conv2 and conv5, fused: ReLU, then LRN (when `size` > 0), then
+ * max-pooling over z x z windows at stride s (the paper's z = 3, s = 2, no padding), on
+ * channels_last (NHWC) float32 tensors.
+ *
+ *   forward:  x (N, H, W, C) conv output -> y (N, OH, OW, C) pooled, and for the backward
+ *             pass idx (N, OH, OW, C) bytes: the winner's offset in its window (dy * z + dx).
+ *   backward: x, idx, gy -> gx.
+ *
+ * One image is one work item. Its normalised maps r (H * W * C floats, about 1.2 MB for
+ * conv1) live in a per-thread scratch buffer, so the full-size intermediates of the
+ * unfused chain (the LRN output, a zero-filled gradient, the ReLU mask) never reach
+ * memory. Ties go to the first maximum in row-major window order and NaN wins, as in
+ * torch's max_pool2d. */
+
+static inline float relu_f(float v) { return v < 0.0f ? 0.0f : v; } /* NaN stays NaN */
+
+/* r = LRN(relu(x)) (or relu(x) when size == 0) for the H * W pixels of one image. */
+static void block_normalise(const float *restrict x, float *restrict r, float *restrict xpad,
+                            long HW, long C, int size, params prm) {
+    const long h = size / 2;
+    for (long pix = 0; pix < HW; pix++) {
+        const float *xp = x + pix * C;
+        float *rp = r + pix * C;
+        if (size == 0) {
+            for (long c = 0; c < C; c++) rp[c] = relu_f(xp[c]);
+            continue;
+        }
+        for (long c = 0; c < C; c++) xpad[h + c] = relu_f(xp[c]);
+        FOR_EACH_STRIP(C, forward_strip(xpad + h + p, xpad + p, 1, size, rp + p, w, prm));
+    }
+}
+
+void block_forward_nhwc(const float *x, float *y, unsigned char *idx, long N, long H, long W,
+                        long C, int size, float alpha, float beta, float k, int z, int s,
+                        int nthreads) {
+    const params prm = {alpha, beta, k};
+    const long OH = (H - z) / s + 1, OW = (W - z) / s + 1, HW = H * W, h = size / 2;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *r = malloc(sizeof(float) * HW * C);
+        float *xpad = calloc(C + 2 * h, sizeof(float));
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++) {
+            block_normalise(x + n * HW * C, r, xpad, HW, C, size, prm);
+            float *yn = y + n * OH * OW * C;
+            unsigned char *in = idx ? idx + n * OH * OW * C : NULL;
+            for (long oh = 0; oh < OH; oh++) {
+                for (long ow = 0; ow < OW; ow++) {
+                    float *yo = yn + (oh * OW + ow) * C;
+                    unsigned char *io = in ? in + (oh * OW + ow) * C : NULL;
+                    const float *r0 = r + (oh * s * W + ow * s) * C;
+                    for (long c = 0; c < C; c++) yo[c] = r0[c];
+                    if (io) memset(io, 0, C);
+                    for (int dy = 0; dy < z; dy++) {
+                        for (int dx = 0; dx < z; dx++) {
+                            if (dy == 0 && dx == 0) continue;
+                            const float *rw = r0 + (dy * W + dx) * C;
+                            const unsigned char pos = (unsigned char)(dy * z + dx);
+                            if (io) {
+                                for (long c = 0; c < C; c++) {
+                                    const int win = rw[c] > yo[c] || isnan(rw[c]);
+                                    yo[c] = win ? rw[c] : yo[c];
+                                    io[c] = win ? pos : io[c];
+                                }
+                            } else {
+                                for (long c = 0; c < C; c++)
+                                    yo[c] = (rw[c] > yo[c] || isnan(rw[c])) ? rw[c] : yo[c];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        free(r);
+        free(xpad);
+    }
+}
+
+void block_backward_nhwc(const float *x, const unsigned char *idx, const float *gy, float *gx,
+                         long N, long H, long W, long C, int size, float alpha, float beta,
+                         float k, int z, int s, int nthreads) {
+    const params prm = {alpha, beta, k};
+    const long OH = (H - z) / s + 1, OW = (W - z) / s + 1, HW = H * W, h = size / 2;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *gr = malloc(sizeof(float) * HW * C); /* gradient at the pool's input */
+        float *xpad = calloc(C + 2 * h, sizeof(float));
+        float *tpad = calloc(C + 2 * h, sizeof(float));
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++) {
+            const float *xn = x + n * HW * C;
+            const float *gyn = gy + n * OH * OW * C;
+            const unsigned char *in = idx + n * OH * OW * C;
+            float *gxn = gx + n * HW * C;
+            memset(gr, 0, sizeof(float) * HW * C);
+            for (long o = 0; o < OH * OW; o++) {
+                const long oh = o / OW, ow = o % OW;
+                float *g0 = gr + (oh * s * W + ow * s) * C;
+                const float *go = gyn + o * C;
+                const unsigned char *io = in + o * C;
+                for (long c = 0; c < C; c++) {
+                    const int pos = io[c];
+                    g0[((pos / z) * W + pos % z) * C + c] += go[c];
+                }
+            }
+            for (long pix = 0; pix < HW; pix++) {
+                const float *xp = xn + pix * C, *gp = gr + pix * C;
+                float *gxp = gxn + pix * C;
+                if (size == 0) {
+                    for (long c = 0; c < C; c++) gxp[c] = xp[c] <= 0.0f ? 0.0f : gp[c];
+                    continue;
+                }
+                for (long c = 0; c < C; c++) xpad[h + c] = relu_f(xp[c]);
+                const float *rp = xpad + h;
+                FOR_EACH_STRIP(C, backward_strip_t(rp + p, xpad + p, 1, size, gp + p, gxp + p,
+                                                   tpad + h + p, w, prm));
+                FOR_EACH_STRIP(C, backward_strip_dx(rp + p, tpad + p, 1, size, gxp + p, w, prm));
+                for (long c = 0; c < C; c++) gxp[c] = xp[c] <= 0.0f ? 0.0f : gxp[c];
+            }
+        }
+        free(gr);
+        free(xpad);
+        free(tpad);
+    }
+}
