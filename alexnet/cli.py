@@ -159,6 +159,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from alexnet import bench
+    from alexnet.distributed import DistInfo, resolve_device
+
+    device = resolve_device(args.device, DistInfo())
+    print(f"alexnet bench on {bench.machine(device)}, torch {__import__('torch').__version__}", flush=True)
+    print(bench.HEADER, flush=True)
+    report = bench.run(args.batch, args.modes, args.steps, device, num_classes=args.num_classes,
+                       ablation=args.ablation, compile=args.compile, dtype=args.dtype,
+                       log=lambda line: print(line, flush=True))
+    if args.markdown:
+        print(bench.markdown(report))
+    if args.json:
+        bench.write_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="alexnet",
@@ -260,6 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: beside "
                                                  "the checkpoint, in eval-SPLIT[-10crop]/)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("bench", help="training and inference speed against plain PyTorch and owt",
+                       description="Images/s, GFLOP/s and the fraction of a measured matrix-multiply "
+                                   "peak for the paper network with its best settings, the same network "
+                                   "written the obvious way in plain PyTorch, and torchvision's owt "
+                                   "layout, measured in turns in one process.")
+    p.add_argument("--batch", type=_positive_int, nargs="+", default=[64], metavar="N",
+                   help="batch sizes (default 64)")
+    p.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
+    p.add_argument("--steps", type=_positive_int, default=3, metavar="N",
+                   help="timed steps per contender, after two warm-up steps (default 3)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="our contender's compute dtype (default: bf16 where the device has it "
+                        "natively, else fp32); the plain ones stay fp32")
+    p.add_argument("--ablation", action="store_true", help="also time each speed lever on its own")
+    p.add_argument("--compile", action="store_true", help="torch.compile our contender")
+    p.add_argument("--num-classes", type=_positive_int, default=1000, metavar="N")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

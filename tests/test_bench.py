@@ -1,0 +1,90 @@
+"""`alexnet bench`: the FLOP count, the peak, the table's arithmetic and the command."""
+
+import json
+
+import pytest
+import torch
+
+from alexnet import bench
+from alexnet.cli import main
+from alexnet.model import build_model
+
+
+def test_flops_come_from_the_models_own_macs():
+    fwd, train = bench.training_flops(build_model("paper"))
+    assert fwd == 2 * 724_406_816  # the total of `alexnet summary`
+    conv1 = 96 * 55 * 55 * 3 * 11 * 11
+    assert train == 2 * (3 * 724_406_816 - conv1)  # conv1's input takes no gradient
+    fwd_owt, _ = bench.training_flops(build_model("owt", num_classes=10))
+    assert fwd_owt < fwd
+
+
+def test_matmul_peak_is_measured():
+    p = bench.matmul_peak(torch.device("cpu"), torch.float32, min_seconds=0.0, max_n=256)
+    assert p["n"] == 256 and p["dtype"] == "float32" and p["gflops"] > 0
+
+
+def test_contenders_pick_the_dtype_for_the_device():
+    cpu = torch.device("cpu")
+    auto = bench.contenders(cpu)
+    assert [c.name for c in auto] == ["paper (ours)", "paper (plain)", "owt (plain)"]
+    assert auto[0].dtype == ("bf16" if bench.native_bf16(cpu) else "fp32")
+    assert auto[0].channels_last and auto[0].fused_sgd and auto[0].ours
+    assert all(c.dtype == "fp32" and not c.channels_last for c in auto[1:])
+    forced = bench.contenders(cpu, ablation=True, dtype="bf16")
+    assert forced[0].dtype == "bf16" and forced[-1].name == "paper (ours, fp32)"
+
+
+@pytest.fixture(scope="module")
+def report():
+    lines = []
+    r = bench.run([2], ["train", "infer"], 2, torch.device("cpu"), num_classes=10, log=lines.append,
+                  peak_seconds=0.01)
+    r["log"] = lines
+    return r
+
+
+def test_run_times_every_contender_in_every_mode(report):
+    rows = report["results"]
+    assert [(r["contender"], r["mode"]) for r in rows] == [
+        (c, m) for m in ("train", "infer") for c in ("paper (ours)", "paper (plain)", "owt (plain)")]
+    fwd, train = bench.training_flops(build_model("paper", num_classes=10))
+    for r in rows:
+        assert len(r["step_times_s"]) == 2 and all(t > 0 for t in r["step_times_s"])
+        assert r["img_s"] == pytest.approx(2 / (r["step_ms"] / 1000))
+        peak = report["peaks"][r["dtype"]]["gflops"]
+        assert r["peak_fraction"] == pytest.approx(r["gflops"] / peak)
+        if r["variant"] == "paper":
+            flops = train if r["mode"] == "train" else fwd
+            assert r["gflops"] == pytest.approx(flops * 2 / (r["step_ms"] / 1000) / 1e9)
+    for mode in ("train", "infer"):
+        by = {r["contender"]: r for r in rows if r["mode"] == mode}
+        assert by["paper (plain)"]["vs_paper_plain"] == 1.0 and by["owt (plain)"]["vs_owt_plain"] == 1.0
+        ours = by["paper (ours)"]
+        assert ours["vs_paper_plain"] == pytest.approx(ours["img_s"] / by["paper (plain)"]["img_s"])
+    assert "bf16" in report["peaks"]
+    assert any(line.startswith("paper (ours)") for line in report["log"])
+
+
+def test_markdown_table_has_a_row_per_result_and_names_the_machine(report):
+    md = bench.markdown(report)
+    assert md.count("\n| paper (ours) |") == 2
+    assert report["machine"] in md and "GFLOP/s" in md
+
+
+def test_the_command_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--batch", "1", "--steps", "1", "--modes", "infer", "--num-classes", "3",
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {r["contender"] for r in doc["results"]} == {"paper (ours)", "paper (plain)", "owt (plain)"}
+    assert "contender" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--modes", "fly"], ["--steps", "x"]])
+def test_bad_arguments_are_one_line_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err
