@@ -1,0 +1,223 @@
+"""Classifying images with a trained model file: `alexnet predict` and `Classifier`.
+
+    from alexnet.predict import Classifier
+    clf = Classifier.load("runs/RUN/best.safetensors")
+    clf("cat.jpg")  # [("tabby cat", 0.87), ("tiger cat", 0.06), ...]: the top 5
+
+Preprocessing comes only from the checkpoint, as in training and `alexnet evaluate`:
+the shorter side rescaled to its `image_size` and the central square cropped
+(`images.resize_center_crop`, section 2 of the paper), then the centre `crop` patch (or
+the paper's ten patches, whose softmax outputs are averaged, section 4.1) minus the
+checkpoint's mean image, divided by its `pixel_scale` (`augment.EvalTransform`).
+
+An image is a path (str or Path), a PIL image, or a tensor or numpy array of RGB values
+in 0..255, uint8 or float, shaped (3, H, W) or (H, W, 3). Float values are rounded to
+whole levels, since the network was trained on 8-bit images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from alexnet.augment import EvalTransform, average_ten_crop
+from alexnet.checkpoint import Checkpoint, CheckpointError, load_model_file
+from alexnet.images import MAX_PIXELS, ImageError, load_rgb, resize_center_crop
+from alexnet.model import AlexNet
+
+ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
+
+
+def _to_pil(image: ImageInput, max_pixels: int) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return load_rgb(image, max_pixels=max_pixels)
+    t = torch.as_tensor(image).detach().cpu()
+    if t.dim() != 3 or 3 not in (t.shape[0], t.shape[-1]):
+        raise ValueError(f"expected an RGB image tensor (3, H, W) or (H, W, 3), got {tuple(t.shape)}")
+    if t.shape[0] == 3:
+        t = t.permute(1, 2, 0)  # (H, W, 3)
+    if t.is_floating_point():
+        t = t.round().clamp(0, 255)
+    return Image.fromarray(t.to(torch.uint8).contiguous().numpy(), "RGB")
+
+
+def _build(ck: Checkpoint) -> AlexNet:
+    """`ck.build_model()` without drawing 60 million random initial weights first (about
+    1.4 s of a 2-core CPU): the network is laid out on the meta device and takes the
+    checkpoint's tensors as its own."""
+    with torch.device("meta"):
+        model = AlexNet(ck.model_config)
+    try:
+        model.load_state_dict({k: v.float() for k, v in ck.state_dict.items()}, strict=True, assign=True)
+    except RuntimeError:
+        return ck.build_model()  # raises the CheckpointError that says what does not fit
+    return model
+
+
+class Classifier:
+    """A trained network with its checkpoint's preprocessing and class names."""
+
+    def __init__(self, model: torch.nn.Module, transform: EvalTransform, ten_crop_transform: EvalTransform,
+                 class_names: list[str], image_size: int, device: torch.device, max_pixels: int = MAX_PIXELS):
+        self.model = model.to(device).to(memory_format=torch.channels_last).eval()
+        self.transforms = {False: transform, True: ten_crop_transform}
+        self.class_names, self.image_size = class_names, image_size
+        self.device, self.max_pixels = device, max_pixels
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto", max_pixels: int = MAX_PIXELS) -> "Classifier":
+        """A model file's network on `device` ("auto", "cpu", "cuda", "cuda:N"); files
+        claiming more than `max_pixels` pixels are refused (ImageError)."""
+        from alexnet.distributed import DistInfo, resolve_device
+        from alexnet.sources import readable_names
+
+        try:
+            dev = resolve_device(device, DistInfo())
+        except (ValueError, RuntimeError) as e:  # no CUDA; a name torch does not know
+            raise ValueError(str(e).splitlines()[0]) from None
+        ck = load_model_file(path)
+        if ck.stats is None:
+            raise CheckpointError(f"{path} has no data statistics (mean image); it cannot preprocess images")
+        size, crop = ck.preprocess.get("image_size"), ck.preprocess.get("crop")
+        scale = ck.preprocess.get("pixel_scale", 1.0)
+        if crop != ck.model_config.input_size or size != ck.stats.mean_image.shape[-1]:
+            raise CheckpointError(f"{path}: preprocessing (image size {size}, crop {crop}) does not fit its "
+                                  f"{ck.stats.mean_image.shape[-1]}px mean image and "
+                                  f"{ck.model_config.input_size}px network input")
+        names = ck.extra.get("class_names") or readable_names(ck.classes)
+        return cls(_build(ck), EvalTransform(ck.stats, crop, ten_crop=False, scale=scale),
+                   EvalTransform(ck.stats, crop, ten_crop=True, scale=scale), list(names), size,
+                   dev, max_pixels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def prepare(self, image: ImageInput) -> torch.Tensor:
+        """The stored form of one image: uint8 (3, image_size, image_size)."""
+        return torch.from_numpy(resize_center_crop(_to_pil(image, self.max_pixels), self.image_size))
+
+    @torch.inference_mode()
+    def probabilities(self, images: list[ImageInput], ten_crop: bool = False, batch_size: int = 64) -> torch.Tensor:
+        """Softmax outputs (N, num_classes) on the CPU, float32; with `ten_crop` the mean of
+        the softmax over the paper's ten patches. Runs `batch_size` images at a time."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = torch.stack([self.prepare(im) for im in images[i:i + batch_size]])  # (B, 3, S, S) uint8
+            x = self.transforms[ten_crop](batch)  # (B, 3, c, c) or (B, 10, 3, c, c)
+            b = x.shape[0]
+            x = x.flatten(0, 1) if ten_crop else x
+            logits = self.model(x.to(self.device).contiguous(memory_format=torch.channels_last)).float().cpu()
+            out.append(average_ten_crop(logits.view(b, 10, -1)) if ten_crop else logits.softmax(-1))
+        return torch.cat(out) if out else torch.empty(0, self.num_classes)
+
+    def top(self, probs: torch.Tensor, top: int = 5) -> list[list[tuple[int, str, float]]]:
+        """(index, name, probability) of the `top` most likely classes (capped at the
+        class count) of each row of `probs`, most likely first."""
+        if top < 1:
+            raise ValueError(f"top must be >= 1, not {top}")
+        p, idx = probs.topk(min(top, self.num_classes), dim=-1)
+        return [[(i, self.class_names[i], v) for i, v in zip(ri, rp)] for ri, rp in zip(idx.tolist(), p.tolist())]
+
+    def predict_batch(self, images: list[ImageInput], top: int = 5, ten_crop: bool = False,
+                      batch_size: int = 64) -> list[list[tuple[str, float]]]:
+        """For each image, its `top` (name, probability) pairs, most likely first."""
+        rows = self.top(self.probabilities(images, ten_crop, batch_size), top)
+        return [[(name, p) for _, name, p in row] for row in rows]
+
+    def __call__(self, image: ImageInput, top: int = 5, ten_crop: bool = False) -> list[tuple[str, float]]:
+        return self.predict_batch([image], top, ten_crop)[0]
+
+
+# --- the command ---------------------------------------------------------------------
+
+
+def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
+    """Image paths from files, folders (recursively, image extensions only, sorted) and
+    glob patterns, in the order given; and the items that matched nothing."""
+    from alexnet.sources import is_image_name
+
+    found, missing = [], []
+    for item in items:
+        if os.path.isdir(item):
+            paths = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and is_image_name(p.name))
+        elif os.path.isfile(item):
+            paths = [item]
+        elif glob.has_magic(item):
+            paths = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+        else:
+            paths = []
+        found.extend(paths)
+        if not paths:
+            missing.append(item)
+    return found, missing
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from alexnet.cli import UserError
+
+    paths, missing = expand_inputs(args.images)
+    if not paths:
+        raise UserError(f"no image files in {' '.join(args.images)}")
+    try:
+        clf = Classifier.load(args.checkpoint, args.device, args.max_pixels)
+    except ValueError as e:  # a CheckpointError, or a device that is not there
+        raise UserError(str(e)) from None
+    errors = [(m, "no such file, or no image files in it") for m in missing]
+    results = []
+    for m, reason in errors:
+        print(f"alexnet: error: {m}: {reason}", file=sys.stderr)
+    for i in range(0, len(paths), args.batch_size):
+        good, images = [], []
+        for path in paths[i:i + args.batch_size]:
+            try:
+                images.append(clf.prepare(path))  # (3, S, S) uint8: a batch holds no full-size photos
+                good.append(path)
+            except ImageError as e:
+                errors.append((path, str(e)))
+                print(f"alexnet: error: {path}: {e}", file=sys.stderr)
+        rows = clf.top(clf.probabilities(images, args.ten_crop, args.batch_size), args.top) if images else []
+        for path, row in zip(good, rows):
+            if args.json:
+                results.append({"image": path, "top": [{"class": n, "index": j, "prob": p} for j, n, p in row]})
+            else:
+                print(path + "".join(f"\n  {p:.3f}  {n}" for _, n, p in row), flush=True)
+    if args.json:
+        results += [{"image": path, "error": msg} for path, msg in errors]
+        print(json.dumps(results, indent=2))
+    return 1 if errors else 0
+
+
+def add_command(sub) -> None:
+    """Register `alexnet predict` on an argparse subparsers object."""
+    from alexnet.cli import _positive_int
+
+    p = sub.add_parser("predict", help="classify images with a trained model file",
+                       description="Print the most likely classes of each image, with their probabilities, "
+                                   "using the checkpoint's own preprocessing. A file that cannot be read is "
+                                   "reported on stderr and the others are still classified; the exit code "
+                                   "is then 1.")
+    p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders (searched recursively) or quoted glob patterns ('imgs/*.jpg')")
+    p.add_argument("--top", type=_positive_int, default=5, metavar="K",
+                   help="classes to show per image (default 5; at most the number of classes)")
+    p.add_argument("--ten-crop", action="store_true", help="average the softmax of the paper's 10 patches")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+                   help="images per forward pass (default 32)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--max-pixels", type=_positive_int, default=MAX_PIXELS, metavar="N",
+                   help=f"refuse images whose header claims more pixels (default {MAX_PIXELS:,})")
+    p.set_defaults(func=_cmd_predict)

@@ -1,0 +1,241 @@
+"""`alexnet predict` and `Classifier` against a direct computation of the paper's test
+pipeline: resize + centre square, mean image subtracted at the crop's position, divided
+by the pixel scale, through the network (contiguous memory, not the channels-last path
+the classifier uses), softmax; the ten-crop average written out patch by patch."""
+
+from __future__ import annotations
+
+import functools
+import json
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet import cli
+from alexnet.checkpoint import load_model_file, save_model
+from alexnet.dataset import DataStats
+from alexnet.images import load_rgb, resize_center_crop
+from alexnet.model import build_model
+from alexnet.predict import Classifier, add_command
+
+NAMES = ["tabby cat", "golden retriever", "goldfinch"]
+
+
+def make_checkpoint(path, variant, image_size, crop, pixel_scale, seed, extra=None):
+    torch.manual_seed(seed)
+    model = build_model(variant, num_classes=3, init="kaiming", input_size=crop)
+    mean = 100 + 50 * torch.rand(3, image_size, image_size)  # not flat: a wrong crop position shows
+    stats = DataStats(mean_image=mean, eigval=torch.tensor([3.0, 2.0, 1.0]), eigvec=torch.eye(3))
+    save_model(path, model, ["c0", "c1", "c2"], stats,
+               {"image_size": image_size, "crop": crop, "pixel_scale": pixel_scale}, extra)
+    return path
+
+
+def make_image(path, w, h, seed):
+    """Smooth colour blobs plus noise, so the resize's filtering matters."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    a = np.clip(np.asarray(small, np.int16) + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(a).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    return make_checkpoint(d / "paper.safetensors", "paper", 256, 227, 16.0, 0, {"class_names": NAMES})
+
+
+@pytest.fixture(scope="module")
+def clf(paper):
+    return Classifier.load(paper, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def imgs(tmp_path_factory):
+    """Five images of different sizes and formats in a tree, and a non-image beside them."""
+    d = tmp_path_factory.mktemp("imgs")
+    (d / "sub").mkdir()
+    (d / "notes.txt").write_text("not an image")
+    return [make_image(d / "a.jpg", 300, 200, 1), make_image(d / "b.png", 200, 350, 2),
+            make_image(d / "e.bmp", 180, 180, 5), make_image(d / "sub" / "c.png", 256, 256, 3),
+            make_image(d / "sub" / "d.jpeg", 500, 260, 4)]  # sorted order of a recursive walk
+
+
+@functools.lru_cache(maxsize=1)
+def oracle_model(ck_path):
+    ck = load_model_file(ck_path)
+    return ck, ck.build_model().eval()
+
+
+def direct(ck_path, paths, ten_crop=False):
+    """The oracle: softmax of the network on each image, preprocessed by hand."""
+    ck, model = oracle_model(ck_path)
+    s, c, scale = ck.preprocess["image_size"], ck.preprocess["crop"], ck.preprocess["pixel_scale"]
+    e, mid = s - c, (s - c) // 2
+    offsets = [(0, 0), (0, e), (e, 0), (e, e), (mid, mid)] if ten_crop else [(mid, mid)]
+    rows = []
+    with torch.no_grad():
+        for p in paths:
+            x = (torch.from_numpy(resize_center_crop(load_rgb(p), s)).float() - ck.stats.mean_image) / scale
+            patches = [x[:, t:t + c, l:l + c] for t, l in offsets]
+            if ten_crop:
+                patches += [q.flip(-1) for q in patches]
+            rows.append(torch.softmax(model(torch.stack(patches)), -1).mean(0))
+    return torch.stack(rows)
+
+
+def parser():
+    p = cli._Parser(prog="alexnet")
+    add_command(p.add_subparsers(dest="command"))
+    return p
+
+
+def run(capsys, *argv):
+    """`alexnet predict ARGV` through cli.main (its error handling), with a parser that has
+    the predict command. Returns (exit code, stdout, stderr)."""
+    with mock.patch.object(cli, "build_parser", parser):
+        try:
+            rc = cli.main(["predict", *map(str, argv)])
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# --- the Python API -------------------------------------------------------------------
+
+
+def test_probabilities_equal_direct_computation(clf, paper, imgs):
+    got = clf.probabilities(imgs)
+    want = direct(paper, imgs)
+    assert got.shape == (5, 3)
+    assert want.max(1).values.min() < 0.95  # not saturated: the comparison means something
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_ten_crop_equals_mean_softmax_of_ten_patches(clf, paper, imgs):
+    got = clf.probabilities(imgs[:2], ten_crop=True)
+    torch.testing.assert_close(got, direct(paper, imgs[:2], ten_crop=True), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, clf.probabilities(imgs[:2]), atol=1e-4)  # differs from one crop
+
+
+def test_preprocessing_comes_from_the_checkpoint(tmp_path, imgs):
+    """owt network: 240 px images, 224 crops, pixel scale 64, class names = the classes."""
+    path = make_checkpoint(tmp_path / "owt.safetensors", "owt", 240, 224, 64.0, 1)
+    owt = Classifier.load(path, device="cpu")
+    assert owt.image_size == 240 and owt.class_names == ["c0", "c1", "c2"]
+    torch.testing.assert_close(owt.probabilities(imgs[:2]), direct(path, imgs[:2]), rtol=1e-4, atol=1e-5)
+
+
+def test_path_pil_and_tensor_inputs_agree(clf, imgs):
+    pil = Image.open(imgs[0]).convert("RGB")
+    hwc = torch.from_numpy(np.asarray(pil).copy())  # (H, W, 3) uint8
+    chw = hwc.permute(2, 0, 1)
+    inputs = [imgs[0], pil, hwc, chw, chw.float(), hwc.numpy()]
+    probs = clf.probabilities(inputs)
+    for row in probs[1:]:
+        torch.testing.assert_close(row, probs[0])
+
+
+def test_call_gives_top_pairs_capped_at_class_count(clf, imgs):
+    p = clf.probabilities([imgs[1]])[0]
+    top2 = clf(imgs[1], top=2)
+    order = p.argsort(descending=True).tolist()
+    assert [n for n, _ in top2] == [NAMES[i] for i in order[:2]]
+    assert [v for _, v in top2] == pytest.approx(p[order[:2]].tolist())
+    assert len(clf(imgs[1], top=50)) == 3
+    (a,), (b,) = clf.predict_batch(imgs[:2], top=1)
+    assert [a, b] == [(n, pytest.approx(v)) for (n, v), in (clf(imgs[0], top=1), clf(imgs[1], top=1))]
+
+
+def test_batches_equal_one_by_one(clf, imgs):
+    one_by_one = torch.cat([clf.probabilities([p]) for p in imgs])
+    torch.testing.assert_close(clf.probabilities(imgs, batch_size=2), one_by_one, rtol=1e-4, atol=1e-6)
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def test_cli_folder_text_output(capsys, clf, paper, imgs):
+    folder = imgs[0].rsplit("/", 1)[0]
+    rc, out, err = run(capsys, paper, folder)
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert len(lines) == 5 * 4  # a path, then min(5, 3 classes) lines, per image; notes.txt skipped
+    probs = clf.probabilities(imgs)
+    for k, path in enumerate(imgs):
+        block = lines[4 * k:4 * k + 4]
+        assert block[0] == path
+        assert all(line.startswith("  ") for line in block[1:])
+        values, idx = probs[k].topk(3)
+        assert [line[9:] for line in block[1:]] == [NAMES[i] for i in idx.tolist()]
+        assert [line[2:7] for line in block[1:]] == [f"{v:.3f}" for v in values.tolist()]
+
+
+def test_cli_glob_json_batches_and_top_cap(capsys, clf, paper, imgs):
+    folder = imgs[0].rsplit("/", 1)[0]
+    rc, out, err = run(capsys, paper, f"{folder}/*.jpg", f"{folder}/sub", imgs[1], imgs[2],
+                       "--json", "--batch-size", "2", "--top", "50")
+    assert rc == 0 and err == ""
+    doc = json.loads(out)
+    order = [imgs[0], imgs[3], imgs[4], imgs[1], imgs[2]]
+    assert [r["image"] for r in doc] == order
+    assert all(len(r["top"]) == 3 for r in doc)
+    got = torch.tensor([[t["prob"] for t in sorted(r["top"], key=lambda t: t["index"])] for r in doc])
+    torch.testing.assert_close(got, torch.cat([clf.probabilities([p]) for p in order]), rtol=1e-4, atol=1e-6)
+    assert all(t["class"] == NAMES[t["index"]] for r in doc for t in r["top"])
+
+
+@pytest.fixture
+def bad(tmp_path):
+    """Files that are not usable images, each for its own reason."""
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello, I am not a JPEG\n")
+    for name in ("trunc.jpg", "trunc.png"):
+        data = open(make_image(tmp_path / name, 200, 160, 7), "rb").read()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+    make_image(tmp_path / "big.png", 400, 300, 8)  # 120,000 pixels
+    return sorted(str(p) for p in tmp_path.iterdir())
+
+
+def test_cli_bad_images_are_reported_and_others_predicted(capsys, paper, imgs, bad):
+    gone = bad[0].rsplit("/", 1)[0] + "/gone.jpg"
+    rc, out, err = run(capsys, paper, imgs[0], gone, *bad, imgs[1], "--max-pixels", "100000", "--batch-size", "3")
+    assert rc == 1
+    assert err.startswith(f"alexnet: error: {gone}: no such file, or no image files in it\n")
+    errs = err.splitlines()[1:]
+    assert len(errs) == len(bad) == 5
+    for path, line in zip(bad, errs):
+        assert line.startswith(f"alexnet: error: {path}: ") and len(line) > len(path) + 20
+    assert "too large" in errs[0] and "empty" in errs[1]
+    assert [line for line in out.splitlines() if not line.startswith(" ")] == [imgs[0], imgs[1]]
+
+    rc, out, err = run(capsys, paper, imgs[0], *bad, "--max-pixels", "100000", "--json")
+    doc = json.loads(out)
+    assert rc == 1 and len(err.splitlines()) == 5
+    assert [r["image"] for r in doc] == [imgs[0], *bad] and "top" in doc[0]
+    assert all(r["error"] for r in doc[1:])
+
+
+def test_cli_usage_errors_exit_2(capsys, paper, imgs, tmp_path):
+    for argv in ([paper, imgs[0], "--top", "0"], [paper, imgs[0], "--top", "x"],
+                 [tmp_path / "missing.safetensors", imgs[0]],  # no checkpoint
+                 [paper, tmp_path],  # a folder with no images
+                 [paper, tmp_path / "nothing-*.jpg"]):
+        rc, out, err = run(capsys, *argv)
+        assert rc == 2 and out == "", argv
+        assert len(err.splitlines()) == 1 and err.startswith(("alexnet: error: ", "alexnet predict: error: ")), argv
+
+
+def test_weights_that_do_not_fit_are_a_checkpoint_error(paper):
+    from alexnet.checkpoint import CheckpointError
+    from alexnet.predict import _build
+
+    ck = load_model_file(paper)
+    ck.state_dict.pop(next(iter(ck.state_dict)))
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        _build(ck)
