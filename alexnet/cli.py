@@ -299,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     p.set_defaults(func=_cmd_bench)
+
+    from alexnet import predict
+
+    predict.add_command(sub)
     return parser
 
 
