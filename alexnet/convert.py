@@ -1,0 +1,267 @@
+"""Pretrained weights from elsewhere as this project's model files.
+
+  caffe        BVLC AlexNet (`bvlc_alexnet.caffemodel`) -> the `paper` variant with Caffe's
+               LRN form (k = 1, alpha divided by n), 227 input
+  torchvision  `alexnet-owt-*.pth` -> the `owt` variant, 224 input
+
+Each source's preprocessing is folded into the terms every model file uses (RGB pixels in
+0..255, minus a mean image, divided by `pixel_scale`), so predict and evaluate treat a
+converted file like one of our own:
+
+  Caffe        BGR 0..255 minus a BGR mean: conv1's input channels are reversed to RGB,
+               the mean becomes an RGB mean image.
+  torchvision  (x/255 - mean) / std per channel = (x - 255 mean) / (255 std): the mean
+               image is 255 * mean, and conv1's weights are divided by 255 * std per
+               input channel (the same function up to float rounding).
+
+The classes are the 1000 ILSVRC2012 WordNet ids in sorted order, which both sources use.
+The PCA statistics (eigval, eigvec) are training-only; they are stored as zeros and the
+identity.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from alexnet.caffe_proto import Layer, ProtoError, blob, net_layers
+from alexnet.checkpoint import CheckpointError, save_model
+from alexnet.config import ConfigError, LRNConfig
+from alexnet.dataset import DataStats
+from alexnet.model import AlexNet, build_model
+
+# The per-channel mean of ILSVRC2012's training images (ilsvrc_2012_mean.npy averaged over
+# pixels, as Caffe's classification examples use it), in Caffe's B, G, R order.
+CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)
+# torchvision's ImageNet normalisation, applied to x / 255 in R, G, B order.
+TORCHVISION_MEAN = (0.485, 0.456, 0.406)
+TORCHVISION_STD = (0.229, 0.224, 0.225)
+
+IMAGE_SIZE = 256  # both sources centre-crop a 256-pixel image
+CAFFE_WEIGHTED = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+# BVLC AlexNet's layers that shape the computation, in order (conv -> relu -> LRN -> pool,
+# as in the paper). CaffeNet pools before it normalises; `paper` cannot express that.
+BVLC_SEQUENCE = ("Convolution", "LRN", "Pooling", "Convolution", "LRN", "Pooling", "Convolution",
+                 "Convolution", "Convolution", "Pooling", "InnerProduct", "InnerProduct", "InnerProduct")
+# The LRN of bvlc_alexnet's deploy.prototxt, for files whose LRN layers carry no parameters.
+BVLC_LRN = {"local_size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0, "norm_region": 0}
+
+
+def _classes() -> tuple[list[str], list[str]]:
+    from alexnet.sources import imagenet_wnids, readable_names
+
+    wnids = imagenet_wnids()
+    return wnids, readable_names(wnids)
+
+
+def _constant_mean(rgb: tuple[float, float, float], size: int = IMAGE_SIZE) -> torch.Tensor:
+    return torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1).expand(3, size, size).contiguous()
+
+
+def _stats(mean_image: torch.Tensor) -> DataStats:
+    return DataStats(mean_image, torch.zeros(3), torch.eye(3))
+
+
+def _save(out: str | Path, model: AlexNet, mean_image: torch.Tensor, source: dict) -> None:
+    classes, names = _classes()
+    preprocess = {"image_size": int(mean_image.shape[-1]), "crop": model.cfg.input_size,
+                  "pixel_scale": 1.0, "mean": "mean_image"}
+    save_model(out, model, classes, _stats(mean_image), preprocess,
+               extra={"source": source, "class_names": names})
+
+
+def _uninitialised(variant: str, **overrides) -> AlexNet:
+    """The network with storage but no initialisation: every parameter is about to be
+    overwritten, and drawing 61M random numbers first would only cost time."""
+    with torch.device("meta"):
+        model = build_model(variant, **overrides)
+    return model.to_empty(device="cpu")
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no {what} at {path}")
+    return path.read_bytes()
+
+
+# --------------------------------------------------------------------------------- Caffe
+
+def _shape_fits(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """V1 files store fc weights as (1, 1, out, in) and biases as (1, 1, 1, n)."""
+    def strip(s):
+        s = list(s)
+        while len(s) > 1 and s[0] == 1:
+            s.pop(0)
+        return tuple(s)
+
+    return strip(got) == strip(want)
+
+
+def _check_caffe_layers(layers: list[Layer], path: Path) -> dict[str, Layer]:
+    by_name = {layer.name: layer for layer in layers}
+    missing = [n for n in CAFFE_WEIGHTED if n not in by_name or not by_name[n].blobs]
+    if missing:
+        raise CheckpointError(f"{path} is not BVLC AlexNet: no weights for layer{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(missing)}")
+    sequence = tuple(layer.type for layer in layers if layer.type in ("Convolution", "LRN", "Pooling",
+                                                                        "InnerProduct"))
+    if sequence != BVLC_SEQUENCE:
+        caffenet = sequence[:3] == ("Convolution", "Pooling", "LRN")
+        if caffenet:
+            raise CheckpointError(f"{path} pools before it normalises (CaffeNet, bvlc_reference_caffenet); "
+                                  "only BVLC AlexNet's conv -> LRN -> pool order can be converted")
+        raise CheckpointError(f"{path} has the layers {' -> '.join(sequence)}, not BVLC AlexNet's "
+                              f"{' -> '.join(BVLC_SEQUENCE)}")
+    for layer in layers:
+        if layer.type == "Pooling" and layer.pool != "MAX":
+            raise CheckpointError(f"{path}: layer {layer.name!r} pools by {layer.pool}, not MAX")
+    return by_name
+
+
+def _caffe_lrn(layers: list[Layer], path: Path) -> LRNConfig:
+    params = [layer.lrn or BVLC_LRN for layer in layers if layer.type == "LRN"]
+    if any(p != params[0] for p in params[1:]):
+        raise CheckpointError(f"{path}: the LRN layers differ ({params}); the paper network has one LRN setting")
+    p = params[0]
+    if p["norm_region"] != 0:
+        raise CheckpointError(f"{path}: LRN normalises within channels; only ACROSS_CHANNELS can be converted")
+    try:
+        return LRNConfig(size=p["local_size"], alpha=p["alpha"], beta=p["beta"], k=p["k"], form="caffe")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: unusable LRN parameters: {e}") from None
+
+
+def read_caffe_mean(path: str | Path) -> torch.Tensor:
+    """A Caffe mean file (BlobProto, (1, 3, S, S) BGR) as a (3, S, S) RGB mean image."""
+    path = Path(path)
+    try:
+        mean = blob(memoryview(_read(path, "mean file")))
+    except ProtoError as e:
+        raise CheckpointError(f"{path} is not a Caffe mean file (BlobProto): {e}") from None
+    if mean.ndim == 4 and mean.shape[0] == 1:
+        mean = mean[0]
+    if mean.ndim != 3 or mean.shape[0] != 3 or mean.shape[1] != mean.shape[2]:
+        raise CheckpointError(f"{path}: the mean has shape {mean.shape}, not (1, 3, S, S)")
+    if mean.shape[1] < 227:
+        raise CheckpointError(f"{path}: the mean image is {mean.shape[1]}x{mean.shape[2]}, smaller than the "
+                              "227x227 crop")
+    return torch.from_numpy(mean[::-1].copy())
+
+
+def convert_caffe(src: str | Path, out: str | Path, mean: str | Path | None = None) -> AlexNet:
+    """BVLC AlexNet's caffemodel as a `paper` model file at `out`; returns the network."""
+    src = Path(src)
+    if mean is None:
+        mean_image, mean_source = _constant_mean(CAFFE_MEAN_BGR[::-1]), f"per-channel BGR {CAFFE_MEAN_BGR}"
+    else:
+        mean_image, mean_source = read_caffe_mean(mean), Path(mean).name
+    try:
+        layers, field = net_layers(_read(src, "caffemodel"))
+    except ProtoError as e:
+        raise CheckpointError(f"{src} is not a readable caffemodel (NetParameter): {e}") from None
+    by_name = _check_caffe_layers(layers, src)
+    model = _uninitialised("paper", input_size=227, lrn=_caffe_lrn(layers, src))
+    for name in CAFFE_WEIGHTED:
+        module, blobs = model.layer(name), by_name[name].blobs
+        if len(blobs) != 2:
+            raise CheckpointError(f"{src}: layer {name} has {len(blobs)} blobs, not 2 (weights and bias)")
+        for param, b in zip((module.weight, module.bias), blobs):
+            if not _shape_fits(b.shape, tuple(param.shape)):
+                raise CheckpointError(f"{src}: layer {name} has a blob of shape {b.shape}, "
+                                      f"expected {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(torch.from_numpy(b.reshape(param.shape)))
+    with torch.no_grad():
+        conv1 = model.layer("conv1").weight
+        conv1.copy_(conv1.flip(1))  # B, G, R input channels -> R, G, B
+    _save(out, model, mean_image, {"file": src.name, "format": f"caffe NetParameter.{field}",
+                                   "mean": mean_source})
+    return model
+
+
+# --------------------------------------------------------------------------- torchvision
+
+def _load_pth(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"no .pth file at {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refusals come in many types; all mean "refused"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"refused to load {path} (only plain tensors are accepted, nothing that runs "
+                              f"code): {first}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def convert_torchvision(src: str | Path, out: str | Path) -> AlexNet:
+    """torchvision's AlexNet weights as an `owt` model file at `out`; returns the network."""
+    src = Path(src)
+    state = _load_pth(src)
+    model = _uninitialised("owt")
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or unexpected:
+        parts = [f"{what} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise CheckpointError(f"{src} is not torchvision's AlexNet: {'; '.join(parts)}")
+    for k, v in want.items():
+        if tuple(state[k].shape) != tuple(v.shape) or not state[k].is_floating_point():
+            raise CheckpointError(f"{src}: {k} has shape {tuple(state[k].shape)} ({state[k].dtype}), "
+                                  f"expected {tuple(v.shape)} floating point")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    std = torch.tensor(TORCHVISION_STD, dtype=torch.float64) * 255
+    with torch.no_grad():
+        conv1 = model.layer("conv1").weight
+        conv1.copy_((conv1.double() / std.view(1, 3, 1, 1)).float())
+    mean_image = _constant_mean(tuple(255 * m for m in TORCHVISION_MEAN))
+    _save(out, model, mean_image, {"file": src.name, "format": "torchvision state dict"})
+    return model
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+def _cmd_caffe(args: argparse.Namespace) -> int:
+    convert_caffe(args.src, args.out, args.mean)
+    print(f"wrote {args.out} (paper variant, Caffe LRN, 227 input, from {args.src})")
+    return 0
+
+
+def _cmd_torchvision(args: argparse.Namespace) -> int:
+    convert_torchvision(args.src, args.out)
+    print(f"wrote {args.out} (owt variant, 224 input, from {args.src})")
+    return 0
+
+
+def add_command(sub) -> None:
+    """`alexnet convert caffe|torchvision SRC OUT`."""
+    p = sub.add_parser("convert", help="import pretrained weights (Caffe, torchvision) as a model file",
+                       description="Convert pretrained AlexNet weights into a .safetensors model file that "
+                                   "predict and evaluate use as they are, with the source's preprocessing "
+                                   "folded in. Nothing in the source is executed.")
+    kinds = p.add_subparsers(dest="source", metavar="SOURCE")
+    kinds.required = True
+    c = kinds.add_parser("caffe", help="BVLC AlexNet (bvlc_alexnet.caffemodel)",
+                         description="Read a Caffe NetParameter (new 'layer' or V1 'layers' files) with BVLC "
+                                     "AlexNet's layers into the paper variant (Caffe's LRN, 227 input).")
+    c.add_argument("src", metavar="FILE.caffemodel")
+    c.add_argument("out", metavar="OUT", help="model file to write (.safetensors)")
+    c.add_argument("--mean", metavar="MEAN.binaryproto",
+                   help="Caffe mean image (ilsvrc_2012_mean.binaryproto); default the per-channel "
+                        "BVLC mean (B, G, R) = (104, 117, 123)")
+    c.set_defaults(func=_cmd_caffe)
+    t = kinds.add_parser("torchvision", help="torchvision's alexnet weights (alexnet-owt-*.pth)",
+                         description="Read torchvision's AlexNet state dict (tensors only, weights_only "
+                                     "unpickling) into the owt variant (224 input).")
+    t.add_argument("src", metavar="FILE.pth")
+    t.add_argument("out", metavar="OUT", help="model file to write (.safetensors)")
+    t.set_defaults(func=_cmd_torchvision)

@@ -1,0 +1,375 @@
+"""`alexnet convert`: files in Caffe's and torchvision's formats, written here from random
+numbers, must convert into model files whose network, fed an RGB image preprocessed as the
+file says, gives the logits that the original numbers give under the source's own
+preprocessing (computed here independently, op by op); bad files must be refused in one line."""
+
+import os
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet.augment import EvalTransform
+from alexnet.checkpoint import CheckpointError, load_model_file
+from alexnet.cli import _Parser
+from alexnet.convert import add_command
+from alexnet.reference import plain_alexnet
+from alexnet.sources import imagenet_wnids
+
+# BVLC AlexNet's weighted layers in Caffe's shapes: (out, in/groups, kh, kw) and (out, in).
+CAFFE_SHAPES = {"conv1": (96, 3, 11, 11), "conv2": (256, 48, 5, 5), "conv3": (384, 256, 3, 3),
+                "conv4": (384, 192, 3, 3), "conv5": (256, 192, 3, 3), "fc6": (4096, 9216),
+                "fc7": (4096, 4096), "fc8": (1000, 4096)}
+# deploy.prototxt's order: conv -> relu -> LRN -> pool, dropout after fc6 and fc7.
+BVLC_LAYERS = [("conv1", "Convolution"), ("relu1", "ReLU"), ("norm1", "LRN"), ("pool1", "Pooling"),
+               ("conv2", "Convolution"), ("relu2", "ReLU"), ("norm2", "LRN"), ("pool2", "Pooling"),
+               ("conv3", "Convolution"), ("relu3", "ReLU"), ("conv4", "Convolution"), ("relu4", "ReLU"),
+               ("conv5", "Convolution"), ("relu5", "ReLU"), ("pool5", "Pooling"),
+               ("fc6", "InnerProduct"), ("relu6", "ReLU"), ("drop6", "Dropout"),
+               ("fc7", "InnerProduct"), ("relu7", "ReLU"), ("drop7", "Dropout"),
+               ("fc8", "InnerProduct"), ("prob", "Softmax")]
+V1_CODES = {"Convolution": 4, "ReLU": 18, "LRN": 15, "Pooling": 17, "InnerProduct": 14, "Dropout": 6,
+            "Softmax": 20}
+TV_MEAN, TV_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------ a tiny protobuf encoder
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _key(num: int, wire: int) -> bytes:
+    return _varint(num << 3 | wire)
+
+
+def _msg(num: int, payload: bytes | list[bytes]) -> bytes | list[bytes]:
+    """A length-delimited field; a list of chunks stays a list (no copies of big blobs)."""
+    if isinstance(payload, bytes):
+        return _key(num, 2) + _varint(len(payload)) + payload
+    return [_key(num, 2) + _varint(sum(map(len, payload))), *payload]
+
+
+def _int(num: int, v: int) -> bytes:
+    return _key(num, 0) + _varint(v)
+
+
+def _float(num: int, v: float) -> bytes:
+    return _key(num, 5) + struct.pack("<f", v)
+
+
+def _blob(a: np.ndarray, legacy: bool = False, packed: bool = True) -> list[bytes]:
+    """BlobProto: `shape` (BlobShape, packed dims) or the legacy num/channels/height/width,
+    then `data` (field 5) packed, or as one (tag, float) record per value."""
+    a = np.ascontiguousarray(a, dtype="<f4")
+    if legacy:
+        shape = (1,) * (4 - a.ndim) + a.shape
+        head = b"".join(_int(i + 1, d) for i, d in enumerate(shape))
+    else:
+        head = _msg(7, _msg(1, b"".join(_varint(d) for d in a.shape)))
+    if packed:
+        return [head, *_msg(5, [a.tobytes()])]
+    rec = np.empty((a.size, 5), dtype=np.uint8)
+    rec[:, 0] = 5 << 3 | 5
+    rec[:, 1:] = a.reshape(-1).view(np.uint8).reshape(-1, 4)
+    return [head, rec.tobytes()]
+
+
+def _layer(name: str, kind: str, blobs: list[np.ndarray], v1: bool, lrn: dict | None = None,
+           pool: int = 0) -> list[bytes]:
+    """LayerParameter (name 1, type 2 string, bottom 3, top 4, blobs 7, lrn_param 118,
+    pooling_param 121) or V1LayerParameter (bottom 2, top 3, name 4, type 5 enum, blobs 6,
+    lrn_param 18, pooling_param 19)."""
+    if v1:
+        out = [_msg(2, b"data"), _msg(3, name.encode()), _msg(4, name.encode()), _int(5, V1_CODES[kind])]
+        for b in blobs:
+            out += _msg(6, _blob(b, legacy=True, packed=False))
+    else:
+        out = [_msg(1, name.encode()), _msg(2, kind.encode()), _msg(3, b"data"), _msg(4, name.encode())]
+        for b in blobs:
+            out += _msg(7, _blob(b))
+    if kind == "LRN" and lrn is not None:
+        params = _int(1, lrn["size"]) + _float(2, lrn["alpha"]) + _float(3, lrn["beta"]) + _float(5, lrn["k"])
+        out.append(_msg(18 if v1 else 118, params))
+    if kind == "Pooling":
+        out.append(_msg(19 if v1 else 121, _int(1, pool) + _int(2, 3) + _int(3, 2)))
+    return out
+
+
+def _caffemodel(weights: dict, v1: bool, lrn: dict | None = None, layers=BVLC_LAYERS, pool: int = 0) -> bytes:
+    """NetParameter: name (1), then the layers in V1 `layers` (2) or `layer` (100)."""
+    body = [_msg(1, b"AlexNet")]
+    for name, kind in layers:
+        body += _msg(2 if v1 else 100, _layer(name, kind, list(weights.get(name, ())), v1, lrn, pool))
+    return b"".join(body)
+
+
+# ------------------------------------------------------------------------ oracles
+
+def _caffe_logits(w: dict, image: np.ndarray, mean_bgr: np.ndarray, lrn: dict) -> torch.Tensor:
+    """Caffe's forward pass on a (3, 256, 256) RGB uint8 image: BGR, minus the BGR mean,
+    centre 227 crop, then BVLC AlexNet with the weights exactly as Caffe holds them."""
+    t = {k: (torch.from_numpy(a), torch.from_numpy(b)) for k, (a, b) in w.items()}
+    x = torch.from_numpy(image[::-1].astype(np.float32) - mean_bgr)[None, :, 14:241, 14:241]
+    norm = nn.LocalResponseNorm(lrn["size"], alpha=lrn["alpha"], beta=lrn["beta"], k=lrn["k"])
+
+    def conv(x, name, stride=1, pad=0, groups=1):
+        return F.relu(F.conv2d(x, *t[name], stride=stride, padding=pad, groups=groups))
+
+    x = F.max_pool2d(norm(conv(x, "conv1", stride=4)), 3, 2)
+    x = F.max_pool2d(norm(conv(x, "conv2", pad=2, groups=2)), 3, 2)
+    x = conv(conv(conv(x, "conv3", pad=1), "conv4", pad=1, groups=2), "conv5", pad=1, groups=2)
+    x = F.max_pool2d(x, 3, 2).flatten(1)
+    x = F.relu(F.linear(x, *t["fc6"]))
+    x = F.relu(F.linear(x, *t["fc7"]))
+    return F.linear(x, *t["fc8"])[0]
+
+
+def _converted_logits(path, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The converted file used as predict/evaluate use it: its own preprocessing, its
+    network; in NCHW (module by module) and channels_last (the fused ReLU-LRN-pool kernel)."""
+    ck = load_model_file(path)
+    transform = EvalTransform(ck.stats, ck.preprocess["crop"], scale=ck.preprocess["pixel_scale"])
+    x = transform(torch.from_numpy(image)[None])
+    model = ck.build_model().eval()
+    with torch.no_grad():
+        plain = model(x)[0]
+        model = model.to(memory_format=torch.channels_last)
+        fused = model(x.contiguous(memory_format=torch.channels_last))[0]
+    return plain, fused
+
+
+def _assert_logits_equal(got: tuple[torch.Tensor, ...], want: torch.Tensor) -> None:
+    scale = want.abs().max().item()
+    assert scale > 1e-2 and want.std() > 1e-3 * scale  # the test network is not degenerate
+    for g in got:
+        torch.testing.assert_close(g, want, atol=1e-3 * scale, rtol=1e-4)
+        assert g.argmax() == want.argmax()
+
+
+# ------------------------------------------------------------------------ fixtures
+
+def _run(*argv: str) -> int:
+    parser = _Parser(prog="alexnet")
+    sub = parser.add_subparsers(dest="command")
+    add_command(sub)
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def caffe_weights() -> dict:
+    """Random BVLC AlexNet weights, He-scaled so activations keep their size and LRN matters."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, shape in CAFFE_SHAPES.items():
+        fan_in = int(np.prod(shape[1:]))
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32((2.0 / fan_in) ** 0.5)
+        out[name] = (w, rng.standard_normal(shape[0], dtype=np.float32) * np.float32(0.1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    """An RGB uint8 image, already at the 256x256 both sources crop from: smooth colour
+    gradients plus noise, so that the channel order matters."""
+    rng = np.random.default_rng(1)
+    ramp = np.linspace(0, 1, 256, dtype=np.float32)
+    base = np.stack([200 * ramp[None, :].repeat(256, 0), 150 * ramp[:, None].repeat(256, 1),
+                     np.full((256, 256), 60, np.float32)])
+    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+
+
+def _small_weights(shape_of=lambda name: (2,)) -> dict:
+    return {name: (np.zeros(shape_of(name), np.float32), np.zeros(1, np.float32)) for name in CAFFE_SHAPES}
+
+
+# --------------------------------------------------------------------------- Caffe
+
+def test_caffe_new_format_default_mean(tmp_path, caffe_weights, image):
+    lrn = {"size": 5, "alpha": 2e-4, "beta": 0.8, "k": 1.5}  # not BVLC's: they must come from the file
+    src, out = tmp_path / "alexnet.caffemodel", tmp_path / "alexnet.safetensors"
+    src.write_bytes(_caffemodel(caffe_weights, v1=False, lrn=lrn))
+    assert _run("convert", "caffe", str(src), str(out)) == 0
+
+    ck = load_model_file(out)
+    assert ck.model_config.variant == "paper" and ck.model_config.input_size == 227
+    assert (ck.model_config.lrn.form, ck.model_config.lrn.k, ck.model_config.lrn.beta) == ("caffe", 1.5, 0.8)
+    assert ck.classes == imagenet_wnids() and len(ck.extra["class_names"]) == 1000
+    assert ck.extra["class_names"][0] == "tench"
+    assert ck.extra["source"]["file"] == "alexnet.caffemodel"
+    assert ck.preprocess == {"image_size": 256, "crop": 227, "pixel_scale": 1.0, "mean": "mean_image"}
+    torch.testing.assert_close(ck.stats.mean_image[:, 0, 0], torch.tensor([123.0, 117.0, 104.0]))
+
+    mean_bgr = np.array([104, 117, 123], np.float32).reshape(3, 1, 1)
+    want = _caffe_logits(caffe_weights, image, mean_bgr, lrn)
+    _assert_logits_equal(_converted_logits(out, image), want)
+
+
+def test_caffe_v1_format_unpacked_floats_and_binaryproto_mean(tmp_path, caffe_weights, image):
+    lrn = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0}
+    src, mean_file, out = tmp_path / "bvlc.caffemodel", tmp_path / "mean.binaryproto", tmp_path / "out.st"
+    src.write_bytes(_caffemodel(caffe_weights, v1=True, lrn=lrn))
+    rng = np.random.default_rng(2)
+    mean_bgr = (np.array([104, 117, 123], np.float32).reshape(3, 1, 1)
+                + rng.normal(0, 20, (3, 256, 256)).astype(np.float32))
+    mean_file.write_bytes(b"".join(_blob(mean_bgr[None], legacy=True)))  # (1, 3, 256, 256), as Caffe writes it
+    assert _run("convert", "caffe", str(src), str(out), "--mean", str(mean_file)) == 0
+
+    ck = load_model_file(out)
+    torch.testing.assert_close(ck.stats.mean_image, torch.from_numpy(mean_bgr[::-1].copy()))
+    assert ck.extra["source"]["format"] == "caffe NetParameter.layers (V1)"
+    _assert_logits_equal(_converted_logits(out, image), _caffe_logits(caffe_weights, image, mean_bgr, lrn))
+
+
+def test_caffe_lrn_defaults_to_bvlc_when_the_file_has_no_parameters(tmp_path):
+    from alexnet.caffe_proto import net_layers
+    from alexnet.convert import _caffe_lrn
+
+    layers, _ = net_layers(_caffemodel(_small_weights(), v1=False, lrn=None))
+    cfg = _caffe_lrn(layers, tmp_path)
+    assert (cfg.size, cfg.alpha, cfg.beta, cfg.k, cfg.form) == (5, 1e-4, 0.75, 1.0, "caffe")
+
+
+def _refused(tmp_path, data: bytes, *extra: str) -> str:
+    src = tmp_path / "bad.caffemodel"
+    src.write_bytes(data)
+    with pytest.raises(CheckpointError) as e:
+        _run("convert", "caffe", str(src), str(tmp_path / "out.st"), *extra)
+    message = str(e.value)
+    assert "\n" not in message and not (tmp_path / "out.st").exists()
+    return message
+
+
+def test_caffe_wrong_shape_is_refused(tmp_path):
+    weights = _small_weights()
+    weights["conv1"] = (np.zeros((96, 3, 11, 12), np.float32), np.zeros(96, np.float32))
+    msg = _refused(tmp_path, _caffemodel(weights, v1=False))
+    assert "conv1" in msg and "(96, 3, 11, 12)" in msg and "(96, 3, 11, 11)" in msg
+
+
+def test_caffe_missing_layer_is_refused(tmp_path):
+    layers = [layer for layer in BVLC_LAYERS if layer[0] != "fc8"]
+    msg = _refused(tmp_path, _caffemodel(_small_weights(), v1=True, layers=layers))
+    assert "no weights for layer fc8" in msg
+
+
+def test_caffenet_order_is_refused(tmp_path):
+    layers = list(BVLC_LAYERS)
+    layers[2], layers[3] = layers[3], layers[2]  # conv1 -> relu1 -> pool1 -> norm1
+    msg = _refused(tmp_path, _caffemodel(_small_weights(), v1=False, layers=layers))
+    assert "CaffeNet" in msg
+
+
+def test_caffe_average_pooling_is_refused(tmp_path):
+    assert "pools by AVE" in _refused(tmp_path, _caffemodel(_small_weights(), v1=False, pool=1))
+
+
+def test_truncated_and_random_caffemodels_are_refused(tmp_path):
+    data = _caffemodel(_small_weights(), v1=False)
+    assert "not a readable caffemodel" in _refused(tmp_path, data[:len(data) // 2])
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        _refused(tmp_path, rng.bytes(int(rng.integers(1, 2000))))
+    assert "no layers" in _refused(tmp_path, b"")
+    with pytest.raises(CheckpointError, match="no caffemodel at"):
+        _run("convert", "caffe", str(tmp_path / "absent.caffemodel"), str(tmp_path / "o.st"))
+
+
+def test_bad_mean_file_is_refused(tmp_path):
+    bad = tmp_path / "mean.binaryproto"
+    bad.write_bytes(b"".join(_blob(np.zeros((1, 3, 100, 100), np.float32))))
+    from alexnet.convert import read_caffe_mean
+
+    with pytest.raises(CheckpointError, match="smaller than the 227x227 crop"):
+        read_caffe_mean(bad)
+    bad.write_bytes(b"\x0f\xff")
+    with pytest.raises(CheckpointError, match="not a Caffe mean file"):
+        read_caffe_mean(bad)
+
+
+# --------------------------------------------------------------------- torchvision
+
+def test_torchvision(tmp_path, image):
+    torch.manual_seed(0)
+    reference = plain_alexnet("owt", input_size=224).eval()  # torch's default init: real-sized logits
+    state = reference.state_dict()
+    src, out = tmp_path / "alexnet-owt-7be5be79.pth", tmp_path / "owt.safetensors"
+    torch.save(state, src)
+    assert _run("convert", "torchvision", str(src), str(out)) == 0
+
+    ck = load_model_file(out)
+    assert ck.model_config.variant == "owt" and ck.model_config.input_size == 224
+    assert ck.preprocess["crop"] == 224 and ck.preprocess["pixel_scale"] == 1.0
+    assert ck.classes == imagenet_wnids()
+    # torchvision's own preprocessing of the same 256x256 image: centre 224, x/255, normalise.
+    x = torch.from_numpy(image).float()[None, :, 16:240, 16:240] / 255
+    x = (x - torch.tensor(TV_MEAN).view(1, 3, 1, 1)) / torch.tensor(TV_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = reference(x)[0]
+    _assert_logits_equal(_converted_logits(out, image), want)
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model"])
+def test_torchvision_state_dict_inside_a_training_checkpoint(tmp_path, key):
+    from alexnet.convert import _load_pth
+
+    state = {"features.0.weight": torch.ones(2)}
+    torch.save({key: state, "epoch": 90}, tmp_path / "ck.pth")
+    assert list(_load_pth(tmp_path / "ck.pth")) == ["features.0.weight"]
+
+
+def _tv_refused(tmp_path, obj) -> str:
+    src = tmp_path / "bad.pth"
+    torch.save(obj, src)
+    with pytest.raises(CheckpointError) as e:
+        _run("convert", "torchvision", str(src), str(tmp_path / "out.st"))
+    assert "\n" not in str(e.value) and not (tmp_path / "out.st").exists()
+    return str(e.value)
+
+
+def test_torchvision_wrong_keys_and_shapes_are_refused(tmp_path):
+    with torch.device("meta"):
+        keys = list(plain_alexnet("owt").state_dict())
+    tiny = {k: torch.zeros(1) for k in keys}
+    assert "features.0.weight has shape (1,)" in _tv_refused(tmp_path, tiny)
+    assert "missing classifier.6.bias" in _tv_refused(tmp_path, {k: v for k, v in tiny.items() if k != keys[-1]})
+    assert "unexpected features.1.weight" in _tv_refused(tmp_path, {**tiny, "features.1.weight": torch.zeros(1)})
+    assert "does not hold a state dict of tensors" in _tv_refused(tmp_path, [1, 2])
+
+
+class _Payload:
+    """Unpickling this would run a shell command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_torchvision_pickle_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+    src = tmp_path / "evil.pth"
+    torch.save({"features.0.weight": torch.zeros(1), "extra": _Payload(marker)}, src)
+    with zipfile.ZipFile(src) as z:  # the payload really is in the pickle
+        pickled = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    assert b"system" in pickled
+    with pytest.raises(CheckpointError, match="refused to load .*nothing that runs code"):
+        _run("convert", "torchvision", str(src), str(tmp_path / "out.st"))
+    assert not marker.exists()
+    assert not (tmp_path / "out.st").exists()
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        _run("convert", "torchvision", str(garbage), str(tmp_path / "out.st"))
