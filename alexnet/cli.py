@@ -300,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     p.set_defaults(func=_cmd_bench)
 
-    from alexnet import predict
+    from alexnet import convert, predict
 
     predict.add_command(sub)
+    convert.add_command(sub)
     return parser
 
 
