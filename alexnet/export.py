@@ -1,0 +1,206 @@
+"""Export a model file for serving without this package: ONNX, run by onnxruntime.
+
+The graph takes `images` (N, 3, crop, crop) float32, already preprocessed (the centre crop
+minus the mean image, divided by pixel_scale, as `augment.EvalTransform` makes them), and
+returns `logits` and `probabilities` (softmax of the logits), both (N, num_classes); N is a
+dynamic axis. The class names, the preprocessing and the model config ride along as JSON
+strings in the model's metadata_props under `alexnet.*` keys.
+
+The exporter is torch.onnx's TorchScript-based one (`dynamo=False`): it needs no packages
+beyond onnx and gives the batch axis from `dynamic_axes`. Our LRN (a C kernel behind an
+autograd.Function) is swapped for one that exports as ONNX's own LRN operator, which is
+Caffe's form: alpha there is alpha_sum * size. Before anything is written, onnxruntime
+runs the graph on a random batch and its outputs are compared with the PyTorch model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet.checkpoint import Checkpoint
+from alexnet.config import LRNConfig
+from alexnet.lrn import LocalResponseNorm
+from alexnet.model import AlexNet
+
+FORMATS = ("onnx",)
+OPSET = 17  # LRN, Conv (grouped), MaxPool, Gemm, Softmax on the last axis: all in onnxruntime's CPU kernels
+# Largest |onnxruntime - PyTorch| accepted, relative to the largest |logit|: float32 convolutions
+# summed in another order differ by ~1e-6 of the scale; a wrong LRN or layer by far more.
+REL_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The exported graph does not compute what the PyTorch model does."""
+
+
+class _LRNFunction(torch.autograd.Function):
+    """Local response norm that the ONNX exporter writes as one LRN node."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size: int, alpha_sum: float, beta: float, k: float) -> torch.Tensor:
+        return F.local_response_norm(x, size, alpha=alpha_sum * size, beta=beta, k=k)  # Caffe's form
+
+    @staticmethod
+    def symbolic(g, x, size: int, alpha_sum: float, beta: float, k: float):
+        return g.op("LRN", x, size_i=size, alpha_f=alpha_sum * size, beta_f=beta, bias_f=k)
+
+
+class ExportLRN(nn.Module):
+    def __init__(self, cfg: LRNConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        return _LRNFunction.apply(x, c.size, c.alpha_sum, c.beta, c.k)
+
+
+class Serving(nn.Module):
+    """The network in eval mode with exportable layers; returns (logits, probabilities)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        net = copy.deepcopy(model).eval()
+        net.fuse = False  # the fused ReLU-LRN-pool kernel is opaque to exporters
+        for i, m in enumerate(net.features):
+            if isinstance(m, LocalResponseNorm):
+                net.features[i] = ExportLRN(m.cfg)
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(images)  # (N, num_classes)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def metadata(ck: Checkpoint) -> dict[str, str]:
+    """What a server needs besides the graph, as JSON strings. `mean_rgb` is the mean image's
+    per-channel average (pixel units); the exact preprocessing subtracts the mean image's own
+    centre crop, which differs from it by the mean image's spatial variation."""
+    pre = dict(ck.preprocess)
+    pre.setdefault("crop", ck.model_config.input_size)
+    pre.setdefault("pixel_scale", 1.0)
+    if ck.stats is not None:
+        pre["mean_rgb"] = [round(float(v), 4) for v in ck.stats.mean_image.float().mean(dim=(1, 2))]
+    pre["layout"] = "NCHW, RGB, float32: (centre crop - mean) / pixel_scale"
+    return {
+        "alexnet.classes": json.dumps(list(ck.classes)),
+        "alexnet.class_names": json.dumps(list(ck.extra.get("class_names") or ck.classes)),
+        "alexnet.preprocess": json.dumps(pre),
+        "alexnet.model_config": json.dumps({"variant": ck.model_config.variant,
+                                            "num_classes": ck.model_config.num_classes,
+                                            "input_size": ck.model_config.input_size}),
+    }
+
+
+def to_onnx(ck: Checkpoint, model: AlexNet) -> bytes:
+    """The serialized ONNX model of `model` (built from `ck`), with `ck`'s metadata, checked
+    by onnx's checker."""
+    import warnings
+
+    import onnx
+
+    serving = Serving(model)
+    s = ck.model_config.input_size
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(serving, (torch.zeros(2, 3, s, s),), buf, dynamo=False, opset_version=OPSET,
+                          input_names=["images"], output_names=["logits", "probabilities"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"},
+                                        "probabilities": {0: "batch"}})
+    proto = onnx.load_from_string(buf.getvalue())
+    for key, value in metadata(ck).items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "alexnet"
+    data = proto.SerializeToString()
+    onnx.checker.check_model(data)
+    return data
+
+
+def compare(model: AlexNet, onnx_bytes: bytes, pixel_scale: float = 1.0, batch: int = 2, seed: int = 0) -> float:
+    """max |onnxruntime - PyTorch| over the logits of a random batch, divided by max |logit|."""
+    import onnxruntime as ort
+
+    model = model.eval()
+    s = model.cfg.input_size
+    g = torch.Generator().manual_seed(seed)
+    # Preprocessed pixels: roughly zero mean, a standard deviation of ~60 pixel units.
+    x = torch.randn(batch, 3, s, s, generator=g) * (60.0 / pixel_scale)
+    with torch.inference_mode():
+        ref = model(x)
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
+    return float((logits - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def _check_writable(out: Path) -> None:
+    from alexnet.cli import UserError
+
+    if out.is_dir():
+        raise UserError(f"{out} is a folder; give a file name such as {out / 'model.onnx'}")
+    folder = out.parent
+    while not folder.exists():  # atomic_write creates the missing folders
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {out}: {folder} is not a writable folder")
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx") -> float:
+    """Write `checkpoint` to `out` as `fmt`; returns the relative difference measured by
+    `compare`. Nothing is written unless it is within REL_TOLERANCE."""
+    from alexnet.checkpoint import load_model_file
+    from alexnet.cli import UserError
+    from alexnet.fileio import atomic_write
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"export needs onnx and onnxruntime ({e.name} is missing): "
+                        "pip install 'alexnet[export]'") from None
+    out = Path(out)
+    _check_writable(out)
+    ck = load_model_file(checkpoint)
+    model = ck.build_model().eval()
+    data = to_onnx(ck, model)
+    diff = compare(model, data, pixel_scale=ck.preprocess.get("pixel_scale", 1.0))
+    if diff > REL_TOLERANCE:
+        raise ExportError(f"onnxruntime's logits differ from PyTorch's by {diff:.2e} of their scale "
+                          f"(more than {REL_TOLERANCE:.0e}); nothing written")
+    try:
+        atomic_write(out, lambda f: f.write(data))
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    return diff
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    diff = export_checkpoint(args.checkpoint, args.out, args.format)
+    size_mb = Path(args.out).stat().st_size / 1e6
+    print(f"wrote {args.out} ({args.format}, {size_mb:.1f} MB, dynamic batch); onnxruntime vs PyTorch: "
+          f"max |difference| {diff:.1e} of the largest logit")
+    return 0
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as an ONNX graph for onnxruntime",
+                       description="Export a model file as ONNX (dynamic batch): input `images` "
+                                   "(N, 3, crop, crop) preprocessed, outputs `logits` and "
+                                   "`probabilities`; class names and preprocessing in the metadata. "
+                                   "The graph is run with onnxruntime and compared with PyTorch "
+                                   "before it is written.")
+    p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
+    p.add_argument("out", metavar="OUT", help="file to write, e.g. alexnet.onnx")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (default)")
+    p.set_defaults(func=_cmd_export)

@@ -1,0 +1,135 @@
+"""`alexnet export`: the ONNX graph, run by onnxruntime, against the PyTorch model (our own
+LRN kernel there, ONNX's LRN operator here), at two batch sizes through one file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet.checkpoint import CheckpointError, save_model
+from alexnet.cli import UserError, _Parser
+from alexnet.dataset import DataStats
+from alexnet.export import add_command
+from alexnet.model import build_model
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+NUM_CLASSES = 5
+# |onnxruntime - PyTorch| over the logits, relative to the largest |logit|: float32 sums in
+# another order differ by ~1e-6; alpha given in the wrong form (alpha_sum, not alpha_sum * n)
+# or BatchNorm in training mode differ by more than 1e-2.
+REL_BOUND = 1e-4
+
+
+def run_cli(*argv: str) -> int:
+    parser = _Parser(prog="alexnet")
+    sub = parser.add_subparsers(dest="command")
+    add_command(sub)
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def make_checkpoint(path, variant: str):
+    torch.manual_seed(0)
+    model = build_model(variant, num_classes=NUM_CLASSES, init="kaiming")
+    for m in model.modules():  # BatchNorm with statistics of its own, so eval mode matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-20, 20)
+            m.running_var.uniform_(100, 4000)
+    stats = DataStats(torch.rand(3, 256, 256) * 255, torch.ones(3), torch.eye(3))
+    preprocess = {"image_size": 256, "crop": model.cfg.input_size, "pixel_scale": 1.0}
+    classes = [f"n0000{i}" for i in range(NUM_CLASSES)]
+    save_model(path, model, classes, stats, preprocess, {"class_names": [f"class {i}" for i in range(NUM_CLASSES)]})
+    return model.eval(), stats
+
+
+@pytest.fixture(scope="module", params=["paper", "owt", "bn"])
+def exported(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    model, stats = make_checkpoint(folder / "model.safetensors", request.param)
+    out = folder / "sub" / "model.onnx"
+    assert run_cli("export", str(folder / "model.safetensors"), str(out), "--format", "onnx") == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    return request.param, model, stats, out, onnx.load(str(out)), session
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnxruntime_matches_pytorch(exported, batch):
+    variant, model, _, _, _, session = exported
+    s = model.cfg.input_size
+    x = torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(batch)) * 60
+    with torch.inference_mode():
+        ref = model(x)
+        ref_fused = model(x.contiguous(memory_format=torch.channels_last))  # our fastest path
+    logits, probs = session.run(["logits", "probabilities"], {"images": x.numpy()})
+    assert logits.shape == probs.shape == (batch, NUM_CLASSES)
+    scale = ref.abs().max().item()
+    assert scale > 1e-3  # a dead network would match anything
+    for r in (ref, ref_fused):
+        assert np.abs(logits - r.numpy()).max() / scale < REL_BOUND
+    np.testing.assert_allclose(probs, torch.softmax(ref, 1).numpy(), atol=1e-5)
+
+
+def test_graph_has_dynamic_batch_and_onnx_lrn(exported):
+    variant, _, _, _, proto, _ = exported
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    side = 224 if variant == "owt" else 227
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, side, side]
+    lrn = [n for n in proto.graph.node if n.op_type == "LRN"]
+    assert len(lrn) == (2 if variant == "paper" else 0)
+    for node in lrn:  # the paper's alpha 1e-4 over n=5 maps, k=2, beta 0.75 (section 3.3), Caffe's form
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["size"] == 5
+        assert attrs["alpha"] == pytest.approx(5e-4) and attrs["beta"] == pytest.approx(0.75)
+        assert attrs["bias"] == pytest.approx(2.0)
+
+
+def test_metadata(exported):
+    variant, model, stats, _, proto, _ = exported
+    meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    assert meta["alexnet.classes"] == [f"n0000{i}" for i in range(NUM_CLASSES)]
+    assert meta["alexnet.class_names"] == [f"class {i}" for i in range(NUM_CLASSES)]
+    pre = meta["alexnet.preprocess"]
+    assert (pre["image_size"], pre["crop"], pre["pixel_scale"]) == (256, model.cfg.input_size, 1.0)
+    np.testing.assert_allclose(pre["mean_rgb"], stats.mean_image.mean(dim=(1, 2)).numpy(), atol=1e-3)
+    assert meta["alexnet.model_config"] == {"variant": variant, "num_classes": NUM_CLASSES,
+                                            "input_size": model.cfg.input_size}
+
+
+def test_success_leaves_only_the_file(exported):
+    out = exported[3]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]
+
+
+def test_missing_checkpoint_writes_nothing(tmp_path):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous")
+    with pytest.raises(CheckpointError, match="no checkpoint file at") as e:
+        run_cli("export", str(tmp_path / "missing.safetensors"), str(out))
+    assert "\n" not in str(e.value)
+    assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_unknown_format_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli("export", str(tmp_path / "m.safetensors"), str(tmp_path / "m.onnx"), "--format", "tflite")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "invalid choice: 'tflite'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_folder(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"the folder is checked before the checkpoint is read")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(UserError, match="not a writable folder") as e:
+        run_cli("export", str(tmp_path / "model.safetensors"), str(blocker / "out" / "model.onnx"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="is a folder"):
+        run_cli("export", str(tmp_path / "model.safetensors"), str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model.safetensors"]
