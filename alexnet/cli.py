@@ -12,6 +12,7 @@ import sys
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import INPUT_SIZES, RECIPES, VARIANTS, ConfigError
+from alexnet.export import ExportError
 
 
 class UserError(Exception):
@@ -300,10 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     p.set_defaults(func=_cmd_bench)
 
-    from alexnet import convert, predict
+    from alexnet import convert, export, predict
 
     predict.add_command(sub)
     convert.add_command(sub)
+    export.add_command(sub)
     return parser
 
 
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (UserError, ConfigError, CheckpointError, FileNotFoundError, ExportError) as e:
         print(f"alexnet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
