@@ -78,3 +78,53 @@ def plot_confusion(matrix: np.ndarray, names: list[str], path: str | Path, title
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+
+
+def filter_grid(weight, groups: int = 1, per_row: int = 16, zoom: int = 4, gap: int = 2,
+                group_gap: int = 8) -> np.ndarray:
+    """The first layer's kernels as one RGB picture (H, W, 3) uint8, as in the paper's
+    Figure 3: each kernel (3, k, k) stretched to the full 0..255 range on its own, enlarged
+    `zoom` times, `per_row` to a row on a white background; with `groups` > 1 the kernels
+    are split into that many consecutive blocks (those that feed each half of the grouped
+    conv2, i.e. were learned "on each GPU"), stacked with a wider gap between them.
+
+    `weight` is a tensor or array of shape (out, 3, k, k); input channels in RGB order."""
+    w = np.asarray(weight.detach().cpu() if hasattr(weight, "detach") else weight, dtype=np.float64)
+    if w.ndim != 4 or w.shape[1] != 3:
+        raise ValueError(f"expected first-layer kernels (out, 3, k, k), got shape {w.shape}")
+    n, _, kh, kw = w.shape
+    if groups < 1 or n % groups:
+        raise ValueError(f"{n} kernels do not split into {groups} groups")
+    lo = w.min(axis=(1, 2, 3), keepdims=True)
+    span = w.max(axis=(1, 2, 3), keepdims=True) - lo
+    tiles = np.where(span > 0, (w - lo) / np.where(span > 0, span, 1), 0.5)
+    tiles = (tiles * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)  # (n, k, k, 3)
+    tiles = tiles.repeat(zoom, axis=1).repeat(zoom, axis=2)
+    th, tw = kh * zoom, kw * zoom
+    per_group = n // groups
+    cols = min(per_row, per_group)
+    rows = -(-per_group // cols)
+    block_h = rows * th + (rows - 1) * gap
+    height = groups * block_h + (groups - 1) * group_gap
+    width = cols * tw + (cols - 1) * gap
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        g, j = divmod(i, per_group)
+        r, c = divmod(j, cols)
+        y = g * (block_h + group_gap) + r * (th + gap)
+        x = c * (tw + gap)
+        out[y:y + th, x:x + tw] = tiles[i]
+    return out
+
+
+def save_rgb(image: np.ndarray, path: str | Path) -> None:
+    """An (H, W, 3) uint8 array as a PNG, written atomically."""
+    import io
+
+    from PIL import Image
+
+    from alexnet.fileio import atomic_write
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
