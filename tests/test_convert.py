@@ -15,10 +15,9 @@ from torch import nn
 
 from alexnet.augment import EvalTransform
 from alexnet.checkpoint import CheckpointError, load_model_file
-from alexnet.cli import _Parser
-from alexnet.convert import add_command
 from alexnet.reference import plain_alexnet
 from alexnet.sources import imagenet_wnids
+from tests.helpers import run_command
 
 # BVLC AlexNet's weighted layers in Caffe's shapes: (out, in/groups, kh, kw) and (out, in).
 CAFFE_SHAPES = {"conv1": (96, 3, 11, 11), "conv2": (256, 48, 5, 5), "conv3": (384, 256, 3, 3),
@@ -158,14 +157,6 @@ def _assert_logits_equal(got: tuple[torch.Tensor, ...], want: torch.Tensor) -> N
 
 # ------------------------------------------------------------------------ fixtures
 
-def _run(*argv: str) -> int:
-    parser = _Parser(prog="alexnet")
-    sub = parser.add_subparsers(dest="command")
-    add_command(sub)
-    args = parser.parse_args(list(argv))
-    return args.func(args)
-
-
 @pytest.fixture(scope="module")
 def caffe_weights() -> dict:
     """Random BVLC AlexNet weights, He-scaled so activations keep their size and LRN matters."""
@@ -199,7 +190,7 @@ def test_caffe_new_format_default_mean(tmp_path, caffe_weights, image):
     lrn = {"size": 5, "alpha": 2e-4, "beta": 0.8, "k": 1.5}  # not BVLC's: they must come from the file
     src, out = tmp_path / "alexnet.caffemodel", tmp_path / "alexnet.safetensors"
     src.write_bytes(_caffemodel(caffe_weights, v1=False, lrn=lrn))
-    assert _run("convert", "caffe", str(src), str(out)) == 0
+    assert run_command("convert", "caffe", str(src), str(out)) == 0
 
     ck = load_model_file(out)
     assert ck.model_config.variant == "paper" and ck.model_config.input_size == 227
@@ -223,7 +214,7 @@ def test_caffe_v1_format_unpacked_floats_and_binaryproto_mean(tmp_path, caffe_we
     mean_bgr = (np.array([104, 117, 123], np.float32).reshape(3, 1, 1)
                 + rng.normal(0, 20, (3, 256, 256)).astype(np.float32))
     mean_file.write_bytes(b"".join(_blob(mean_bgr[None], legacy=True)))  # (1, 3, 256, 256), as Caffe writes it
-    assert _run("convert", "caffe", str(src), str(out), "--mean", str(mean_file)) == 0
+    assert run_command("convert", "caffe", str(src), str(out), "--mean", str(mean_file)) == 0
 
     ck = load_model_file(out)
     torch.testing.assert_close(ck.stats.mean_image, torch.from_numpy(mean_bgr[::-1].copy()))
@@ -244,7 +235,7 @@ def _refused(tmp_path, data: bytes, *extra: str) -> str:
     src = tmp_path / "bad.caffemodel"
     src.write_bytes(data)
     with pytest.raises(CheckpointError) as e:
-        _run("convert", "caffe", str(src), str(tmp_path / "out.st"), *extra)
+        run_command("convert", "caffe", str(src), str(tmp_path / "out.st"), *extra)
     message = str(e.value)
     assert "\n" not in message and not (tmp_path / "out.st").exists()
     return message
@@ -282,7 +273,7 @@ def test_truncated_and_random_caffemodels_are_refused(tmp_path):
         _refused(tmp_path, rng.bytes(int(rng.integers(1, 2000))))
     assert "no layers" in _refused(tmp_path, b"")
     with pytest.raises(CheckpointError, match="no caffemodel at"):
-        _run("convert", "caffe", str(tmp_path / "absent.caffemodel"), str(tmp_path / "o.st"))
+        run_command("convert", "caffe", str(tmp_path / "absent.caffemodel"), str(tmp_path / "o.st"))
 
 
 def test_bad_mean_file_is_refused(tmp_path):
@@ -305,7 +296,7 @@ def test_torchvision(tmp_path, image):
     state = reference.state_dict()
     src, out = tmp_path / "alexnet-owt-7be5be79.pth", tmp_path / "owt.safetensors"
     torch.save(state, src)
-    assert _run("convert", "torchvision", str(src), str(out)) == 0
+    assert run_command("convert", "torchvision", str(src), str(out)) == 0
 
     ck = load_model_file(out)
     assert ck.model_config.variant == "owt" and ck.model_config.input_size == 224
@@ -332,7 +323,7 @@ def _tv_refused(tmp_path, obj) -> str:
     src = tmp_path / "bad.pth"
     torch.save(obj, src)
     with pytest.raises(CheckpointError) as e:
-        _run("convert", "torchvision", str(src), str(tmp_path / "out.st"))
+        run_command("convert", "torchvision", str(src), str(tmp_path / "out.st"))
     assert "\n" not in str(e.value) and not (tmp_path / "out.st").exists()
     return str(e.value)
 
@@ -365,11 +356,11 @@ def test_torchvision_pickle_payload_never_runs(tmp_path):
         pickled = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     assert b"system" in pickled
     with pytest.raises(CheckpointError, match="refused to load .*nothing that runs code"):
-        _run("convert", "torchvision", str(src), str(tmp_path / "out.st"))
+        run_command("convert", "torchvision", str(src), str(tmp_path / "out.st"))
     assert not marker.exists()
     assert not (tmp_path / "out.st").exists()
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="refused to load"):
-        _run("convert", "torchvision", str(garbage), str(tmp_path / "out.st"))
+        run_command("convert", "torchvision", str(garbage), str(tmp_path / "out.st"))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from alexnet.checkpoint import CheckpointError, save_model
-from alexnet.cli import UserError, _Parser
+from alexnet.cli import UserError
 from alexnet.dataset import DataStats
-from alexnet.export import add_command
 from alexnet.model import build_model
+from tests.helpers import run_command
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -23,14 +23,6 @@ NUM_CLASSES = 5
 # another order differ by ~1e-6; alpha given in the wrong form (alpha_sum, not alpha_sum * n)
 # or BatchNorm in training mode differ by more than 1e-2.
 REL_BOUND = 1e-4
-
-
-def run_cli(*argv: str) -> int:
-    parser = _Parser(prog="alexnet")
-    sub = parser.add_subparsers(dest="command")
-    add_command(sub)
-    args = parser.parse_args(list(argv))
-    return args.func(args)
 
 
 def make_checkpoint(path, variant: str):
@@ -52,7 +44,7 @@ def exported(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     model, stats = make_checkpoint(folder / "model.safetensors", request.param)
     out = folder / "sub" / "model.onnx"
-    assert run_cli("export", str(folder / "model.safetensors"), str(out), "--format", "onnx") == 0
+    assert run_command("export", str(folder / "model.safetensors"), str(out), "--format", "onnx") == 0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     return request.param, model, stats, out, onnx.load(str(out)), session
 
@@ -109,14 +101,14 @@ def test_missing_checkpoint_writes_nothing(tmp_path):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"previous")
     with pytest.raises(CheckpointError, match="no checkpoint file at") as e:
-        run_cli("export", str(tmp_path / "missing.safetensors"), str(out))
+        run_command("export", str(tmp_path / "missing.safetensors"), str(out))
     assert "\n" not in str(e.value)
     assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 def test_unknown_format_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        run_cli("export", str(tmp_path / "m.safetensors"), str(tmp_path / "m.onnx"), "--format", "tflite")
+        run_command("export", str(tmp_path / "m.safetensors"), str(tmp_path / "m.onnx"), "--format", "tflite")
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "invalid choice: 'tflite'" in err
@@ -128,8 +120,8 @@ def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
     with pytest.raises(UserError, match="not a writable folder") as e:
-        run_cli("export", str(tmp_path / "model.safetensors"), str(blocker / "out" / "model.onnx"))
+        run_command("export", str(tmp_path / "model.safetensors"), str(blocker / "out" / "model.onnx"))
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="is a folder"):
-        run_cli("export", str(tmp_path / "model.safetensors"), str(tmp_path))
+        run_command("export", str(tmp_path / "model.safetensors"), str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model.safetensors"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from alexnet.checkpoint import load_model_file, save_model
 from alexnet.dataset import DataStats
 from alexnet.images import load_rgb, resize_center_crop
 from alexnet.model import build_model
-from alexnet.predict import Classifier, add_command
+from alexnet.predict import Classifier
 
 NAMES = ["tabby cat", "golden retriever", "goldfinch"]
 
@@ -88,20 +87,13 @@ def direct(ck_path, paths, ten_crop=False):
     return torch.stack(rows)
 
 
-def parser():
-    p = cli._Parser(prog="alexnet")
-    add_command(p.add_subparsers(dest="command"))
-    return p
-
-
 def run(capsys, *argv):
-    """`alexnet predict ARGV` through cli.main (its error handling), with a parser that has
-    the predict command. Returns (exit code, stdout, stderr)."""
-    with mock.patch.object(cli, "build_parser", parser):
-        try:
-            rc = cli.main(["predict", *map(str, argv)])
-        except SystemExit as e:  # argparse's usage errors
-            rc = e.code
+    """`alexnet predict ARGV` through cli.main (its error handling). Returns (exit code,
+    stdout, stderr)."""
+    try:
+        rc = cli.main(["predict", *map(str, argv)])
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
     out = capsys.readouterr()
     return rc, out.out, out.err
 
