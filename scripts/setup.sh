@@ -18,6 +18,17 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
     fi
 fi
 
+# The browser test of `alexnet serve`'s page (tests/test_serve.py) drives Debian's headless
+# chromium with Selenium; without them it is skipped. Root and apt only, as above.
+if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; } && command -v apt-get >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "setup: installing Debian packages chromium chromium-driver" >&2
+        apt-get update -qq >/dev/null && apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "setup: not root, so chromium is not installed (sudo apt-get install chromium chromium-driver)" >&2
+    fi
+fi
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/alexnet" ]; then
     return 0 2>/dev/null || exit 0
 fi

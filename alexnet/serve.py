@@ -1,0 +1,300 @@
+"""`alexnet serve`: a web page to try a checkpoint on your own images, and a JSON API.
+
+    alexnet serve runs/RUN/best.safetensors --port 8000
+
+GET /                 the page: drop an image, see the top 5, the crop the network sees,
+                      the conv1 filters
+POST /api/predict     multipart upload `file`, query `top` -> top classes and the crop
+GET /api/info         variant, class names, preprocessing, limits
+GET /api/filters.png  conv1 kernels in the paper's Figure 3 layout (`plots.filter_grid`)
+GET /api/stats        requests served and the sizes of the forward passes that served them
+GET /docs, /openapi.json  the API described by FastAPI
+
+Prediction is `predict.Classifier`, so preprocessing comes from the checkpoint alone.
+Uploads are decoded by content (`images.load_rgb`), never by name or content type; the
+size in bytes and the pixel count claimed by the header are both limited.
+
+Concurrent requests share forward passes: `MicroBatcher` queues the decoded crops, and
+one worker thread takes up to `max_batch` of them (waiting at most `max_wait_ms` for
+more after the first), runs one forward pass and hands each request its own row.
+"""
+
+import argparse
+import asyncio
+import base64
+import collections
+import concurrent.futures
+import contextlib
+import io
+import queue
+import signal
+import socket
+import threading
+import time
+from importlib import resources
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from alexnet.images import MAX_PIXELS, ImageError, load_rgb, resize_center_crop
+from alexnet.plots import filter_grid
+from alexnet.predict import Classifier
+
+MB = 1 << 20
+
+
+class MicroBatcher:
+    """Runs `run(items) -> results` (one result per item, in order) on one worker thread,
+    over as many queued items as are waiting, up to `max_batch`. After the first item of
+    a batch it waits up to `max_wait_ms` for more; a lone request pays at most that."""
+
+    def __init__(self, run: Callable[[list], list], max_batch: int = 8, max_wait_ms: float = 5.0):
+        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # size -> forward passes
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="alexnet-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((item, future))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _take(self) -> list | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch, deadline = [first], time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch:
+            try:
+                nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 1e-6))
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)  # stop after serving this batch
+                break
+            batch.append(nxt)
+        return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            self.batch_sizes[len(batch)] += 1
+            try:
+                results = self.run([item for item, _ in batch])
+            except Exception as e:  # every request of the batch gets the error, the worker lives on
+                for _, future in batch:
+                    future.set_exception(e)
+                continue
+            for (_, future), result in zip(batch, results):
+                future.set_result(result)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 array as PNG file bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def conv1_filters_png(clf: Classifier) -> bytes:
+    model = clf.model
+    return png_bytes(filter_grid(model.layer("conv1").weight, groups=model.layer("conv2").groups))
+
+
+def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int = 8, max_wait_ms: float = 5.0):
+    """The FastAPI application serving `clf`. Its micro-batcher is `app.state.batcher`;
+    it starts and stops with the application's lifespan. (This module has no `from
+    __future__ import annotations`: FastAPI reads the endpoints' annotations, whose types
+    are imported here, inside the function.)"""
+    from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    transform = clf.transforms[False]
+    filters = conv1_filters_png(clf)
+    page = resources.files("alexnet").joinpath("web/index.html").read_text(encoding="utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.batcher = MicroBatcher(clf.probabilities, max_batch, max_wait_ms)
+        yield
+        app.state.batcher.close()
+
+    app = FastAPI(title="AlexNet", version="0.1.0", lifespan=lifespan,
+                  description=f"Classify images with a {clf.model.cfg.variant} AlexNet checkpoint "
+                              f"({clf.num_classes} classes). Uploads up to {max_upload_bytes / MB:g} MB.")
+
+    @app.middleware("http")
+    async def refuse_large_bodies(request: Request, call_next):
+        # Before the multipart body is read at all; 64 KiB covers the multipart framing.
+        length = request.headers.get("content-length")
+        if request.url.path == "/api/predict" and length and length.isdigit() \
+                and int(length) > max_upload_bytes + 64 * 1024:
+            return JSONResponse({"detail": f"upload too large: {int(length)} bytes > limit {max_upload_bytes}"},
+                                status_code=413)
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> str:
+        return page
+
+    @app.get("/api/info", summary="The model: variant, classes, preprocessing, limits")
+    async def info() -> dict:
+        return {
+            "variant": clf.model.cfg.variant,
+            "num_classes": clf.num_classes,
+            "classes": clf.class_names,
+            "preprocessing": {"image_size": clf.image_size, "crop": transform.crop,
+                              "pixel_scale": transform.scale, "mean": "the checkpoint's mean image"},
+            "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": clf.max_pixels},
+            "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms},
+        }
+
+    @app.get("/api/filters.png", summary="conv1 kernels as one PNG (paper Figure 3 layout)",
+             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def filters_png() -> Response:
+        return Response(filters, media_type="image/png")
+
+    @app.get("/api/stats", summary="Requests served and the sizes of the forward passes")
+    async def stats(request: Request) -> dict:
+        sizes = request.app.state.batcher.batch_sizes.copy()
+        return {"requests": sum(k * v for k, v in sizes.items()), "forward_passes": sum(sizes.values()),
+                "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}}
+
+    def decode(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
+        img = load_rgb(data, max_pixels=clf.max_pixels)
+        return resize_center_crop(img, clf.image_size), img.size  # (3, S, S) uint8
+
+    @app.post("/api/predict", summary="Classify one uploaded image",
+              responses={413: {"description": "upload larger than the limit"},
+                         422: {"description": "not an image, a broken or truncated one, or too many pixels"}})
+    async def predict(request: Request, file: UploadFile = File(..., description="an image file, any format "
+                                                                                "Pillow reads"),
+                      top: int = Query(5, ge=1, le=1000, description="classes to return (capped at the class "
+                                                                      "count)")) -> dict:
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"upload too large: more than {max_upload_bytes} bytes")
+        try:
+            crop, (w, h) = await asyncio.to_thread(decode, data)
+        except ImageError as e:
+            raise HTTPException(422, f"{file.filename or 'upload'}: {e}") from None
+        probs = await asyncio.wrap_future(request.app.state.batcher.submit(torch.from_numpy(crop)))
+        rows = clf.top(probs[None], top)[0]
+        crop_png = await asyncio.to_thread(png_bytes, crop.transpose(1, 2, 0))
+        return {"top": [{"class": name, "index": i, "prob": p} for i, name, p in rows],
+                "width": w, "height": h,
+                "crop_png": "data:image/png;base64," + base64.b64encode(crop_png).decode("ascii")}
+
+    return app
+
+
+# --- the command ---------------------------------------------------------------------
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; an address in use is a one-line UserError."""
+    from alexnet.cli import UserError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but SIGINT/SIGTERM end it quietly: uvicorn re-raises the
+        signal after its graceful shutdown, which would make the exit code 130 or -15."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+
+            def stop(sig, frame):
+                self.force_exit = self.should_exit and sig == signal.SIGINT  # a second Ctrl-C
+                self.should_exit = True
+
+            previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return Server
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from alexnet.cli import UserError
+
+    try:
+        clf = Classifier.load(args.checkpoint, args.device, args.max_pixels)
+    except ValueError as e:  # a CheckpointError, or a device that is not there
+        raise UserError(str(e)) from None
+    sock = listen(args.host, args.port)
+    app = create_app(clf, int(args.max_upload_mb * MB), args.max_batch, args.max_wait_ms)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"alexnet: serving {args.checkpoint} at http://{shown}:{port}/ (API docs at /docs); Ctrl-C stops",
+          flush=True)
+    server = _server_class()(uvicorn.Config(app, log_level="warning", access_log=False))
+    server.run(sockets=[sock])
+    print("alexnet: server stopped", flush=True)
+    return 0
+
+
+def _number(text: str, positive: bool) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (v > 0 if positive else v >= 0) or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be {'>' if positive else '>='} 0 and finite, not {text}")
+    return v
+
+
+def add_command(sub) -> None:
+    """Register `alexnet serve` on an argparse subparsers object."""
+    from alexnet.cli import _positive_int
+
+    p = sub.add_parser("serve", help="a web page and JSON API to classify your own images",
+                       description="Serve a page where you upload or drop an image and see the top 5 classes, "
+                                   "the crop the network sees and the conv1 filters; and a JSON API "
+                                   "(POST /api/predict, GET /api/info, GET /api/filters.png; docs at /docs). "
+                                   "Runs until Ctrl-C or SIGTERM (exit 0).")
+    p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
+                                                       "only; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--max-upload-mb", type=lambda t: _number(t, positive=True), default=20.0, metavar="MB",
+                   help="refuse larger uploads with 413 (default 20)")
+    p.add_argument("--max-pixels", type=_positive_int, default=MAX_PIXELS, metavar="N",
+                   help=f"refuse images whose header claims more pixels (default {MAX_PIXELS:,})")
+    p.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
+                   help="most concurrent requests in one forward pass (default 8)")
+    p.add_argument("--max-wait-ms", type=lambda t: _number(t, positive=False), default=5.0, metavar="MS",
+                   help="how long a forward pass waits for more requests after the first (default 5)")
+    p.set_defaults(func=_cmd_serve)
