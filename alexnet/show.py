@@ -1,0 +1,330 @@
+"""Pictures of what a trained network learned: `alexnet show filters|neighbours|activations`.
+
+  filters      conv1's kernels, one block per GPU group, as in the paper's Figure 3.
+  neighbours   for a few query images, the training images whose last hidden layer
+               (fc7 after its ReLU, 4096-d) is nearest in Euclidean distance, as in the
+               paper's Figure 4 (section 6.1).
+  activations  the feature maps of one convolutional-part layer for one image.
+
+Every picture uses the checkpoint's own preprocessing (`predict.Classifier`): the stored
+square image, its centre crop, minus the mean image, divided by the pixel scale.
+
+    from alexnet.show import features, nearest
+    feats = torch.cat(list(features(model, batches)))  # (N, 4096) fc7 after ReLU
+    dist, idx = nearest(queries, feats, k=6)  # exact, ties to the lower index
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LAST_HIDDEN = "relu7"  # fc7 after its ReLU: "the last, 4096-dimensional hidden layer" (section 6.1)
+PANEL_INCHES = (1.6, 1.9)  # one neighbours panel (width, height) at 100 dpi: 160 x 190 pixels
+MAP_INCHES = 0.8  # one activation map's square in the activations grid: 80 pixels
+TITLE_INCHES = 0.5  # the activations figure's title band
+
+
+# --- the pure functions -----------------------------------------------------------------
+
+
+def _hook_output(module: torch.nn.Module, store: list) -> torch.utils.hooks.RemovableHandle:
+    # a copy: the next layer's in-place ReLU would otherwise overwrite what we saw
+    return module.register_forward_hook(lambda m, i, out: store.append(out.detach().float().cpu().clone()))
+
+
+@torch.inference_mode()
+def features(model, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu",
+             layer: str = LAST_HIDDEN) -> Iterator[torch.Tensor]:
+    """For each preprocessed batch x (B, 3, crop, crop) of `batches`, the output of `layer`
+    flattened to (B, D) float32 on the CPU (D = 4096 for relu7), the network in eval mode."""
+    model.eval()
+    seen: list[torch.Tensor] = []
+    handle = _hook_output(model.layer(layer), seen)
+    try:
+        for x in batches:
+            model(x.to(device).contiguous(memory_format=torch.channels_last))
+            yield seen.pop().flatten(1)
+    finally:
+        handle.remove()
+
+
+def nearest_in_batches(queries: torch.Tensor, batches: Iterable[torch.Tensor],
+                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest rows, in Euclidean distance, of the database given as consecutive
+    row batches (numbered 0, 1, ... across batches), for each query row; a running top-k,
+    so memory is O(queries * (k + batch)). Returns (distances float64, indices int64), both
+    (Q, min(k, N)), nearest first; equal distances are ordered by index.
+
+    Distances are the differences' norms in float64 (not |a|^2 - 2ab + |b|^2), so an exact
+    copy of a query is at distance 0."""
+    q = queries.double()
+    best_d = torch.empty(len(q), 0, dtype=torch.float64)
+    best_i = torch.empty(len(q), 0, dtype=torch.int64)
+    offset = 0
+    for b in batches:
+        d = torch.cdist(q, b.double(), compute_mode="donot_use_mm_for_euclid_dist")  # (Q, n)
+        i = torch.arange(offset, offset + len(b)).expand(len(q), -1)
+        offset += len(b)
+        # the running best hold lower indices and come first: a stable sort keeps ties in index order
+        d, i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
+        order = d.argsort(dim=1, stable=True)[:, :k]
+        best_d, best_i = d.gather(1, order), i.gather(1, order)
+    return best_d, best_i
+
+
+def nearest(queries: torch.Tensor, database: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nearest_in_batches` with the database (N, D) in one piece."""
+    return nearest_in_batches(queries, [database], k)
+
+
+@torch.inference_mode()
+def activations(model, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """The output of `layer` for one preprocessed image x (3, crop, crop): (C, H, W) float32."""
+    model.eval()
+    seen: list[torch.Tensor] = []
+    handle = _hook_output(model.layer(layer), seen)
+    try:
+        model(x[None].contiguous(memory_format=torch.channels_last))
+    finally:
+        handle.remove()
+    return seen[0][0]
+
+
+def map_grid(maps: torch.Tensor, gap: int = 1) -> tuple[np.ndarray, tuple[float, float]]:
+    """Feature maps (C, H, W) as one grey picture: ceil(sqrt(C)) maps to a row, one grey
+    scale shared by all of them (so weak maps look weak), its lowest value black and its
+    highest white, a white `gap` between maps. Returns the (rows*(H+gap)-gap,
+    cols*(W+gap)-gap) float image in 0..1 and the (low, high) of the scale."""
+    m = maps.double().numpy()
+    c, h, w = m.shape
+    cols = math.ceil(math.sqrt(c))
+    rows = math.ceil(c / cols)
+    lo, hi = float(m.min()), float(m.max())
+    scaled = (m - lo) / (hi - lo) if hi > lo else np.full_like(m, 0.5)
+    out = np.ones((rows * (h + gap) - gap, cols * (w + gap) - gap))
+    for i in range(c):
+        r, q = divmod(i, cols)
+        out[r * (h + gap):r * (h + gap) + h, q * (w + gap):q * (w + gap) + w] = scaled[i]
+    return out, (lo, hi)
+
+
+# --- the figures --------------------------------------------------------------------------
+
+
+def plot_maps(maps: torch.Tensor, title: str, path: str | Path) -> None:
+    """`map_grid`'s picture filling the figure under a title band; each map gets
+    MAP_INCHES square (80 pixels), so 96 maps are 800 x 850 pixels."""
+    from alexnet.plots import _pyplot, _save
+
+    plt = _pyplot()
+    grid, (lo, hi) = map_grid(maps)
+    c = maps.shape[0]
+    cols = math.ceil(math.sqrt(c))
+    rows = math.ceil(c / cols)
+    width, height = cols * MAP_INCHES, rows * MAP_INCHES + TITLE_INCHES
+    fig = plt.figure(figsize=(width, height))
+    ax = fig.add_axes((0, 0, 1, rows * MAP_INCHES / height))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    fig.suptitle(f"{title}\ngrey scale {lo:.3g} (black) to {hi:.3g} (white)", fontsize=9,
+                 y=1 - 0.05 / height)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_neighbours(queries: np.ndarray, query_titles: list[str], neighbours: np.ndarray,
+                    neighbour_titles: list[list[str]], path: str | Path) -> None:
+    """One row per query: the query, then its neighbours, nearest first, each a uint8
+    (3, c, c) crop with a small title; PANEL_INCHES per panel (160 x 190 pixels)."""
+    from alexnet.plots import _pyplot, _save
+
+    plt = _pyplot()
+    n, k = neighbours.shape[:2]
+    fig, axes = plt.subplots(n, k + 1, figsize=(PANEL_INCHES[0] * (k + 1), PANEL_INCHES[1] * n), squeeze=False)
+    for r in range(n):
+        row = [(queries[r], query_titles[r])] + list(zip(neighbours[r], neighbour_titles[r]))
+        for ax, (img, title) in zip(axes[r], row):
+            ax.imshow(img.transpose(1, 2, 0))
+            ax.set_title(title, fontsize=8, color="tab:red" if ax is axes[r][0] else "black")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+# --- the commands -------------------------------------------------------------------------
+
+
+def _classifier(path: str, device: str = "cpu"):
+    from alexnet.cli import UserError
+    from alexnet.predict import Classifier
+
+    try:
+        return Classifier.load(path, device)
+    except ValueError as e:  # a CheckpointError, or a device that is not there
+        raise UserError(str(e)) from None
+
+
+def _beside(checkpoint: str, suffix: str) -> Path:
+    p = Path(checkpoint)
+    return p.with_name(f"{p.stem}-{suffix}.png")
+
+
+def _prepare(clf, path: str) -> torch.Tensor:
+    from alexnet.cli import UserError
+    from alexnet.images import ImageError
+
+    try:
+        return clf.prepare(path)
+    except ImageError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _cmd_filters(args: argparse.Namespace) -> int:
+    from alexnet.plots import filter_grid, save_rgb
+
+    clf = _classifier(args.checkpoint)
+    groups = clf.model.layer("conv2").groups  # conv1 kernels feeding each GPU's half of conv2
+    out = args.out or _beside(args.checkpoint, "filters")
+    save_rgb(filter_grid(clf.model.layer("conv1").weight, groups=groups), out)
+    print(f"wrote {out} ({clf.model.layer('conv1').out_channels} kernels, {groups} group(s))")
+    return 0
+
+
+def _cmd_neighbours(args: argparse.Namespace) -> int:
+    from alexnet.augment import center_crop
+    from alexnet.cli import UserError
+    from alexnet.dataset import SubsetDataset
+    from alexnet.loader import BatchLoader
+    from alexnet.sources import open_dataset
+
+    clf = _classifier(args.checkpoint, args.device)
+    classes = clf.class_names
+    ck_classes = _checkpoint_classes(args.checkpoint)
+    train = open_dataset(args.data, args.split, clf.image_size, classes=ck_classes)
+    if list(train.classes) != ck_classes:
+        raise UserError(f"the data has {len(train.classes)} classes but the checkpoint was trained on "
+                        f"{len(ck_classes)}")
+    # an evenly spread subset, so a class-sorted folder still gives every class
+    searched = np.arange(len(train)) if args.limit is None or args.limit >= len(train) else \
+        np.arange(args.limit) * len(train) // args.limit
+    if args.images:
+        images = torch.stack([_prepare(clf, p) for p in args.images])  # (Q, 3, S, S) uint8
+        titles = [f"query: {Path(p).name}" for p in args.images]
+        labels = list(args.images)
+    else:
+        queries = open_dataset(args.data, args.query_split, clf.image_size, classes=ck_classes)
+        qidx = np.unique(np.linspace(0, len(queries) - 1, min(args.queries, len(queries))).round().astype(np.int64))
+        images, qlab = queries.read(qidx)
+        titles = [f"query: {classes[y]}" for y in qlab.tolist()]
+        labels = [f"{args.query_split} #{i} {classes[y]}" for i, y in zip(qidx.tolist(), qlab.tolist())]
+    transform = clf.transforms[False]
+    q = torch.cat(list(features(clf.model, (transform(images[i:i + args.batch_size])
+                                            for i in range(0, len(images), args.batch_size)), clf.device)))
+    loader = BatchLoader(SubsetDataset(train, searched), args.batch_size, transform, shuffle=False, seed=0,
+                         drop_last=False)
+    dist, pos = nearest_in_batches(q, features(clf.model, (x for x, _ in loader), clf.device), args.k)
+    idx = searched[pos.numpy()]  # (Q, k) indices into the training split
+    found, found_labels = train.read(idx.reshape(-1))
+    found_labels = found_labels.view(idx.shape).tolist()
+    for r, label in enumerate(labels):
+        print(f"{label}: " + ", ".join(f"{args.split} #{i} {classes[y]} {d:.4g}"
+                                       for i, y, d in zip(idx[r], found_labels[r], dist[r].tolist())))
+    crop = clf.model.cfg.input_size
+    out = args.out or _beside(args.checkpoint, "neighbours")
+    plot_neighbours(center_crop(images, crop).numpy(), titles,
+                    center_crop(found, crop).view(*idx.shape, 3, crop, crop).numpy(),
+                    [[classes[y] for y in row] for row in found_labels], out)
+    print(f"wrote {out} ({len(labels)} queries, {idx.shape[1]} nearest of {len(searched)} {args.split} "
+          f"images by fc7 distance)")
+    return 0
+
+
+def _checkpoint_classes(path: str) -> list[str]:
+    """The class list a dataset's labels must agree with (not the readable names), from
+    the metadata alone: `Classifier.load` has already read and checked the file."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(json.loads(f.metadata()["classes"]))
+
+
+def _cmd_activations(args: argparse.Namespace) -> int:
+    from alexnet.cli import UserError
+
+    clf = _classifier(args.checkpoint)
+    conv_part = [n for n, _ in clf.model.named_layers()][:len(clf.model.features)]
+    if args.layer not in conv_part:
+        raise UserError(f"unknown layer {args.layer!r}; layers with feature maps: {', '.join(conv_part)}")
+    x = clf.transforms[False](_prepare(clf, args.image)[None])[0]  # (3, crop, crop)
+    maps = activations(clf.model, x, args.layer)  # (C, H, W)
+    shown = maps[:args.max_maps]
+    title = (f"{args.layer} {tuple(maps.shape)} of {Path(args.image).name}"
+             + (f": first {len(shown)} of {len(maps)} maps" if len(shown) < len(maps) else ""))
+    out = args.out or _beside(args.checkpoint, f"{args.layer}-{Path(args.image).stem}")
+    plot_maps(shown, title, out)
+    print(f"wrote {out} ({title})")
+    return 0
+
+
+def add_command(sub) -> None:
+    """Register `alexnet show` and its three pictures on an argparse subparsers object."""
+    from alexnet.cli import _positive_int
+
+    p = sub.add_parser("show", help="pictures of what a trained network learned",
+                       description="Draw what a model file learned: its first-layer kernels, the "
+                                   "training images nearest to a query in its last hidden layer, or "
+                                   "one layer's feature maps for an image. Each writes a PNG.")
+    kinds = p.add_subparsers(dest="picture", metavar="PICTURE")
+    kinds.required = True
+
+    f = kinds.add_parser("filters", help="conv1's kernels, a block per GPU group (paper Figure 3)",
+                         description="conv1's kernels, each stretched to the full colour range, the kernels "
+                                     "of each GPU group (conv2's groups) in their own block, as in the "
+                                     "paper's Figure 3.")
+    f.add_argument("checkpoint", help="a .safetensors model file")
+    f.add_argument("--out", metavar="FILE.png", help="default: beside the checkpoint, STEM-filters.png")
+    f.set_defaults(func=_cmd_filters)
+
+    n = kinds.add_parser("neighbours", help="training images nearest to queries in fc7 (paper Figure 4)",
+                         description="For each query image, the training images whose fc7 activations "
+                                     "(after ReLU, 4096-d) are nearest in Euclidean distance, as in the "
+                                     "paper's Figure 4: one row per query, the query then its neighbours. "
+                                     "The search is exact; it prints the neighbours' indices and distances.")
+    n.add_argument("checkpoint", help="a .safetensors model file")
+    n.add_argument("--data", metavar="PATH", help="dataset (default: Fashion-MNIST)")
+    n.add_argument("--split", default="train", help="split searched for neighbours (default train)")
+    n.add_argument("--query-split", default="test", choices=("test", "val"),
+                   help="split the queries come from (default test)")
+    n.add_argument("--queries", type=_positive_int, default=5, metavar="N",
+                   help="query images, evenly spread over the query split (default 5)")
+    n.add_argument("--images", nargs="+", metavar="IMAGE", help="query with these image files instead")
+    n.add_argument("--k", type=_positive_int, default=6, metavar="K", help="neighbours per query (default 6)")
+    n.add_argument("--limit", type=_positive_int, metavar="M",
+                   help="search only M training images, evenly spread (default all)")
+    n.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
+                   help="images per forward pass (default 64)")
+    n.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N")
+    n.add_argument("--out", metavar="FILE.png", help="default: beside the checkpoint, STEM-neighbours.png")
+    n.set_defaults(func=_cmd_neighbours)
+
+    a = kinds.add_parser("activations", help="one layer's feature maps for one image",
+                         description="The feature maps of one layer of the convolutional part for one "
+                                     "image (its centre crop), as grey panels on one shared scale.")
+    a.add_argument("checkpoint", help="a .safetensors model file")
+    a.add_argument("image", metavar="IMAGE", help="an image file")
+    a.add_argument("--layer", default="conv1",
+                   help="conv1, relu1, norm1, pool1, conv2, ..., conv5, relu5, pool5 (default conv1)")
+    a.add_argument("--max-maps", type=_positive_int, default=96, metavar="N",
+                   help="show the first N maps (default 96)")
+    a.add_argument("--out", metavar="FILE.png", help="default: beside the checkpoint, STEM-LAYER-IMAGE.png")
+    a.set_defaults(func=_cmd_activations)
