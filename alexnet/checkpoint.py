@@ -44,9 +44,14 @@ class Checkpoint:
     extra: dict  # free-form facts: epoch, step, metrics, source
 
     def build_model(self) -> AlexNet:
-        model = AlexNet(self.model_config)
+        """The network with these weights (float32). It is laid out on the meta device and
+        takes the file's tensors as its own, which skips drawing 60 million random initial
+        weights first (about 1.4 s of a 2-core CPU)."""
+        with torch.device("meta"):
+            model = AlexNet(self.model_config)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in self.state_dict.items()}
         try:
-            model.load_state_dict(self.state_dict, strict=True)
+            model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise CheckpointError(f"weights do not fit a {self.model_config.variant} network: "

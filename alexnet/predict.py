@@ -30,9 +30,8 @@ import torch
 from PIL import Image
 
 from alexnet.augment import EvalTransform, average_ten_crop
-from alexnet.checkpoint import Checkpoint, CheckpointError, load_model_file
+from alexnet.checkpoint import CheckpointError, load_model_file
 from alexnet.images import MAX_PIXELS, ImageError, load_rgb, resize_center_crop
-from alexnet.model import AlexNet
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
 
@@ -50,19 +49,6 @@ def _to_pil(image: ImageInput, max_pixels: int) -> Image.Image:
     if t.is_floating_point():
         t = t.round().clamp(0, 255)
     return Image.fromarray(t.to(torch.uint8).contiguous().numpy(), "RGB")
-
-
-def _build(ck: Checkpoint) -> AlexNet:
-    """`ck.build_model()` without drawing 60 million random initial weights first (about
-    1.4 s of a 2-core CPU): the network is laid out on the meta device and takes the
-    checkpoint's tensors as its own."""
-    with torch.device("meta"):
-        model = AlexNet(ck.model_config)
-    try:
-        model.load_state_dict({k: v.float() for k, v in ck.state_dict.items()}, strict=True, assign=True)
-    except RuntimeError:
-        return ck.build_model()  # raises the CheckpointError that says what does not fit
-    return model
 
 
 class Classifier:
@@ -96,7 +82,7 @@ class Classifier:
                                   f"{ck.stats.mean_image.shape[-1]}px mean image and "
                                   f"{ck.model_config.input_size}px network input")
         names = ck.extra.get("class_names") or readable_names(ck.classes)
-        return cls(_build(ck), EvalTransform(ck.stats, crop, ten_crop=False, scale=scale),
+        return cls(ck.build_model(), EvalTransform(ck.stats, crop, ten_crop=False, scale=scale),
                    EvalTransform(ck.stats, crop, ten_crop=True, scale=scale), list(names), size,
                    dev, max_pixels)
 

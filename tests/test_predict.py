@@ -225,9 +225,12 @@ def test_cli_usage_errors_exit_2(capsys, paper, imgs, tmp_path):
 
 def test_weights_that_do_not_fit_are_a_checkpoint_error(paper):
     from alexnet.checkpoint import CheckpointError
-    from alexnet.predict import _build
 
     ck = load_model_file(paper)
     ck.state_dict.pop(next(iter(ck.state_dict)))
     with pytest.raises(CheckpointError, match="weights do not fit"):
-        _build(ck)
+        ck.build_model()
+    ck = load_model_file(paper)
+    ck.state_dict["features.0.weight"] = ck.state_dict["features.0.weight"][:5]
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        ck.build_model()
