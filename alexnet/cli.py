@@ -301,11 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     p.set_defaults(func=_cmd_bench)
 
-    from alexnet import convert, export, predict
+    from alexnet import convert, export, predict, serve, show
 
     predict.add_command(sub)
     convert.add_command(sub)
     export.add_command(sub)
+    show.add_command(sub)
+    serve.add_command(sub)
     return parser
 
 
