@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from alexnet.augment import center_offset
 from alexnet.images import MAX_PIXELS, ImageError, load_rgb, resize_center_crop
 from alexnet.plots import filter_grid
 from alexnet.predict import Classifier
@@ -116,6 +117,7 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     transform = clf.transforms[False]
+    net_crop = transform.crop
     filters = conv1_filters_png(clf)
     page = resources.files("alexnet").joinpath("web/index.html").read_text(encoding="utf-8")
 
@@ -186,7 +188,9 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
             raise HTTPException(422, f"{file.filename or 'upload'}: {e}") from None
         probs = await asyncio.wrap_future(request.app.state.batcher.submit(torch.from_numpy(crop)))
         rows = clf.top(probs[None], top)[0]
-        crop_png = await asyncio.to_thread(png_bytes, crop.transpose(1, 2, 0))
+        o = center_offset(clf.image_size, net_crop)  # the centre patch the network is given
+        seen = crop[:, o:o + net_crop, o:o + net_crop]
+        crop_png = await asyncio.to_thread(png_bytes, seen.transpose(1, 2, 0))
         return {"top": [{"class": name, "index": i, "prob": p} for i, name, p in rows],
                 "width": w, "height": h,
                 "crop_png": "data:image/png;base64," + base64.b64encode(crop_png).decode("ascii")}

@@ -137,10 +137,11 @@ def test_predict_matches_classifier_and_hand_crop(url, clf):
     prefix = "data:image/png;base64,"
     assert body["crop_png"].startswith(prefix)
     crop = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["crop_png"][len(prefix):]))))
-    # by hand: shorter side 200 -> 256 makes 384x256, central square starts at x = 64
+    # by hand: shorter side 200 -> 256 makes 384x256, central square starts at x = 64, and
+    # the network's 227x227 patch at 14 inside that
     img = Image.open(io.BytesIO(data)).convert("RGB").resize((384, 256), Image.BILINEAR)
-    np.testing.assert_array_equal(crop, np.asarray(img)[:, 64:320])
-    np.testing.assert_array_equal(crop, resize_center_crop(load_rgb(data), 256).transpose(1, 2, 0))
+    np.testing.assert_array_equal(crop, np.asarray(img)[14:241, 64 + 14:64 + 241])
+    np.testing.assert_array_equal(crop, resize_center_crop(load_rgb(data), 256).transpose(1, 2, 0)[14:241, 14:241])
 
     top1 = predict(url, data, top=1).json()["top"]
     assert [t["index"] for t in top1] == order[:1]
@@ -352,7 +353,7 @@ def test_page_in_headless_chromium(url, tmp_path, monkeypatch):
             assert row.find_element(By.CLASS_NAME, "prob").text == f"{100 * t['prob']:.1f}%"
         crop = browser.find_element(By.ID, "crop")
         assert crop.get_attribute("src") == want["crop_png"]
-        assert browser.execute_script("return arguments[0].naturalWidth", crop) == 256
+        assert browser.execute_script("return arguments[0].naturalWidth", crop) == 227
         filters = browser.find_element(By.ID, "filters")
         assert browser.execute_script("return arguments[0].naturalWidth", filters) > 0
 
