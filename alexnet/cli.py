@@ -13,6 +13,7 @@ import sys
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import INPUT_SIZES, RECIPES, VARIANTS, ConfigError
 from alexnet.export import ExportError
+from alexnet.sources import ClassMismatchError
 
 
 class UserError(Exception):
@@ -79,14 +80,16 @@ def _load_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no config file at {path}")
-    text = p.read_text()
     try:
+        text = p.read_text(encoding="utf-8")
         if p.suffix == ".toml":
             import tomllib
 
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise UserError(f"cannot parse {path}: not UTF-8 text (byte {e.start})") from None
     except Exception as e:  # JSON and TOML parsers raise their own types
         raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, ConfigError, CheckpointError, FileNotFoundError, ExportError) as e:
+    except (UserError, ConfigError, CheckpointError, FileNotFoundError, ExportError, ClassMismatchError) as e:
         print(f"alexnet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

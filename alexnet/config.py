@@ -11,6 +11,7 @@ and checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,7 +124,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         raise ConfigError(f"{where or cls.__name__} must be a mapping, not {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(str(k) for k in set(data) - names)
     if unknown:
         raise ConfigError(
             f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}"
@@ -162,7 +163,13 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
     if tp is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{key} must be a number, not {v!r}")
-        return float(v)
+        try:
+            f = float(v)
+        except OverflowError:  # an int beyond float range
+            f = math.inf
+        if not math.isfinite(f):  # json.loads reads NaN and Infinity; every check passes NaN
+            raise ConfigError(f"{key} must be a finite number, not {v!r}")
+        return f
     if tp is int:
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(f"{key} must be an integer, not {v!r}")

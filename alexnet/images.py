@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from typing import BinaryIO, Union
 
@@ -79,7 +80,10 @@ def _open_fp(src: ImageSource) -> tuple[BinaryIO, bool]:
         return io.BytesIO(bytes(src)), True
     if isinstance(src, (str, os.PathLike)):
         try:
-            if os.path.getsize(src) == 0:
+            st = os.stat(src)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+                raise ImageError("not a regular file")
+            if st.st_size == 0:
                 raise ImageError("empty file (0 bytes)")
             return open(src, "rb"), True
         except OSError as e:

@@ -137,7 +137,8 @@ def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
     found, missing = [], []
     for item in items:
         if os.path.isdir(item):
-            paths = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and is_image_name(p.name))
+            # not only is_file(): a broken symlink or a FIFO named .jpg is reported, not dropped
+            paths = sorted(str(p) for p in Path(item).rglob("*") if is_image_name(p.name) and not p.is_dir())
         elif os.path.isfile(item):
             paths = [item]
         elif glob.has_magic(item):
@@ -148,6 +149,11 @@ def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
         if not paths:
             missing.append(item)
     return found, missing
+
+
+def shown(path: str) -> str:
+    """`path` printable on any terminal: bytes of a name that are not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -163,7 +169,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     errors = [(m, "no such file, or no image files in it") for m in missing]
     results = []
     for m, reason in errors:
-        print(f"alexnet: error: {m}: {reason}", file=sys.stderr)
+        print(f"alexnet: error: {shown(m)}: {reason}", file=sys.stderr)
     for i in range(0, len(paths), args.batch_size):
         good, images = [], []
         for path in paths[i:i + args.batch_size]:
@@ -172,15 +178,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 good.append(path)
             except ImageError as e:
                 errors.append((path, str(e)))
-                print(f"alexnet: error: {path}: {e}", file=sys.stderr)
+                print(f"alexnet: error: {shown(path)}: {e}", file=sys.stderr)
         rows = clf.top(clf.probabilities(images, args.ten_crop, args.batch_size), args.top) if images else []
         for path, row in zip(good, rows):
             if args.json:
-                results.append({"image": path, "top": [{"class": n, "index": j, "prob": p} for j, n, p in row]})
+                results.append({"image": shown(path), "top": [{"class": n, "index": j, "prob": p} for j, n, p in row]})
             else:
-                print(path + "".join(f"\n  {p:.3f}  {n}" for _, n, p in row), flush=True)
+                print(shown(path) + "".join(f"\n  {p:.3f}  {n}" for _, n, p in row), flush=True)
     if args.json:
-        results += [{"image": path, "error": msg} for path, msg in errors]
+        results += [{"image": shown(path), "error": msg} for path, msg in errors]
         print(json.dumps(results, indent=2))
     return 1 if errors else 0
 

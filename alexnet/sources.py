@@ -73,6 +73,12 @@ class SourceNotFoundError(DataSourceError, FileNotFoundError):
     """The data source path does not exist."""
 
 
+class ClassMismatchError(ValueError):
+    """A split has class folders the training classes lack. Not a DataSourceError: code
+    that falls back to a held-out validation set when a source has no val split must not
+    take this for "no split" and drop the folder's images silently."""
+
+
 # ---------------------------------------------------------------------------- helpers
 
 def _image_extensions() -> frozenset[str]:
@@ -348,6 +354,7 @@ class Listing:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found while listing
     ignored: int = 0  # hidden or non-image files
     labels_file: str | None = None
+    extra_classes: list[str] = field(default_factory=list)  # class folders not among `classes`
 
 
 def _scan(folder: Path) -> tuple[list[str], list[str], int]:
@@ -379,7 +386,7 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
         raise DataSourceError(f"no class folders in {root}")
     classes = list(dirs if classes is None else classes)
     index = {c: i for i, c in enumerate(classes)}
-    paths, labels, skipped = [], [], []
+    paths, labels, skipped, extra = [], [], [], []
     ignored += len(top_images)
     for d in dirs:
         files = []
@@ -401,13 +408,17 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
         files.sort()
         if d not in index:
             skipped += [(f, f"class folder {d!r} is not among the training classes") for f in files]
+            extra += [d] if files else []
             continue
         paths += files
         labels += [index[d]] * len(files)
+    if not paths and extra:
+        raise DataSourceError(f"none of the class folders of {root} ({', '.join(extra[:5])}"
+                              f"{' ...' if len(extra) > 5 else ''}) is among the {len(classes)} training classes")
     if not paths:
         raise DataSourceError(f"no images in the {len(dirs)} class folders of {root}")
     return Listing(str(root), paths, np.array(labels, np.int64), classes, readable_names(classes),
-                   "imagefolder", skipped, ignored)
+                   "imagefolder", skipped, ignored, extra_classes=extra)
 
 
 def find_ground_truth(folder: Path) -> Path | None:
@@ -674,6 +685,12 @@ def open_dataset(path: str | os.PathLike | None, split: str = "train", image_siz
     image_size = image_size or 256
     if src.kind == "idx":
         return open_idx(src.path, split, image_size)
+    extra = src.listing.extra_classes
+    if extra:  # their images would silently be left out of a run or an evaluation
+        n = sum(f.split("/", 1)[0] in extra for f, _ in src.listing.skipped)
+        raise ClassMismatchError(f"{src.path} has class folder{'s' if len(extra) > 1 else ''} "
+                              f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} ({n} images) "
+                              f"not among the {len(src.listing.classes)} training classes")
     return FolderDataset(src.listing, image_size, max_pixels=max_pixels)
 
 
