@@ -301,9 +301,11 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
         state = {"records": 0, "skipped": 0, "seq": 0, "accum": None,
                  **{k: 0 for k in (IMAGES, LABELS_RAW, SOURCES, REPORT_PARTIAL)}}
         acc = StatsAccumulator(size)
+        # progress.json first: a kill before the data files exist leaves a store that the
+        # next run continues (it creates missing files whose committed length is 0)
+        atomic_write_json(out / PROGRESS, {**meta, "state": state})
         for k in (IMAGES, LABELS_RAW, SOURCES, REPORT_PARTIAL):
             (out / k).write_bytes(b"")
-        atomic_write_json(out / PROGRESS, {**meta, "state": state})
 
     done = _done_sources(out, state)
     todo = [i for i, n in enumerate(names) if n not in done]

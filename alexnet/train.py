@@ -10,10 +10,16 @@ A run folder holds:
   checkpoints/step-N/    model.safetensors + state.pt (optimizer, schedule, epoch, step,
                          RNG states, sampler position); `checkpoints/last.json` names the newest
   stopped / diverged     why the last run ended early, when it did
+
+A run that cannot write (a full disk, a read-only folder) or loses a loader worker stops
+with a one-line TrainingError; the checkpoint named by last.json stays whole, and the
+temporary files of a write cut short (by an error or a kill -9) are removed when the run
+starts or resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,7 +40,7 @@ from alexnet.config import ConfigError, RunConfig, from_dict, to_dict
 from alexnet.dataset import ImageDataset, SubsetDataset
 from alexnet.distributed import all_reduce_sum, init_distributed, resolve_workers, shutdown
 from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
-from alexnet.loader import BatchLoader
+from alexnet.loader import BatchLoader, LoaderWorkerError
 from alexnet.model import AlexNet
 from alexnet.progress import Progress
 
@@ -42,6 +48,31 @@ from alexnet.progress import Progress
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the message says what and where."""
+
+
+class RunWriteError(TrainingError):
+    """A file of the run could not be written (no space left, a read-only folder)."""
+
+
+@contextlib.contextmanager
+def _writing(what: str):
+    """Turn an OSError while writing `what` into a one-line RunWriteError."""
+    try:
+        yield
+    except OSError as e:
+        raise RunWriteError(f"cannot write {what}: {e.strerror or e}") from None
+
+
+def _discard(folder: Path) -> None:
+    """Remove a checkpoint folder: renamed away first, so no reader (or a kill -9 midway)
+    ever finds a step folder with some of its files gone."""
+    gone = folder.with_name(f".{folder.name}.deleted")
+    shutil.rmtree(gone, ignore_errors=True)
+    try:
+        os.replace(folder, gone)
+    except OSError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -251,10 +282,22 @@ class Trainer:
             raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
                               f"or choose another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp()
         atomic_write_text(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2) + "\n")
         (self.run_dir / "log.jsonl").unlink(missing_ok=True)
         for f in ("stopped", "diverged"):
             (self.run_dir / f).unlink(missing_ok=True)
+
+    def _remove_stale_temp(self) -> None:
+        """Temporary files and step folders of writes that a kill cut short (one writer per
+        run folder: these are never in use when a run starts)."""
+        ck = self.run_dir / "checkpoints"
+        for p in [*self.run_dir.glob(".*.tmp"), *ck.glob(".*.tmp"), *ck.glob(".step-*.partial"),
+                  *ck.glob(".step-*.deleted")]:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
     def _train_loader(self, epoch: int, start_batch: int) -> BatchLoader:
         d = self.cfg.data
@@ -279,24 +322,38 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N/{model.safetensors,state.pt}, then last.json names it; older
-        step folders beyond `keep_checkpoints` are removed only after that."""
+        step folders beyond `keep_checkpoints` are removed only after that. A step saved
+        again (mid-epoch, then at the epoch's end; or at a stop) goes to step-N.1, step-N.2,
+        ...: the folder last.json names is never touched until last.json names another."""
         ck = self.run_dir / "checkpoints"
         name = f"step-{self.step:08d}"
         final = ck / name
         if self.info.is_main:
+            same_step = [p for p in ck.glob(f"{name}*") if p.is_dir() and p.name.split(".")[0] == name]
+            n = 0
+            while (ck / name).exists():
+                n += 1
+                name = f"step-{self.step:08d}.{n}"
+            final = ck / name
             tmp = ck / f".{name}.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_model(tmp / "model.safetensors", self.model, self.classes, self.data.stats, self.preprocess,
-                       {"epoch": self.epoch, "step": self.step, "class_names": self.class_names})
-            save_state(tmp / "state.pt", self._state())
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            atomic_write_text(ck / "last.json", json.dumps({"dir": name, "step": self.step, "epoch": self.epoch,
-                                                            "batch_in_epoch": self.batch_in_epoch}) + "\n")
-            kept = sorted(p for p in ck.glob("step-*") if p.is_dir())
-            for old in kept[:-self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                with _writing(f"checkpoint {final}"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                    save_model(tmp / "model.safetensors", self.model, self.classes, self.data.stats,
+                               self.preprocess, {"epoch": self.epoch, "step": self.step,
+                                                 "class_names": self.class_names})
+                    save_state(tmp / "state.pt", self._state())
+                    os.replace(tmp, final)
+                    atomic_write_text(ck / "last.json", json.dumps(
+                        {"dir": name, "step": self.step, "epoch": self.epoch,
+                         "batch_in_epoch": self.batch_in_epoch}) + "\n")
+            except RunWriteError:
+                shutil.rmtree(tmp, ignore_errors=True)  # give back the space a half checkpoint took
+                raise
+            kept = sorted(p for p in ck.glob("step-*") if p.is_dir() and p not in same_step)
+            for old in [*same_step, *kept[:-self.cfg.train.keep_checkpoints]]:  # same_step: superseded
+                _discard(old)
         return final
 
     def _load_last(self) -> None:
@@ -320,6 +377,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.history = [r for r in self._read_log() if r["epoch"] <= self.epoch]
         if self.info.is_main:  # drop log lines of epochs after the checkpoint
+            self._remove_stale_temp()
             self._write_log()
             for f in ("stopped", "diverged"):
                 (self.run_dir / f).unlink(missing_ok=True)
@@ -337,7 +395,8 @@ class Trainer:
         return rows
 
     def _write_log(self) -> None:
-        atomic_write_text(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        with _writing(str(self.run_dir / "log.jsonl")):
+            atomic_write_text(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
     # --- the loop -------------------------------------------------------------------
 
@@ -387,13 +446,27 @@ class Trainer:
         old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._fit()
+        except LoaderWorkerError as e:
+            raise TrainingError(f"data loading failed at step {self.step + 1}: {str(e).splitlines()[0]}; "
+                                f"{self._resume_hint()}") from None
+        except RunWriteError as e:
+            raise RunWriteError(f"{e}; {self._resume_hint()}") from None
         except TrainingError as e:
             if self.info.is_main:
-                atomic_write_text(self.run_dir / "diverged", str(e) + "\n")
+                with contextlib.suppress(OSError):
+                    atomic_write_text(self.run_dir / "diverged", str(e) + "\n")
             raise TrainingError(f"{e}; the last good checkpoint is in {self.run_dir / 'checkpoints'}") from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+    def _resume_hint(self) -> str:
+        try:
+            last = json.loads((self.run_dir / "checkpoints" / "last.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return "no checkpoint was written yet"
+        return (f"the checkpoint of step {last.get('step')} is intact; continue with: "
+                f"alexnet train --resume {self.run_dir}")
 
     def _fit(self) -> dict:
         t = self.cfg.train
@@ -441,7 +514,8 @@ class Trainer:
     def _stop(self) -> dict:
         path = self.save_checkpoint()
         if self.info.is_main:
-            atomic_write_text(self.run_dir / "stopped", f"stopped at step {self.step}\n")
+            with _writing(str(self.run_dir / "stopped")):
+                atomic_write_text(self.run_dir / "stopped", f"stopped at step {self.step}\n")
         return {"stopped": True, "step": self.step, "checkpoint": str(path)}
 
     def _end_epoch(self, speed: float, train_time: float) -> None:
@@ -467,14 +541,17 @@ class Trainer:
         # redoes this epoch and rewrites both
         if self.info.is_main:
             if improved:
-                save_model(self.run_dir / "best.safetensors", self.model, self.classes, self.data.stats,
-                           self.preprocess, {"epoch": self.epoch, "step": self.step, "val_top1_err": m.top1_err,
-                                             "val_top5_err": m.top5_err, "class_names": self.class_names})
+                with _writing(str(self.run_dir / "best.safetensors")):
+                    save_model(self.run_dir / "best.safetensors", self.model, self.classes, self.data.stats,
+                               self.preprocess, {"epoch": self.epoch, "step": self.step,
+                                                 "val_top1_err": m.top1_err, "val_top5_err": m.top5_err,
+                                                 "class_names": self.class_names})
             self.history.append(row)
             self._write_log()
             from alexnet.plots import plot_curves
 
-            plot_curves(self.history, self.run_dir / "curves.png")
+            with _writing(str(self.run_dir / "curves.png")):
+                plot_curves(self.history, self.run_dir / "curves.png")
         self.save_checkpoint()
 
     def close(self) -> None:
