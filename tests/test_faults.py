@@ -28,7 +28,7 @@ from alexnet.checkpoint import load_model_file, load_state
 from alexnet.config import to_dict
 from alexnet.sources import DataSourceError
 from alexnet.store import open_store
-from alexnet.train import RunWriteError, Trainer
+from alexnet.train import Trainer
 from tests.test_store import store_contents
 from tests.test_train import tiny_config, write_idx
 
