@@ -19,8 +19,8 @@ from PIL import Image
 
 from alexnet.dataset import TensorImageDataset
 from alexnet.images import ImageError, load_rgb, resize_center_crop
-from alexnet.sources import (FASHION_MNIST_DIR, DataSourceError, FolderDataset, SourceNotFoundError,
-                             dataset_stats, imagenet_wnids, open_dataset, read_ground_truth)
+from alexnet.sources import (FASHION_MNIST_DIR, ClassMismatchError, DataSourceError, FolderDataset,
+                             SourceNotFoundError, dataset_stats, imagenet_wnids, open_dataset, read_ground_truth)
 
 RNG = np.random.default_rng(1234)
 
@@ -218,11 +218,18 @@ def test_on_the_fly_bad_file_is_substituted(tmp_path):
 
 def test_val_split_uses_train_classes(tmp_path):
     make_tree(tmp_path / "train", classes=("cat", "dog", "eel"), per_class=1)
-    make_tree(tmp_path / "val", classes=("dog", "fox"), per_class=1)
+    make_tree(tmp_path / "val", classes=("dog",), per_class=1)
     ds = open_dataset(tmp_path, split="val", image_size=32)
     assert ds.classes == ["cat", "dog", "eel"]
     assert [ds.sources[i] for i in range(len(ds))] == ["dog/0.png"] and ds.labels.tolist() == [1]
-    assert ds.listing.skipped == [("fox/0.png", "class folder 'fox' is not among the training classes")]
+
+
+def test_val_split_with_a_class_the_training_set_lacks_is_refused(tmp_path):
+    # its images would silently be left out of the validation figures
+    make_tree(tmp_path / "train", classes=("cat", "dog", "eel"), per_class=1)
+    make_tree(tmp_path / "val", classes=("dog", "fox"), per_class=1)
+    with pytest.raises(ClassMismatchError, match=r"class folder fox \(1 images\) not among the 3 training"):
+        open_dataset(tmp_path, split="val", image_size=32)
 
 
 def test_a_tree_without_split_folders_is_only_a_training_set(tmp_path):
