@@ -224,8 +224,30 @@ def watch_store(out: Path, expected: dict, stop_event: threading.Event, seen: Co
         time.sleep(0.01)
 
 
+def committed(out: Path) -> int:
+    """The number of images the store at `out` has committed so far (-1: none yet)."""
+    progress = read_json(out / "progress.json")
+    return progress["state"]["records"] if progress else -1
+
+
+def kill_prepare_at_random(proc: subprocess.Popen, out: Path, rng: random.Random) -> bool:
+    """SIGKILL `prepare` at a random moment: before its first commit (in start-up, or while it
+    writes), or just after a commit; never later, so that each run adds at most about two
+    commits and a store of enough images is never finished. False if it ended first."""
+    before, deadline = committed(out), time.monotonic() + rng.uniform(0.3, 4.0)
+    while proc.poll() is None and time.monotonic() < deadline:
+        if committed(out) > before:
+            time.sleep(rng.uniform(0, 0.3))  # a commit of 512 images takes about 0.5 s
+            break
+        time.sleep(0.005)
+    finished = proc.poll() is not None
+    stop(proc)
+    return not finished
+
+
 def kill_prepare_repeatedly(tmp_path: Path, kills: int, seed: int) -> tuple[int, Counter]:
-    src = write_idx(tmp_path / "src", train_n=6000, test_n=4)
+    # 512 images a commit, at most two commits a killed run: the kills never finish the store
+    src = write_idx(tmp_path / "src", train_n=512 * (2 * kills + 2), test_n=4)
     assert finish(start_prepare(src, tmp_path / "once", tmp_path / "once.err"), 300) == 0
     expected = store_contents(tmp_path / "once")
     out, rng, done = tmp_path / "killed", random.Random(seed), 0
@@ -236,16 +258,11 @@ def kill_prepare_repeatedly(tmp_path: Path, kills: int, seed: int) -> tuple[int,
     try:
         for i in range(kills):
             proc = start_prepare(src, out, tmp_path / f"kill{i}.err")
-            try:
-                time.sleep(rng.uniform(1.0, 5.0))  # ~2 s of start-up, then about 5 s of work
-                if proc.poll() is not None:
-                    assert proc.returncode == 0, (tmp_path / f"kill{i}.err").read_text()
-                    break
-            finally:
-                stop(proc)
+            if not kill_prepare_at_random(proc, out, rng):
+                assert proc.returncode == 0, (tmp_path / f"kill{i}.err").read_text()
+                break
             done += 1
-            progress = read_json(out / "progress.json")
-            assert (out / "index.json").exists() or progress is not None or not out.exists()
+            assert (out / "index.json").exists() or committed(out) >= 0 or not out.exists()
         assert finish(start_prepare(src, out, tmp_path / "last.err"), 300) == 0, \
             (tmp_path / "last.err").read_text()
         time.sleep(0.1)
@@ -261,13 +278,13 @@ def kill_prepare_repeatedly(tmp_path: Path, kills: int, seed: int) -> tuple[int,
 
 def test_prepare_killed_at_random_points_ends_with_the_same_store(tmp_path):
     done, seen = kill_prepare_repeatedly(tmp_path, kills=6, seed=3)
-    assert done >= 5 and seen["unfinished"] > 0 and seen["complete"] > 0
+    assert done == 6 and seen["unfinished"] > 0 and seen["complete"] > 0
 
 
 @pytest.mark.slow
 def test_prepare_killed_thirty_times_ends_with_the_same_store(tmp_path):
     done, seen = kill_prepare_repeatedly(tmp_path, kills=30, seed=4)
-    assert done >= 25
+    assert done == 30
 
 
 # ----------------------------------------------------------------------------- full or read-only disk
