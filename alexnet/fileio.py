@@ -58,5 +58,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def json_bytes(data, indent: int | None = None) -> bytes:
+    """`data` as JSON in UTF-8, readable where it can be; a file name that is not UTF-8 (a
+    str with surrogate escapes, as os.listdir gives it) makes the document \\u-escaped,
+    which json.loads gives back exactly."""
+    try:
+        return json.dumps(data, indent=indent, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(data, indent=indent).encode()
+
+
 def atomic_write_json(path: str | Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    text = json_bytes(data, indent=1) + b"\n"
+    atomic_write(path, lambda f: f.write(text))

@@ -789,9 +789,9 @@ class FolderDataset(ImageDataset):
         for rel, label in zip(self.sources, self.labels.tolist()):
             try:
                 st = os.stat(os.path.join(self.root, rel))
-                h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(os.fsencode(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n"))
             except OSError:
-                h.update(f"{rel}\0{label}\0missing\n".encode())
+                h.update(os.fsencode(f"{rel}\0{label}\0missing\n"))
         return h.hexdigest()[:32]
 
     def stats(self) -> DataStats:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from alexnet.dataset import DataStats, ImageDataset, load_stats, resize_batch, save_stats
-from alexnet.fileio import atomic_write, atomic_write_json
+from alexnet.fileio import atomic_write, atomic_write_json, json_bytes
 from alexnet.progress import Progress
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.sources import (DataSourceError, SourceNotFoundError, StatsAccumulator,
@@ -64,9 +64,11 @@ LOCK = ".lock"
 
 # ---------------------------------------------------------------------------- small file helpers
 
-def _report_line(path: str, reason: str) -> str:
+def _report_line(path: str, reason: str) -> bytes:
+    """One skipped.tsv row. A file name that is not UTF-8 (a str with surrogate escapes, as
+    os.listdir gives it) is written as its own bytes, as `ls` would show them."""
     path = str(path).replace("\t", " ").replace("\n", " ").replace("\r", " ")
-    return f"{path}\t{' '.join(str(reason).split())}\n"
+    return f"{path}\t{' '.join(str(reason).split())}\n".encode("utf-8", "surrogateescape")
 
 
 # ---------------------------------------------------------------------------- decoding work
@@ -170,14 +172,14 @@ class _Writer:
     def add(self, source: str, label: int, arr: np.ndarray, moments) -> None:
         self.files[IMAGES].write(memoryview(arr).cast("B"))
         self.files[LABELS_RAW].write(np.int64(label).tobytes())
-        self.files[SOURCES].write((json.dumps(source, ensure_ascii=False) + "\n").encode())
+        self.files[SOURCES].write(json_bytes(source) + b"\n")
         self.acc.image_sum += arr
         self.acc.count += 1
         self.acc.add_pixels(arr.size // 3, *moments)
         self.state["records"] += 1
 
     def skip(self, source: str, reason: str) -> None:
-        self.files[REPORT_PARTIAL].write(_report_line(source, reason).encode())
+        self.files[REPORT_PARTIAL].write(_report_line(source, reason))
         self.state["skipped"] += 1
 
     def commit(self) -> None:
@@ -403,7 +405,7 @@ def _done_sources(out: Path, state: dict) -> set[str]:
             done.add(json.loads(line))
     with open(out / REPORT_PARTIAL, "rb") as f:
         for line in f:
-            done.add(line.decode("utf-8").split("\t", 1)[0])
+            done.add(line.decode("utf-8", "surrogateescape").split("\t", 1)[0])
     return done
 
 
@@ -421,7 +423,7 @@ def _finalize(out: Path, meta: dict, state: dict, acc: StatsAccumulator,
 
     n, size = state["records"], meta["image_size"]
     report = out / REPORT
-    lines = "".join(_report_line(path, reason) for path, reason in pre_skipped).encode()
+    lines = b"".join(_report_line(path, reason) for path, reason in pre_skipped)
     atomic_write(report, lambda f: f.write(lines + (out / REPORT_PARTIAL).read_bytes()))
     skipped = state["skipped"] + len(pre_skipped)
     if n == 0:

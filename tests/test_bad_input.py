@@ -41,10 +41,9 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    """The corpus as a train/val ImageFolder, without the non-UTF-8 name (see
-    test_prepare_a_non_utf8_file_name)."""
+    """The corpus as a train/val ImageFolder, the non-UTF-8 name included."""
     root = tmp_path_factory.mktemp("tree")
-    manifest, info = build_tree(root, bytes_name=False)
+    manifest, info = build_tree(root)
     return root, manifest, info
 
 
@@ -134,19 +133,44 @@ def test_prepare_stores_good_images_and_reports_every_bad_one(tree, tmp_path, ca
     assert f"{len(bad)} skipped" in out
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError,
-                   reason="store.py writes sources.jsonl with str.encode(): a file name that is not "
-                          "UTF-8 (a surrogate-escaped str) ends prepare with a traceback")
 def test_prepare_a_non_utf8_file_name(tmp_path):
-    from alexnet.store import prepare
+    # Linux allows any bytes but / and NUL in a name; os.listdir gives such a name as a str
+    # with surrogate escapes, which a plain str.encode() refuses
+    from alexnet.store import open_store, prepare
 
     d = tmp_path / "src" / "cls"
     d.mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(d / "a.png")
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(d / "a.png")
     with open(os.fsencode(d) + b"/caf\xe9.png", "wb") as f:
         f.write((d / "a.png").read_bytes())
+    with open(os.fsencode(d) + b"/bad\xff.jpg", "wb") as f:
+        f.write(b"not an image")
     result = prepare(tmp_path / "src", tmp_path / "out", workers=1, progress=False)
-    assert result.written == 2
+    assert result.written == 2 and result.skipped == 1
+    ds = open_store(tmp_path / "out")
+    assert sorted(ds.sources) == sorted(["cls/a.png", os.fsdecode(b"cls/caf\xe9.png")])
+    # the report holds the file's own bytes, as ls shows them
+    assert (tmp_path / "out" / "skipped.tsv").read_bytes().startswith(b"cls/bad\xff.jpg\t")
+
+
+def test_prepare_resumes_past_a_non_utf8_file_name(tmp_path):
+    from alexnet.store import open_store, prepare
+
+    d = tmp_path / "src" / "cls"
+    d.mkdir(parents=True)
+    names = [b"a\xe9%d.png" % i for i in range(3)] + [b"bad\xff.jpg"]
+    for i, name in enumerate(names):
+        with open(os.fsencode(d) + b"/" + name, "wb") as f:
+            if name.endswith(b".png"):
+                Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(f, "PNG")
+            else:
+                f.write(b"garbage")
+    first = prepare(tmp_path / "src", tmp_path / "out", workers=1, progress=False, commit_every=1,
+                    _stop_after=2)
+    assert not first.complete
+    result = prepare(tmp_path / "src", tmp_path / "out", workers=1, progress=False)
+    assert result.complete and result.written == 3 and result.skipped == 1  # nothing done twice
+    assert len(set(open_store(tmp_path / "out").sources)) == 3
 
 
 def test_prepare_val_lists_classes_the_training_set_lacks(tree, tmp_path, capsys):
