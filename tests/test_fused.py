@@ -151,7 +151,10 @@ def test_fast_path_matches_the_plain_network(variant, blocks, monkeypatch):
     x = torch.randn(2, 3, s, s) * 60
     out, out_ref = m(x.contiguous(memory_format=CL)), ref(x)
     assert calls == [1] * blocks, "every ReLU-(LRN)-pool run went through the kernel"
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    # against the largest logit: oneDNN sums in another order for channels_last, and an
+    # element-wise rtol fails on the small logits beside large ones (bn: 3.7e-4 on 1.4 where
+    # the largest is 425, 2e-6 of the scale, on one CPU)
+    assert_close_scaled(out, out_ref, "logits", rel=2e-5)
     out.square().sum().backward()
     out_ref.square().sum().backward()
     for (name, p), q in zip(m.named_parameters(), ref.parameters()):
