@@ -265,6 +265,49 @@ def test_predict_one_line_per_bad_image_others_predicted(corpus, model_file, cap
     assert "caf\\xe9.png" in out  # the Latin-1 name, printable
 
 
+def as_nobody(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m alexnet ARGV` as the unprivileged user nobody (setpriv), so that a chmod
+    000 file really cannot be read; root reads everything."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(cwd), "ALEXNET_CACHE": str(cwd / "cache")}
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                           sys.executable, "-m", "alexnet", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="not root: the corpus's own noperm.jpg is this case")
+def test_a_file_the_user_cannot_read_is_reported_by_predict_and_prepare(model_file):
+    base = Path(tempfile.mkdtemp(prefix="alexnet-noperm-"))  # outside pytest's 0700 folders
+    try:
+        os.chmod(base, 0o777)
+        (base / "cache").mkdir(mode=0o777)
+        os.chmod(base / "cache", 0o777)
+        imgs = base / "src" / "cls"
+        imgs.mkdir(parents=True)
+        Image.new("RGB", (40, 30), (90, 20, 200)).save(imgs / "good.png")
+        Image.new("RGB", (40, 30), (9, 20, 200)).save(imgs / "noperm.jpg")
+        os.chmod(imgs / "noperm.jpg", 0)
+        for d in (base / "src", imgs):
+            os.chmod(d, 0o755)
+        ck = base / "m.safetensors"
+        ck.write_bytes(Path(model_file).read_bytes())
+        os.chmod(ck, 0o644)
+        probe = as_nobody(["summary", "--json"], base)
+        if probe.returncode != 0:
+            pytest.skip(f"python cannot run as nobody here: {probe.stderr.strip()[-200:]}")
+
+        r = as_nobody(["predict", str(ck), str(imgs), "--top", "1"], base)
+        assert r.returncode == 1 and r.stderr.splitlines() == [
+            f"alexnet: error: {imgs / 'noperm.jpg'}: cannot open: Permission denied"], r.stderr
+        assert r.stdout.splitlines()[0] == str(imgs / "good.png")
+
+        r = as_nobody(["prepare", str(base / "src"), str(base / "store"), "--workers", "1", "--quiet"], base)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((base / "store" / "index.json").read_text())["count"] == 1
+        assert read_report(base / "store" / "skipped.tsv") == {"cls/noperm.jpg": "cannot open: Permission denied"}
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=True)
+
+
 @pytest.fixture(scope="module")
 def client(model_file):
     from fastapi.testclient import TestClient
