@@ -173,6 +173,25 @@ def test_prepare_resumes_past_a_non_utf8_file_name(tmp_path):
     assert len(set(open_store(tmp_path / "out").sources)) == 3
 
 
+def test_folder_symlink_loops_end_and_list_each_image_once(tmp_path, model_file, capsys):
+    # a/self -> a, and b/up -> the training folder itself: an os.walk that follows links
+    # without remembering where it has been never ends
+    root = tmp_path / "train"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        Image.new("RGB", (30, 20), (80, 40, 160)).save(root / cls / f"{cls}.png")
+    (root / "a" / "self").symlink_to(".")
+    (root / "b" / "up").symlink_to(root)
+    rc, out, err = main(capsys, "prepare", root, tmp_path / "store", "--quiet", "--workers", "1")
+    assert rc == 0, err
+    from alexnet.store import open_store
+
+    sources = open_store(tmp_path / "store").sources
+    assert sorted(sources) == sorted(set(sources)) and {"a/a.png", "b/b.png"} <= set(sources)
+    rc, out, err = main(capsys, "predict", model_file, tmp_path / "train" / "a", "--top", "1")
+    assert rc == 0 and [x for x in out.splitlines() if not x.startswith(" ")] == [str(root / "a" / "a.png")]
+
+
 def test_prepare_val_lists_classes_the_training_set_lacks(tree, tmp_path, capsys):
     root, _, info = tree
     rc, out, err = main(capsys, "prepare", root, tmp_path / "val", "--split", "val", "--quiet", "--workers", "1")
