@@ -455,6 +455,45 @@ def test_untrusted_weight_files_are_refused_never_executed(capsys, tmp_path, mod
     assert (tmp_path / "PWNED").exists()
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A two-step training run with a checkpoint at each step."""
+    from alexnet.config import to_dict
+    from tests.test_train import tiny_config, write_idx
+
+    d = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(write_idx(d / "idx", train_n=12, test_n=4), batch_size=4, epochs=1, checkpoint_every=1)
+    (d / "c.json").write_text(json.dumps(to_dict(cfg)))
+    assert cli.main(["train", "--config", str(d / "c.json"), "--out", str(d / "run"), "--no-test"]) == 0
+    return d / "run"
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("state.pt", "refused to load training state"),
+    ("model.safetensors", "not a readable safetensors file"),
+    ("last.json", "no readable checkpoints/last.json"),
+    ("last.json-escape", "no checkpoint file at"),
+])
+def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(capsys, tmp_path, finished_run, damage, words):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    last = run / "checkpoints" / "last.json"
+    newest = run / "checkpoints" / json.loads(last.read_text())["dir"]
+    if damage == "last.json":
+        last.write_text("{garbage")
+    elif damage == "last.json-escape":  # a folder outside the run
+        last.write_text(json.dumps({"dir": "../../elsewhere", "step": 2}))
+    else:
+        data = (newest / damage).read_bytes()
+        (newest / damage).write_bytes(data[: len(data) // 3])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    rc, out, err = main(capsys, "train", "--resume", run, "--no-test")
+    one_line_error(rc, err, words)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+
+
 def test_convert_refuses_garbage(capsys, tmp_path):
     (tmp_path / "w.caffemodel").write_bytes(np.random.default_rng(1).bytes(3000))
     rc, out, err = main(capsys, "convert", tmp_path / "w.caffemodel", tmp_path / "out.safetensors")
