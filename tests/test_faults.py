@@ -231,23 +231,20 @@ def committed(out: Path) -> int:
 
 
 def kill_prepare_at_random(proc: subprocess.Popen, out: Path, rng: random.Random) -> bool:
-    """SIGKILL `prepare` at a random moment: before its first commit (in start-up, or while it
-    writes), or just after a commit; never later, so that each run adds at most about two
-    commits and a store of enough images is never finished. False if it ended first."""
-    before, deadline = committed(out), time.monotonic() + rng.uniform(0.3, 4.0)
-    while proc.poll() is None and time.monotonic() < deadline:
-        if committed(out) > before:
-            time.sleep(rng.uniform(0, 0.3))  # a commit of 512 images takes about 0.5 s
-            break
-        time.sleep(0.005)
+    """SIGKILL `prepare` at a random moment (start-up included) no later than its first new
+    commit: each killed run adds at most a commit or two (one takes ~40 ms from IDX files),
+    so a store of enough images is never finished by the kills. False if it ended first."""
+    before, deadline = committed(out), time.monotonic() + rng.uniform(0.3, 4.0)  # start-up ~1.5 s
+    while proc.poll() is None and time.monotonic() < deadline and committed(out) <= before:
+        time.sleep(0.002)
     finished = proc.poll() is not None
     stop(proc)
     return not finished
 
 
 def kill_prepare_repeatedly(tmp_path: Path, kills: int, seed: int) -> tuple[int, Counter]:
-    # 512 images a commit, at most two commits a killed run: the kills never finish the store
-    src = write_idx(tmp_path / "src", train_n=512 * (2 * kills + 2), test_n=4)
+    # 512 images a commit, at most about two a killed run: the kills never finish the store
+    src = write_idx(tmp_path / "src", train_n=512 * (3 * kills + 3), test_n=4)
     assert finish(start_prepare(src, tmp_path / "once", tmp_path / "once.err"), 300) == 0
     expected = store_contents(tmp_path / "once")
     out, rng, done = tmp_path / "killed", random.Random(seed), 0
@@ -263,6 +260,7 @@ def kill_prepare_repeatedly(tmp_path: Path, kills: int, seed: int) -> tuple[int,
                 break
             done += 1
             assert (out / "index.json").exists() or committed(out) >= 0 or not out.exists()
+        kept = committed(out)
         assert finish(start_prepare(src, out, tmp_path / "last.err"), 300) == 0, \
             (tmp_path / "last.err").read_text()
         time.sleep(0.1)
@@ -272,7 +270,8 @@ def kill_prepare_repeatedly(tmp_path: Path, kills: int, seed: int) -> tuple[int,
     assert store_contents(out) == expected  # images, labels, sources, statistics, report: bit for bit
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "once").iterdir())
     assert set(seen) <= {"unfinished", "absent", "complete"}, seen
-    print(f"prepare: {done} kills; reader saw {dict(seen)}")
+    print(f"prepare: {done} kills, {kept} of {expected['index']['count']} images committed by then; "
+          f"reader saw {dict(seen)}")
     return done, seen
 
 
