@@ -247,6 +247,14 @@ def test_evaluate_a_checkpoint_of_other_classes_is_a_one_line_error(tree, tmp_pa
     one_line_error(rc, err, "is among the 3 training classes")
 
 
+def test_evaluate_a_val_folder_with_a_class_the_training_set_lacks_is_a_one_line_error(tree, tmp_path, capsys):
+    root, _, info = tree
+    ck = checkpoint(tmp_path / "m.safetensors", info["train_classes"])
+    rc, out, err = main(capsys, "evaluate", ck, "--data", root, "--split", "val", "--out", tmp_path / "ev")
+    one_line_error(rc, err, "zebra (1 images) not among the 3 training classes")
+    assert not (tmp_path / "ev").exists()
+
+
 def test_evaluate_goes_on_past_bad_files(tree, tmp_path, capsys):
     root, manifest, info = tree
     ck = checkpoint(tmp_path / "m.safetensors", info["train_classes"], crop=227)
