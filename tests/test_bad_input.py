@@ -486,16 +486,18 @@ def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(capsys, tmp_path, 
     import shutil
 
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    shutil.copytree(finished_run, run, copy_function=os.link)  # hard links: the damaged file is replaced below
     last = run / "checkpoints" / "last.json"
     newest = run / "checkpoints" / json.loads(last.read_text())["dir"]
+    target = last if damage.startswith("last.json") else newest / damage
+    data = target.read_bytes()
+    target.unlink()  # not the fixture's file
     if damage == "last.json":
-        last.write_text("{garbage")
+        target.write_text("{garbage")
     elif damage == "last.json-escape":  # a folder outside the run
-        last.write_text(json.dumps({"dir": "../../elsewhere", "step": 2}))
+        target.write_text(json.dumps({"dir": "../../elsewhere", "step": 2}))
     else:
-        data = (newest / damage).read_bytes()
-        (newest / damage).write_bytes(data[: len(data) // 3])
+        target.write_bytes(data[: len(data) // 3])
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     rc, out, err = main(capsys, "train", "--resume", run, "--no-test")
     one_line_error(rc, err, words)
