@@ -146,8 +146,9 @@ def _load() -> ctypes.CDLL | None:
                 getattr(lib, name).argtypes = [p, p, p, *common]  # x, g, dx
             i = ctypes.c_int
             shape = [long, long, long, long, i, f, f, f, i, i, i]  # N, H, W, C, size, ..., z, s, threads
-            lib.block_forward_nhwc.argtypes = [p, p, p, *shape]  # x, y, idx (or NULL)
-            lib.block_backward_nhwc.argtypes = [p, p, p, p, *shape]  # x, idx, gy, gx
+            for suffix in ("", "_bf16"):
+                getattr(lib, f"block_forward_nhwc{suffix}").argtypes = [p, p, p, *shape]  # x, y, idx (or NULL)
+                getattr(lib, f"block_backward_nhwc{suffix}").argtypes = [p, p, p, p, *shape]  # x, idx, gy, gx
             _lib = lib
         return _lib
 
@@ -184,14 +185,18 @@ class _KernelLRN(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------
-# ReLU -> LRN -> max-pool as one kernel (channels_last float32 CPU tensors).
+# ReLU -> LRN -> max-pool as one kernel (channels_last float32 or bfloat16 CPU tensors).
+
+_BLOCK_DTYPES = {torch.float32: "", torch.bfloat16: "_bf16"}  # bfloat16: computed in float32
 
 
 def _block_call(name: str, x: torch.Tensor, *rest, lrn: LRNConfig | None, pool: tuple[int, int]):
+    """Runs block_{name}_nhwc (for x's dtype) on x and the tensors `rest` (None: NULL)."""
     n, c, h, w = x.shape
     size, alpha, beta, k = (lrn.size, lrn.alpha_sum, lrn.beta, lrn.k) if lrn else (0, 0.0, 0.0, 0.0)
     ptrs = [t.data_ptr() if t is not None else None for t in rest]
-    getattr(_lib, name)(x.data_ptr(), *ptrs, n, h, w, c, size, alpha, beta, k, *pool, torch.get_num_threads())
+    fn = getattr(_lib, f"block_{name}_nhwc{_BLOCK_DTYPES[x.dtype]}")
+    fn(x.data_ptr(), *ptrs, n, h, w, c, size, alpha, beta, k, *pool, torch.get_num_threads())
 
 
 def _pooled(x: torch.Tensor, pool: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -203,9 +208,9 @@ def _pooled(x: torch.Tensor, pool: tuple[int, int]) -> tuple[int, int, int, int]
 class _BlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, lrn: LRNConfig | None, pool: tuple[int, int]) -> torch.Tensor:
-        y = torch.empty(_pooled(x, pool), memory_format=torch.channels_last)
+        y = torch.empty(_pooled(x, pool), dtype=x.dtype, memory_format=torch.channels_last)
         idx = torch.empty(y.shape, dtype=torch.uint8, memory_format=torch.channels_last)
-        _block_call("block_forward_nhwc", x, y, idx, lrn=lrn, pool=pool)
+        _block_call("forward", x, y, idx, lrn=lrn, pool=pool)
         ctx.save_for_backward(x, idx)
         ctx.hyper = (lrn, pool)
         return y
@@ -216,15 +221,15 @@ class _BlockFunction(torch.autograd.Function):
         x, idx = ctx.saved_tensors
         lrn, pool = ctx.hyper
         gx = torch.empty_like(x)
-        gy = gy.contiguous(memory_format=torch.channels_last)
-        _block_call("block_backward_nhwc", x, idx, gy, gx, lrn=lrn, pool=pool)
+        gy = gy.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        _block_call("backward", x, idx, gy, gx, lrn=lrn, pool=pool)
         return gx, None, None
 
 
 def block_fusable(x: torch.Tensor) -> bool:
-    """Whether relu_lrn_pool runs as one kernel for x: float32 channels_last CPU tensors
-    (with the C kernel built and ALEXNET_LRN not set to torch)."""
-    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] > 1
+    """Whether relu_lrn_pool runs as one kernel for x: float32 or bfloat16 channels_last
+    CPU tensors (with the C kernel built and ALEXNET_LRN not set to torch)."""
+    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype in _BLOCK_DTYPES and x.shape[1] > 1
             and x.is_contiguous(memory_format=torch.channels_last)
             and os.environ.get("ALEXNET_LRN") != "torch" and _load() is not None)
 
@@ -243,8 +248,8 @@ def relu_lrn_pool(x: torch.Tensor, lrn: LRNConfig | None, pool: tuple[int, int] 
         return nn.functional.max_pool2d(y, z, s)
     if torch.is_grad_enabled() and x.requires_grad:
         return _BlockFunction.apply(x, lrn, pool)
-    y = torch.empty(_pooled(x, pool), memory_format=torch.channels_last)
-    _block_call("block_forward_nhwc", x, y, None, lrn=lrn, pool=pool)
+    y = torch.empty(_pooled(x, pool), dtype=x.dtype, memory_format=torch.channels_last)
+    _block_call("forward", x, y, None, lrn=lrn, pool=pool)
     return y
 
 

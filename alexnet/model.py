@@ -15,8 +15,8 @@ torchvision state dict loads into `owt` as it is; the paper's layer names (conv1
 come from `named_layers()`.
 
 Speed: each ReLU -> (LRN) -> max-pool run in `features` goes through one fused kernel
-(`alexnet.lrn.relu_lrn_pool`) when the activations are float32 channels_last CPU tensors;
-otherwise, when `model.fuse` is False, or when a hook is registered on one of those
+(`alexnet.lrn.relu_lrn_pool`) when the activations are float32 or bfloat16 channels_last
+CPU tensors; otherwise, when `model.fuse` is False, or when a hook is registered on one of those
 modules (to look at its output), the modules run one by one with the same results.
 """
 

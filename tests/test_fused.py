@@ -2,7 +2,8 @@
 whole network run that way, against the same operations done one by one.
 
 Tolerances: the fused kernel against a float64 oracle within a few float32 roundings
-(forward 2e-5 relative, gradient 1e-4 relative). The whole network on the fast path
+(forward 2e-5 relative, gradient 1e-4 relative); on bfloat16 tensors, the oracle rounded
+once to bfloat16. The whole network on the fast path
 against the plain nn.Module network in float32: outputs within 1e-4, and each gradient
 within 1e-4 of its largest magnitude (channels-last convolutions sum in another order,
 so single small entries of a large weight gradient differ by more than their own 1e-3).
@@ -55,6 +56,60 @@ def test_forward_and_gradient_match_the_chain(shape, lrn):
     (y * g.float()).sum().backward()
     (yr * g).sum().backward()
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-5)
+
+
+BF16_ULP = 2.0 ** -8  # bfloat16 keeps 8 significant bits: one rounding is within half of this
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("lrn", LRNS, ids=str)
+def test_bfloat16_block_is_the_float64_chain_rounded_once(shape, lrn):
+    """bf16 autocast's activations: the kernel widens them to float32, and rounds only its
+    result, so the output is the exact chain's rounded to bfloat16 (ties aside)."""
+    torch.manual_seed(0)
+    cfg = LRNS[lrn]
+    x = (torch.randn(shape) * 30).to(torch.bfloat16).contiguous(memory_format=CL).requires_grad_()
+    assert block_fusable(x)
+    y = relu_lrn_pool(x, cfg, (3, 2))
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=CL)
+    xr = x.detach().double().requires_grad_()
+    yr = oracle(xr, cfg, 3, 2)
+    exact = (y == yr.to(torch.bfloat16)).double().mean().item()
+    assert exact > 0.999, f"only {exact:.4%} of the outputs are the oracle's rounding"
+    assert ((y.double() - yr).abs() <= BF16_ULP * yr.abs()).all()
+    g = torch.randn_like(yr).to(torch.bfloat16)
+    (y * g).sum().backward()
+    (yr * g.double()).sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    err = (x.grad.double() - xr.grad).abs()
+    assert (err <= BF16_ULP * xr.grad.abs() + 1e-5 * xr.grad.abs().max()).all(), err.max()
+
+
+def test_bfloat16_network_forward_is_bit_identical_to_the_unfused_chain(monkeypatch):
+    """Under bf16 autocast the unfused chain rounds after the LRN, then pools; rounding is
+    monotonic, so pooling the rounded values is rounding the pooled ones: the same bits.
+    Gradients: bf16 autocast itself moves them from float32's by 10-60% of their largest
+    entry here (the gradient of a squared sum of logits); the fused kernel must add nothing
+    to that."""
+    calls = count_fused(monkeypatch)
+    torch.manual_seed(0)
+    m = build_model("paper", num_classes=10, init="kaiming").to(memory_format=CL)
+    x = (torch.randn(2, 3, 227, 227) * 60).contiguous(memory_format=CL)
+    runs = {}
+    for name, fuse, amp in (("fp32", False, False), ("fused", True, True), ("unfused", False, True)):
+        m.fuse = fuse
+        m.zero_grad()
+        torch.manual_seed(5)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = m(x)
+        out.float().square().sum().backward()
+        runs[name] = (out.detach(), [p.grad.clone() for p in m.parameters()])
+    assert calls == [1, 1, 1]  # the fused run only
+    assert runs["fused"][0].dtype == torch.bfloat16 and torch.equal(runs["fused"][0], runs["unfused"][0])
+    for i, (name, _) in enumerate(m.named_parameters()):
+        ref = runs["fp32"][1][i]
+        fused, unfused = ((runs[k][1][i] - ref).abs().max().item() for k in ("fused", "unfused"))
+        assert fused <= 1.1 * unfused + 1e-3 * ref.abs().max().item(), (name, fused, unfused)
 
 
 @pytest.mark.parametrize("z,s", [(2, 2), (3, 1), (5, 3)])

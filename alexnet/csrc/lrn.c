@@ -28,6 +28,7 @@
  * (torch.get_num_threads()).
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -218,7 +219,7 @@ void lrn_backward_nhwc(const float *x, const float *g, float *dx, long N, long C
 /* ---------------------------------------------------------------------------------------
  * The block after conv1, conv2 and conv5, fused: ReLU, then LRN (when `size` > 0), then
  * max-pooling over z x z windows at stride s (the paper's z = 3, s = 2, no padding), on
- * channels_last (NHWC) float32 tensors.
+ * channels_last (NHWC) float32 tensors, or bfloat16 ones (computed in float32, below).
  *
  *   forward:  x (N, H, W, C) conv output -> y (N, OH, OW, C) pooled, and for the backward
  *             pass idx (N, OH, OW, C) bytes: the winner's offset in its window (dy * z + dx).
@@ -248,6 +249,99 @@ static void block_normalise(const float *restrict x, float *restrict r, float *r
     }
 }
 
+/* One image forward: xn (H, W, C) -> yn (OH, OW, C) and, unless NULL, in (OH, OW, C). */
+static void block_forward_image(const float *restrict xn, float *restrict yn,
+                                unsigned char *restrict in, float *restrict r,
+                                float *restrict xpad, long H, long W, long C, int size,
+                                params prm, int z, int s) {
+    const long OH = (H - z) / s + 1, OW = (W - z) / s + 1;
+    block_normalise(xn, r, xpad, H * W, C, size, prm);
+    for (long oh = 0; oh < OH; oh++) {
+        for (long ow = 0; ow < OW; ow++) {
+            float *yo = yn + (oh * OW + ow) * C;
+            unsigned char *io = in ? in + (oh * OW + ow) * C : NULL;
+            const float *r0 = r + (oh * s * W + ow * s) * C;
+            for (long c = 0; c < C; c++) yo[c] = r0[c];
+            if (io) memset(io, 0, C);
+            for (int dy = 0; dy < z; dy++) {
+                for (int dx = 0; dx < z; dx++) {
+                    if (dy == 0 && dx == 0) continue;
+                    const float *rw = r0 + (dy * W + dx) * C;
+                    const unsigned char pos = (unsigned char)(dy * z + dx);
+                    if (io) {
+                        for (long c = 0; c < C; c++) {
+                            const int win = rw[c] > yo[c] || isnan(rw[c]);
+                            yo[c] = win ? rw[c] : yo[c];
+                            io[c] = win ? pos : io[c];
+                        }
+                    } else {
+                        for (long c = 0; c < C; c++)
+                            yo[c] = (rw[c] > yo[c] || isnan(rw[c])) ? rw[c] : yo[c];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* One image backward: xn, in, gyn -> gxn, through the scratch gr (H * W * C). */
+static void block_backward_image(const float *restrict xn, const unsigned char *restrict in,
+                                 const float *restrict gyn, float *restrict gxn,
+                                 float *restrict gr, float *restrict xpad, float *restrict tpad,
+                                 long H, long W, long C, int size, params prm, int z, int s) {
+    const long OH = (H - z) / s + 1, OW = (W - z) / s + 1, HW = H * W, h = size / 2;
+    memset(gr, 0, sizeof(float) * HW * C);
+    for (long o = 0; o < OH * OW; o++) {
+        const long oh = o / OW, ow = o % OW;
+        float *g0 = gr + (oh * s * W + ow * s) * C;
+        const float *go = gyn + o * C;
+        const unsigned char *io = in + o * C;
+        for (long c = 0; c < C; c++) {
+            const int pos = io[c];
+            g0[((pos / z) * W + pos % z) * C + c] += go[c];
+        }
+    }
+    for (long pix = 0; pix < HW; pix++) {
+        const float *xp = xn + pix * C, *gp = gr + pix * C;
+        float *gxp = gxn + pix * C;
+        if (size == 0) {
+            for (long c = 0; c < C; c++) gxp[c] = xp[c] <= 0.0f ? 0.0f : gp[c];
+            continue;
+        }
+        for (long c = 0; c < C; c++) xpad[h + c] = relu_f(xp[c]);
+        const float *rp = xpad + h;
+        FOR_EACH_STRIP(C, backward_strip_t(rp + p, xpad + p, 1, size, gp + p, gxp + p,
+                                           tpad + h + p, w, prm));
+        FOR_EACH_STRIP(C, backward_strip_dx(rp + p, tpad + p, 1, size, gxp + p, w, prm));
+        for (long c = 0; c < C; c++) gxp[c] = xp[c] <= 0.0f ? 0.0f : gxp[c];
+    }
+}
+
+/* bfloat16 (the upper half of a float32) to float32 and back, rounding to nearest even as
+ * torch does; NaN stays NaN. */
+static inline float bf16_load(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t bf16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static void bf16_to_f32(const uint16_t *restrict a, float *restrict b, long n) {
+    for (long i = 0; i < n; i++) b[i] = bf16_load(a[i]);
+}
+
+static void f32_to_bf16(const float *restrict a, uint16_t *restrict b, long n) {
+    for (long i = 0; i < n; i++) b[i] = bf16_store(a[i]);
+}
+
 void block_forward_nhwc(const float *x, float *y, unsigned char *idx, long N, long H, long W,
                         long C, int size, float alpha, float beta, float k, int z, int s,
                         int nthreads) {
@@ -258,37 +352,9 @@ void block_forward_nhwc(const float *x, float *y, unsigned char *idx, long N, lo
         float *r = malloc(sizeof(float) * HW * C);
         float *xpad = calloc(C + 2 * h, sizeof(float));
 #pragma omp for schedule(static)
-        for (long n = 0; n < N; n++) {
-            block_normalise(x + n * HW * C, r, xpad, HW, C, size, prm);
-            float *yn = y + n * OH * OW * C;
-            unsigned char *in = idx ? idx + n * OH * OW * C : NULL;
-            for (long oh = 0; oh < OH; oh++) {
-                for (long ow = 0; ow < OW; ow++) {
-                    float *yo = yn + (oh * OW + ow) * C;
-                    unsigned char *io = in ? in + (oh * OW + ow) * C : NULL;
-                    const float *r0 = r + (oh * s * W + ow * s) * C;
-                    for (long c = 0; c < C; c++) yo[c] = r0[c];
-                    if (io) memset(io, 0, C);
-                    for (int dy = 0; dy < z; dy++) {
-                        for (int dx = 0; dx < z; dx++) {
-                            if (dy == 0 && dx == 0) continue;
-                            const float *rw = r0 + (dy * W + dx) * C;
-                            const unsigned char pos = (unsigned char)(dy * z + dx);
-                            if (io) {
-                                for (long c = 0; c < C; c++) {
-                                    const int win = rw[c] > yo[c] || isnan(rw[c]);
-                                    yo[c] = win ? rw[c] : yo[c];
-                                    io[c] = win ? pos : io[c];
-                                }
-                            } else {
-                                for (long c = 0; c < C; c++)
-                                    yo[c] = (rw[c] > yo[c] || isnan(rw[c])) ? rw[c] : yo[c];
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        for (long n = 0; n < N; n++)
+            block_forward_image(x + n * HW * C, y + n * OH * OW * C, idx ? idx + n * OH * OW * C : NULL,
+                                r, xpad, H, W, C, size, prm, z, s);
         free(r);
         free(xpad);
     }
@@ -305,37 +371,67 @@ void block_backward_nhwc(const float *x, const unsigned char *idx, const float *
         float *xpad = calloc(C + 2 * h, sizeof(float));
         float *tpad = calloc(C + 2 * h, sizeof(float));
 #pragma omp for schedule(static)
+        for (long n = 0; n < N; n++)
+            block_backward_image(x + n * HW * C, idx + n * OH * OW * C, gy + n * OH * OW * C,
+                                 gx + n * HW * C, gr, xpad, tpad, H, W, C, size, prm, z, s);
+        free(gr);
+        free(xpad);
+        free(tpad);
+    }
+}
+
+/* The same for bfloat16 tensors (bf16 autocast): each image is widened to float32 in a
+ * per-thread buffer, computed as above, and its result rounded back to bfloat16, so only
+ * bfloat16 tensors are read and written. */
+void block_forward_nhwc_bf16(const uint16_t *x, uint16_t *y, unsigned char *idx, long N,
+                             long H, long W, long C, int size, float alpha, float beta, float k,
+                             int z, int s, int nthreads) {
+    const params prm = {alpha, beta, k};
+    const long OH = (H - z) / s + 1, OW = (W - z) / s + 1, HW = H * W, h = size / 2;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *xf = malloc(sizeof(float) * HW * C);
+        float *yf = malloc(sizeof(float) * OH * OW * C);
+        float *r = malloc(sizeof(float) * HW * C);
+        float *xpad = calloc(C + 2 * h, sizeof(float));
+#pragma omp for schedule(static)
         for (long n = 0; n < N; n++) {
-            const float *xn = x + n * HW * C;
-            const float *gyn = gy + n * OH * OW * C;
-            const unsigned char *in = idx + n * OH * OW * C;
-            float *gxn = gx + n * HW * C;
-            memset(gr, 0, sizeof(float) * HW * C);
-            for (long o = 0; o < OH * OW; o++) {
-                const long oh = o / OW, ow = o % OW;
-                float *g0 = gr + (oh * s * W + ow * s) * C;
-                const float *go = gyn + o * C;
-                const unsigned char *io = in + o * C;
-                for (long c = 0; c < C; c++) {
-                    const int pos = io[c];
-                    g0[((pos / z) * W + pos % z) * C + c] += go[c];
-                }
-            }
-            for (long pix = 0; pix < HW; pix++) {
-                const float *xp = xn + pix * C, *gp = gr + pix * C;
-                float *gxp = gxn + pix * C;
-                if (size == 0) {
-                    for (long c = 0; c < C; c++) gxp[c] = xp[c] <= 0.0f ? 0.0f : gp[c];
-                    continue;
-                }
-                for (long c = 0; c < C; c++) xpad[h + c] = relu_f(xp[c]);
-                const float *rp = xpad + h;
-                FOR_EACH_STRIP(C, backward_strip_t(rp + p, xpad + p, 1, size, gp + p, gxp + p,
-                                                   tpad + h + p, w, prm));
-                FOR_EACH_STRIP(C, backward_strip_dx(rp + p, tpad + p, 1, size, gxp + p, w, prm));
-                for (long c = 0; c < C; c++) gxp[c] = xp[c] <= 0.0f ? 0.0f : gxp[c];
-            }
+            bf16_to_f32(x + n * HW * C, xf, HW * C);
+            block_forward_image(xf, yf, idx ? idx + n * OH * OW * C : NULL, r, xpad, H, W, C, size,
+                                prm, z, s);
+            f32_to_bf16(yf, y + n * OH * OW * C, OH * OW * C);
         }
+        free(xf);
+        free(yf);
+        free(r);
+        free(xpad);
+    }
+}
+
+void block_backward_nhwc_bf16(const uint16_t *x, const unsigned char *idx, const uint16_t *gy,
+                              uint16_t *gx, long N, long H, long W, long C, int size, float alpha,
+                              float beta, float k, int z, int s, int nthreads) {
+    const params prm = {alpha, beta, k};
+    const long OH = (H - z) / s + 1, OW = (W - z) / s + 1, HW = H * W, h = size / 2;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *xf = malloc(sizeof(float) * HW * C);
+        float *gyf = malloc(sizeof(float) * OH * OW * C);
+        float *gxf = malloc(sizeof(float) * HW * C);
+        float *gr = malloc(sizeof(float) * HW * C);
+        float *xpad = calloc(C + 2 * h, sizeof(float));
+        float *tpad = calloc(C + 2 * h, sizeof(float));
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++) {
+            bf16_to_f32(x + n * HW * C, xf, HW * C);
+            bf16_to_f32(gy + n * OH * OW * C, gyf, OH * OW * C);
+            block_backward_image(xf, idx + n * OH * OW * C, gyf, gxf, gr, xpad, tpad, H, W, C, size,
+                                 prm, z, s);
+            f32_to_bf16(gxf, gx + n * HW * C, HW * C);
+        }
+        free(xf);
+        free(gyf);
+        free(gxf);
         free(gr);
         free(xpad);
         free(tpad);
