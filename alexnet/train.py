@@ -128,20 +128,45 @@ def open_data(cfg: RunConfig) -> Data:
 # ----------------------------------------------------------------------------- numerics
 
 
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 BF16 and AMX; Arm's BF16 extension
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags the kernel lists for the first CPU (x86 "flags", Arm
+    "Features"); empty where there is no such file."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether `device` multiplies bf16 in hardware: a CUDA GPU that supports it, or a CPU
+    with one of BF16_CPU_FLAGS. (torch.backends.cpu.get_cpu_capability() says "AVX512"
+    alike for CPUs with and without AVX-512 BF16, so it cannot tell.)"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags(cpuinfo) & BF16_CPU_FLAGS)
+
+
 def resolve_numerics(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, channels_last). "auto": bf16 on CUDA; on a CPU bf16 only
-    where it has native bf16 instructions (AMX or AVX-512 BF16). On an AVX2 CPU a
-    bf16-autocast training step of the paper network measured 20x slower than fp32 (1.2 vs
-    26 img/s, batch 32, 2 cores). Channels-last on both: on the CPU it spares oneDNN a
-    layout conversion around every convolution and lets ReLU, LRN and pooling run as one
-    kernel (see README, "Speed")."""
+    where it has native bf16 instructions (`native_bf16`). On an AVX2 CPU a bf16-autocast
+    training step of the paper network measured 20x slower than fp32 (1.2 vs 26 img/s,
+    batch 32, 2 cores). Channels-last on both: on the CPU it spares oneDNN a layout
+    conversion around every convolution and lets ReLU, LRN and pooling run as one kernel
+    (see README, "Speed")."""
     t = cfg.train
     if t.amp == "auto":
         if device.type == "cuda":
             amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
-            cap = torch.backends.cpu.get_cpu_capability()
-            amp = torch.bfloat16 if cap in ("AVX512_BF16", "AMX") else None
+            amp = torch.bfloat16 if native_bf16(device) else None
     else:
         amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
     if amp is torch.float16 and device.type != "cuda":

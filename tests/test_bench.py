@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from alexnet import bench
+from alexnet.train import native_bf16
 from alexnet.cli import main
 from alexnet.model import build_model
 
@@ -22,6 +23,36 @@ def test_flops_come_from_the_models_own_macs():
 def test_matmul_peak_is_measured():
     p = bench.matmul_peak(torch.device("cpu"), torch.float32, min_seconds=0.0, max_n=256)
     assert p["n"] == 256 and p["dtype"] == "float32" and p["gflops"] > 0
+    assert set(p["gflops_by_way"]) == {"torch.mm", "1x1 conv"} and p["gflops"] == max(p["gflops_by_way"].values())
+
+
+@pytest.mark.parametrize("n", [64, 300])
+def test_every_way_of_the_peak_computes_the_product(n):
+    torch.manual_seed(0)
+    ways = bench._products(n, torch.device("cpu"), torch.float64)
+    results = [fn().reshape(n, n) for fn in ways.values()]
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0])  # the same 2 n^3 FLOPs of work, counted once
+
+
+CPUINFO = {
+    "avx2-epyc": "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+                 "processor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma avx512_bf16\n",
+    "avx512-bf16": "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n",
+    "avx512-only": "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n",
+    "amx": "processor\t: 0\nflags\t\t: avx512f amx_tile amx_bf16 amx_int8\n",
+    "arm-bf16": "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n",
+    "arm": "processor\t: 0\nFeatures\t: fp asimd crc32\n",
+}
+
+
+@pytest.mark.parametrize("cpu, native", [("avx2-epyc", False), ("avx512-bf16", True), ("avx512-only", False),
+                                         ("amx", True), ("arm-bf16", True), ("arm", False), ("missing", False)])
+def test_native_bf16_reads_the_first_cpus_flags(tmp_path, cpu, native):
+    path = tmp_path / "cpuinfo"
+    if cpu != "missing":
+        path.write_text(CPUINFO[cpu])
+    assert native_bf16(torch.device("cpu"), str(path)) is native
 
 
 def test_contenders_pick_the_dtype_for_the_device():
