@@ -1,16 +1,21 @@
-"""Export a model file for serving without this package: ONNX, run by onnxruntime.
+"""Export a model file for serving without this package: ONNX, run by onnxruntime, or a
+torch.export program (.pt2), run by PyTorch alone (torch.export.load) or compiled ahead of
+time for C++ (AOTInductor).
 
 The graph takes `images` (N, 3, crop, crop) float32, already preprocessed (the centre crop
 minus the mean image, divided by pixel_scale, as `augment.EvalTransform` makes them), and
 returns `logits` and `probabilities` (softmax of the logits), both (N, num_classes); N is a
 dynamic axis. The class names, the preprocessing and the model config ride along as JSON
-strings in the model's metadata_props under `alexnet.*` keys.
+strings under `alexnet.*` keys: in the ONNX model's metadata_props, and as extra files of
+the .pt2 archive.
 
 The exporter is torch.onnx's TorchScript-based one (`dynamo=False`): it needs no packages
 beyond onnx and gives the batch axis from `dynamic_axes`. Our LRN (a C kernel behind an
 autograd.Function) is swapped for one that exports as ONNX's own LRN operator, which is
-Caffe's form: alpha there is alpha_sum * size. Before anything is written, onnxruntime
-runs the graph on a random batch and its outputs are compared with the PyTorch model's.
+Caffe's form: alpha there is alpha_sum * size; torch.export traces the same function's
+forward, F.local_response_norm, into plain aten operations. Before anything is written,
+the exported program is loaded back and run on a random batch (by onnxruntime, or by
+torch.export.load) and its outputs are compared with the PyTorch model's.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from alexnet.config import LRNConfig
 from alexnet.lrn import LocalResponseNorm
 from alexnet.model import AlexNet
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "pt2")
+ENGINES = {"onnx": "onnxruntime", "pt2": "torch.export.load"}
+MAX_BATCH = 65536  # the dynamic batch axis of the .pt2 program: 1 .. MAX_BATCH
 OPSET = 17  # LRN, Conv (grouped), MaxPool, Gemm, Softmax on the last axis: all in onnxruntime's CPU kernels
 # Largest |onnxruntime - PyTorch| accepted, relative to the largest |logit|: float32 convolutions
 # summed in another order differ by ~1e-6 of the scale; a wrong LRN or layer by far more.
@@ -126,10 +133,31 @@ def to_onnx(ck: Checkpoint, model: AlexNet) -> bytes:
     return data
 
 
-def compare(model: AlexNet, onnx_bytes: bytes, pixel_scale: float = 1.0, batch: int = 2, seed: int = 0) -> float:
-    """max |onnxruntime - PyTorch| over the logits of a random batch, divided by max |logit|."""
-    import onnxruntime as ort
+def to_pt2(ck: Checkpoint, model: AlexNet) -> bytes:
+    """The torch.export program of `model` (built from `ck`) with a dynamic batch, saved as a
+    .pt2 archive holding `ck`'s metadata as extra files."""
+    s = ck.model_config.input_size
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    program = torch.export.export(Serving(model), (torch.zeros(2, 3, s, s),), dynamic_shapes={"images": {0: batch}})
+    buf = io.BytesIO()
+    torch.export.save(program, buf, extra_files=metadata(ck))
+    return buf.getvalue()
 
+
+def load_pt2(data: bytes | str | Path) -> tuple[nn.Module, dict[str, str]]:
+    """A .pt2 archive written by `to_pt2` (bytes or a path): the callable module
+    (images -> (logits, probabilities)) and the `alexnet.*` metadata."""
+    meta = {key: "" for key in ("alexnet.classes", "alexnet.class_names", "alexnet.preprocess",
+                                "alexnet.model_config")}
+    source = io.BytesIO(data) if isinstance(data, bytes) else str(data)
+    program = torch.export.load(source, extra_files=meta)
+    return program.module(), meta
+
+
+def compare(model: AlexNet, data: bytes, fmt: str = "onnx", pixel_scale: float = 1.0, batch: int = 2,
+            seed: int = 0) -> float:
+    """max |exported - PyTorch| over the logits of a random batch, divided by max |logit|;
+    the exported program (`fmt`) is run by its own engine (ENGINES)."""
     model = model.eval()
     s = model.cfg.input_size
     g = torch.Generator().manual_seed(seed)
@@ -137,8 +165,15 @@ def compare(model: AlexNet, onnx_bytes: bytes, pixel_scale: float = 1.0, batch: 
     x = torch.randn(batch, 3, s, s, generator=g) * (60.0 / pixel_scale)
     with torch.inference_mode():
         ref = model(x)
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    logits = torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        logits = torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
+    else:
+        module, _ = load_pt2(data)
+        with torch.inference_mode():
+            logits = module(x)[0]
     return float((logits - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
@@ -163,20 +198,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        raise UserError(f"export needs onnx and onnxruntime ({e.name} is missing): "
-                        "pip install 'alexnet[export]'") from None
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"export to onnx needs onnx and onnxruntime ({e.name} is missing): "
+                            "pip install 'alexnet[export]'") from None
     out = Path(out)
     _check_writable(out)
     ck = load_model_file(checkpoint)
     model = ck.build_model().eval()
-    data = to_onnx(ck, model)
-    diff = compare(model, data, pixel_scale=ck.preprocess.get("pixel_scale", 1.0))
+    data = to_onnx(ck, model) if fmt == "onnx" else to_pt2(ck, model)
+    diff = compare(model, data, fmt, pixel_scale=ck.preprocess.get("pixel_scale", 1.0))
     if diff > REL_TOLERANCE:
-        raise ExportError(f"onnxruntime's logits differ from PyTorch's by {diff:.2e} of their scale "
+        raise ExportError(f"{ENGINES[fmt]}'s logits differ from PyTorch's by {diff:.2e} of their scale "
                           f"(more than {REL_TOLERANCE:.0e}); nothing written")
     try:
         atomic_write(out, lambda f: f.write(data))
@@ -188,19 +224,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
 def _cmd_export(args: argparse.Namespace) -> int:
     diff = export_checkpoint(args.checkpoint, args.out, args.format)
     size_mb = Path(args.out).stat().st_size / 1e6
-    print(f"wrote {args.out} ({args.format}, {size_mb:.1f} MB, dynamic batch); onnxruntime vs PyTorch: "
-          f"max |difference| {diff:.1e} of the largest logit")
+    print(f"wrote {args.out} ({args.format}, {size_mb:.1f} MB, dynamic batch); {ENGINES[args.format]} vs "
+          f"PyTorch: max |difference| {diff:.1e} of the largest logit")
     return 0
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("export", help="write a checkpoint as an ONNX graph for onnxruntime",
-                       description="Export a model file as ONNX (dynamic batch): input `images` "
-                                   "(N, 3, crop, crop) preprocessed, outputs `logits` and "
-                                   "`probabilities`; class names and preprocessing in the metadata. "
-                                   "The graph is run with onnxruntime and compared with PyTorch "
+    p = sub.add_parser("export", help="write a checkpoint as an ONNX graph or a torch.export program",
+                       description="Export a model file as ONNX for onnxruntime, or as a torch.export "
+                                   "program (.pt2) for torch.export.load and AOTInductor, with a dynamic "
+                                   "batch: input `images` (N, 3, crop, crop) preprocessed, outputs `logits` "
+                                   "and `probabilities`; class names and preprocessing in the metadata. "
+                                   "The program is run by its engine and compared with PyTorch "
                                    "before it is written.")
     p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
-    p.add_argument("out", metavar="OUT", help="file to write, e.g. alexnet.onnx")
-    p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (default)")
+    p.add_argument("out", metavar="OUT", help="file to write, e.g. alexnet.onnx or alexnet.pt2")
+    p.add_argument("--format", choices=FORMATS, default="onnx",
+                   help="onnx (default; needs the export extra) or pt2 (torch.export; needs only torch)")
     p.set_defaults(func=_cmd_export)

@@ -1,6 +1,11 @@
 """Shared test helpers."""
 
+import torch
+
+from alexnet.checkpoint import save_model
 from alexnet.cli import build_parser
+from alexnet.dataset import DataStats
+from alexnet.model import build_model
 
 
 def run_command(*argv: str) -> int:
@@ -8,3 +13,20 @@ def run_command(*argv: str) -> int:
     so a user error arrives as its exception (cli.main turns it into one line and exit 2)."""
     args = build_parser().parse_args(list(argv))
     return args.func(args)
+
+
+def model_file_with_statistics(path, variant: str, num_classes: int):
+    """A model file of `variant` (He-normal weights, seed 0) whose BatchNorm layers have
+    statistics of their own, so that eval mode matters, and whose mean image is random;
+    returns (model in eval mode, DataStats)."""
+    torch.manual_seed(0)
+    model = build_model(variant, num_classes=num_classes, init="kaiming")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-20, 20)
+            m.running_var.uniform_(100, 4000)
+    stats = DataStats(torch.rand(3, 256, 256) * 255, torch.ones(3), torch.eye(3))
+    preprocess = {"image_size": 256, "crop": model.cfg.input_size, "pixel_scale": 1.0}
+    classes = [f"n0000{i}" for i in range(num_classes)]
+    save_model(path, model, classes, stats, preprocess, {"class_names": [f"class {i}" for i in range(num_classes)]})
+    return model.eval(), stats

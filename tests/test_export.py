@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.checkpoint import CheckpointError, save_model
+from alexnet.checkpoint import CheckpointError
 from alexnet.cli import UserError
-from alexnet.dataset import DataStats
-from alexnet.model import build_model
-from tests.helpers import run_command
+from tests.helpers import model_file_with_statistics, run_command
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -26,17 +24,7 @@ REL_BOUND = 1e-4
 
 
 def make_checkpoint(path, variant: str):
-    torch.manual_seed(0)
-    model = build_model(variant, num_classes=NUM_CLASSES, init="kaiming")
-    for m in model.modules():  # BatchNorm with statistics of its own, so eval mode matters
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-20, 20)
-            m.running_var.uniform_(100, 4000)
-    stats = DataStats(torch.rand(3, 256, 256) * 255, torch.ones(3), torch.eye(3))
-    preprocess = {"image_size": 256, "crop": model.cfg.input_size, "pixel_scale": 1.0}
-    classes = [f"n0000{i}" for i in range(NUM_CLASSES)]
-    save_model(path, model, classes, stats, preprocess, {"class_names": [f"class {i}" for i in range(NUM_CLASSES)]})
-    return model.eval(), stats
+    return model_file_with_statistics(path, variant, NUM_CLASSES)
 
 
 @pytest.fixture(scope="module", params=["paper", "owt", "bn"])

@@ -1,0 +1,118 @@
+"""Inference speed of the exported programs against our PyTorch path: the ONNX graph in
+onnxruntime, the torch.export program (.pt2) run by PyTorch, and that program compiled
+ahead of time by AOTInductor.
+
+    .venv/bin/python benchmarks/bench_export.py [--batch 64 16] [--repeat 5] [--steps 3] [--no-aoti]
+
+The paper network (1000 classes, random He-normal weights: speed does not depend on them,
+and they give logits of a realistic scale for the difference column), float32.
+PyTorch runs with our best CPU settings: eval mode, channels_last model and input (so the
+fused ReLU-LRN-pool kernel runs), torch.inference_mode(). onnxruntime runs the graph that
+`alexnet export` writes, on its CPUExecutionProvider with all graph optimisations and as
+many threads as torch uses. The .pt2 program is the one `alexnet export --format pt2`
+writes, loaded back with torch.export.load; AOTInductor compiles it once (its time is
+printed) for every batch size. The contenders take turns: each round times `steps`
+forward passes of each, after one warm-up pass each; the table shows the median round in
+images/s, and the largest |difference| between each one's logits and PyTorch's on the same
+batch, beside the largest |logit|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alexnet.checkpoint import Checkpoint
+from alexnet.export import load_pt2, to_onnx, to_pt2
+from alexnet.model import build_model
+
+
+def per_step(fn, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 16])
+    ap.add_argument("--repeat", type=int, default=5, help="rounds; the median is shown")
+    ap.add_argument("--steps", type=int, default=3, help="forward passes per contender per round")
+    ap.add_argument("--no-aoti", action="store_true", help="leave out AOTInductor (its compilation takes ~30 s)")
+    args = ap.parse_args()
+
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = build_model("paper", num_classes=1000, init="kaiming").eval()
+    ck = Checkpoint(model.cfg, model.state_dict(), [str(i) for i in range(1000)], None,
+                    {"image_size": 256, "crop": 227, "pixel_scale": 1.0}, {})
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(to_onnx(ck, model), opts, providers=["CPUExecutionProvider"])
+    pt2 = to_pt2(ck, model)
+    exported, _ = load_pt2(pt2)
+    aoti = None
+    if not args.no_aoti:
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            package = torch._inductor.aoti_compile_and_package(torch.export.load(io.BytesIO(pt2)),
+                                                               package_path=str(Path(d) / "aoti.pt2"))
+            aoti = torch._inductor.aoti_load_package(package)
+            print(f"AOTInductor compilation: {time.perf_counter() - t0:.1f} s")
+    fast = model.to(memory_format=torch.channels_last)
+
+    names = ["PyTorch", "onnxruntime", "torch.export", *(["AOTInductor"] if aoti else [])]
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, onnxruntime {ort.__version__}")
+    print("| batch | " + " | ".join(f"{n} img/s" for n in names) + " | "
+          + " | ".join(f"{n} / PyTorch" for n in names[1:]) + " | max abs diff | max abs logit |")
+    print("|" + "---:|" * (2 * len(names) + 2))
+    for batch in args.batch:
+        x = torch.randn(batch, 3, 227, 227, generator=torch.Generator().manual_seed(batch)) * 60
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        x_np = x.numpy()
+
+        def in_torch(module, inp):
+            def run() -> np.ndarray:
+                with torch.inference_mode():
+                    out = module(inp)
+                return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+            return run
+
+        runs = {"PyTorch": in_torch(fast, x_cl),
+                "onnxruntime": lambda: session.run(["logits"], {"images": x_np})[0],
+                "torch.export": in_torch(exported, x)}
+        if aoti:
+            runs["AOTInductor"] = in_torch(aoti, x)
+        ref = runs["PyTorch"]()  # the outputs are also the warm-ups
+        diff = max(float(np.abs(runs[n]() - ref).max()) for n in names[1:])
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(args.repeat):
+            for n in names:
+                times[n].append(per_step(runs[n], args.steps))
+        rate = {n: batch / statistics.median(times[n]) for n in names}
+        print(f"| {batch} | " + " | ".join(f"{rate[n]:.1f}" for n in names) + " | "
+              + " | ".join(f"{rate[n] / rate['PyTorch']:.2f}" for n in names[1:])
+              + f" | {diff:.1e} | {float(np.abs(ref).max()):.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
