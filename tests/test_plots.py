@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alexnet.plots import filter_grid, save_rgb
+from alexnet.plots import filter_grid, plot_confusion, plot_curves, save_rgb
 
 
 def test_each_kernel_lands_in_its_block_stretched_to_full_range():
@@ -40,3 +40,39 @@ def test_save_rgb_writes_a_png(tmp_path):
     save_rgb(img, tmp_path / "f.png")
     back = np.asarray(Image.open(tmp_path / "f.png"))
     assert np.array_equal(back, img)
+
+
+# ----------------------------------------------------------------------------- curves, confusion
+
+
+def read_picture(path) -> np.ndarray:
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.std() > 10, "blank picture"
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20, "too few colours"
+    return img
+
+
+def has_colour(img: np.ndarray, rgb: tuple[int, int, int], tol: int = 8) -> int:
+    """How many pixels are within `tol` of `rgb`."""
+    return int((np.abs(img.astype(np.int16) - np.array(rgb)).max(-1) <= tol).sum())
+
+
+def test_training_curves_picture(tmp_path):
+    rows = [{"epoch": e, "train_loss": 2.3 / e, "val_loss": 2.4 / e, "val_top1_err": 0.9 / e,
+             "val_top5_err": 0.5 / e} for e in range(1, 6)]
+    plot_curves(rows, tmp_path / "curves.png")
+    img = read_picture(tmp_path / "curves.png")
+    assert img.shape == (400, 1100, 3)  # figsize 11 x 4 inches at 100 dpi
+    # each panel draws two series in matplotlib's first two colours (blue, orange)
+    assert has_colour(img, (31, 119, 180)) > 200 and has_colour(img, (255, 127, 14)) > 200
+
+
+def test_confusion_picture_shows_the_matrix(tmp_path):
+    names = ["cat", "dog", "eel"]
+    plot_confusion(np.diag([10, 20, 30]), names, tmp_path / "right.png")
+    plot_confusion(np.full((3, 3), 7), names, tmp_path / "even.png")
+    right, even = read_picture(tmp_path / "right.png"), read_picture(tmp_path / "even.png")
+    assert right.shape == even.shape == (505, 655, 3)  # side 4 + 0.35 x 3 inches (+1.5 for the colour bar)
+    darkest = (8, 48, 107)  # "Blues" at 1.0: the diagonal of an all-correct matrix
+    colour_bar = has_colour(even, darkest)  # the bar's top is that colour too
+    assert has_colour(right, darkest) > colour_bar + 3 * 5000  # three full cells more
