@@ -64,6 +64,9 @@ def test_contenders_pick_the_dtype_for_the_device():
     assert all(c.dtype == "fp32" and not c.channels_last for c in auto[1:])
     forced = bench.contenders(cpu, ablation=True, dtype="bf16")
     assert forced[0].dtype == "bf16" and forced[-1].name == "paper (ours, fp32)"
+    unfused = next(c for c in forced if c.name == "paper (ours, blocks unfused)")
+    assert unfused.dtype == "bf16" and not unfused.fuse_blocks and forced[0].fuse_blocks
+    assert bench.build(unfused, 10, cpu, None).fuse is False
 
 
 @pytest.fixture(scope="module")
