@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alexnet.bench import machine
 from alexnet.checkpoint import Checkpoint
 from alexnet.export import load_pt2, to_onnx, to_pt2
 from alexnet.model import build_model
@@ -40,14 +40,6 @@ def per_step(fn, steps: int) -> float:
     for _ in range(steps):
         fn()
     return (time.perf_counter() - t0) / steps
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -81,7 +73,8 @@ def main() -> None:
     fast = model.to(memory_format=torch.channels_last)
 
     names = ["PyTorch", "onnxruntime", "torch.export", *(["AOTInductor"] if aoti else [])]
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, onnxruntime {ort.__version__}")
+    print(f"{machine(torch.device('cpu'))}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
+          f"onnxruntime {ort.__version__}")
     print("| batch | " + " | ".join(f"{n} img/s" for n in names) + " | "
           + " | ".join(f"{n} / PyTorch" for n in names[1:]) + " | max abs diff | max abs logit |")
     print("|" + "---:|" * (2 * len(names) + 2))
