@@ -41,6 +41,12 @@ its ops on one thread (`_one_thread`): a 2-thread OpenMP region per small op was
 100x slower on that machine. That sets torch's thread count for the whole process for
 the loop's duration, so call the transforms from the thread that trains (as
 `BatchLoader` does) or from worker processes, not from a thread beside training.
+
+Off the CPU (a batch already on a GPU) `TrainTransform.apply` does the same arithmetic
+as whole-batch gathers instead, the same bits in a few kernels. `DeferredTrainTransform`
+splits the transform there: the loader draws the random numbers and ships the uint8
+images (`RawBatch`, 196,608 bytes an image against 618,348 for a float32 227x227 crop),
+and the trainer finishes the batch on its device (`data.augment_on`).
 """
 
 from __future__ import annotations
@@ -239,6 +245,7 @@ class TrainTransform:
         self.mean_flipped = self.mean.flip(-1).contiguous()
         self.eigval = stats.eigval.float() / PIXEL_RANGE**2  # l_i in 0..1 units; offsets times 255 to levels
         self.eigvec = stats.eigvec.float()
+        self._device_copies: dict = {}
         _check_batch(self.mean[None], crop)
 
     def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[CropParams, torch.Tensor]:
@@ -254,10 +261,14 @@ class TrainTransform:
             raise ValueError(f"images are {size}x{size} but the mean image is "
                              f"{self.mean.shape[-2]}x{self.mean.shape[-1]}")
         b, c = images.shape[0], self.crop
-        if out is None:
-            out = torch.empty(b, 3, c, c)
-        elif out.shape != (b, 3, c, c) or out.dtype != torch.float32:
-            raise ValueError(f"out must be float32 {(b, 3, c, c)}, got {out.dtype} {tuple(out.shape)}")
+        if out is None:  # off the CPU in channels-last, the gathers' own order and the model's
+            out = torch.empty(b, 3, c, c, device=images.device, memory_format=torch.channels_last
+                              if images.device.type != "cpu" else torch.contiguous_format)
+        elif out.shape != (b, 3, c, c) or out.dtype != torch.float32 or out.device != images.device:
+            raise ValueError(f"out must be float32 {(b, 3, c, c)} on {images.device}, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        if images.device.type != "cpu":
+            return self._apply_gathered(images, params, alpha, out)
         inv = 1.0 / self.scale
         with _one_thread():  # also makes the numbers independent of the caller's thread count
             offset = (lighting_offset(alpha, self.eigval, self.eigvec) * PIXEL_RANGE).tolist()
@@ -274,10 +285,95 @@ class TrainTransform:
                     o *= inv
         return out
 
+    def _apply_gathered(self, images: torch.Tensor, params: CropParams, alpha: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
+        """`apply` as a few whole-batch gathers instead of a loop over the images: a
+        handful of kernels, whatever the batch, which is what a GPU wants (on a CPU the
+        loop is 2-7x faster). The same operations on the same numbers in the same order,
+        so the same bits: the lighting offsets are computed on the CPU, as the loop does."""
+        dev, c = images.device, self.crop
+        mean = _on(self._device_copies, self.mean, dev)
+        offset = (lighting_offset(alpha.cpu(), self.eigval, self.eigvec) * PIXEL_RANGE).to(dev, non_blocking=True)
+        ar = torch.arange(c, device=dev)
+        flip = params.flip.to(dev, non_blocking=True)[:, None]
+        rows = params.top.to(dev, non_blocking=True)[:, None] + ar  # (B, c)
+        cols = params.left.to(dev, non_blocking=True)[:, None] + torch.where(flip, c - 1 - ar, ar)  # (B, c)
+        r, k = rows[:, :, None], cols[:, None, :]
+        patch = images[torch.arange(images.shape[0], device=dev)[:, None, None], :, r, k]  # (B, c, c, 3)
+        m = mean[:, r, k]  # (3, B, c, c)
+        torch.sub(patch.permute(0, 3, 1, 2), m.permute(1, 0, 2, 3), out=out)
+        out += offset[:, :, None, None]
+        if self.scale != 1.0:
+            out *= 1.0 / self.scale
+        return out
+
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         params, alpha = self.sample(images.shape[0], generator)
         return self.apply(images, params, alpha, out)
+
+
+class RawBatch(NamedTuple):
+    """A training batch before augmentation: the uint8 images (B, 3, S, S) and the random
+    numbers `TrainTransform.sample` drew for them. A third of the bytes of the finished
+    float32 crops, and no arithmetic yet; `DeferredTrainTransform.finish` makes the same
+    tensor `TrainTransform` would have, wherever the images are by then."""
+
+    images: torch.Tensor
+    top: torch.Tensor
+    left: torch.Tensor
+    flip: torch.Tensor
+    alpha: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "RawBatch":
+        """The images moved to `device` (through pinned memory for a CUDA device, so the
+        copy overlaps the host); the random numbers stay on the CPU."""
+        device = torch.device(device)
+        img = self.images
+        if device.type == "cuda" and not img.is_pinned():
+            img = img.pin_memory()
+        return self._replace(images=img.to(device, non_blocking=non_blocking))
+
+    def share_memory_(self) -> "RawBatch":
+        """The images into shared memory; the few bytes of draws travel by value (see
+        `__reduce__`)."""
+        self.images.share_memory_()
+        return self
+
+    def is_shared(self) -> bool:
+        return self.images.is_shared()
+
+    def __reduce__(self):
+        # Pickled between processes, a CPU tensor goes through shared memory, one file
+        # descriptor each; the (B,) and (B, 3) draws are cheaper sent as bytes.
+        return _raw_batch, (self.images, *(t.numpy() for t in self[1:]))
+
+
+def _raw_batch(images: torch.Tensor, *draws: np.ndarray) -> RawBatch:
+    return RawBatch(images, *(torch.from_numpy(d) for d in draws))
+
+
+class DeferredTrainTransform:
+    """`TrainTransform` split in two: the loader calls it to draw the batch's random
+    numbers (from the same generator, in the same order) and ships a `RawBatch`; the
+    trainer calls `finish` after the batch reached its device. `finish(loader batch)`
+    equals what `TrainTransform` would have given the loader, bit for bit, so where the
+    augmentation runs changes neither a batch nor an exact resume."""
+
+    def __init__(self, transform: TrainTransform):
+        self.transform = transform
+        self.crop = transform.crop
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> RawBatch:
+        size = _check_batch(images, self.crop)
+        if images.shape[-2:] != self.transform.mean.shape[-2:]:
+            raise ValueError(f"images are {size}x{size} but the mean image is "
+                             f"{self.transform.mean.shape[-2]}x{self.transform.mean.shape[-1]}")
+        params, alpha = self.transform.sample(images.shape[0], generator)
+        return RawBatch(images.contiguous(), params.top, params.left, params.flip, alpha)
+
+    def finish(self, raw: RawBatch) -> torch.Tensor:
+        return self.transform.apply(raw.images, CropParams(raw.top, raw.left, raw.flip), raw.alpha)
 
 
 class EvalTransform:
@@ -293,16 +389,46 @@ class EvalTransform:
         mean = stats.mean_image.float()
         self.size = _check_batch(mean[None], crop)
         self.mean_crops = _ten_crop(mean, crop) if ten_crop else center_crop(mean, crop)
+        self._device_copies: dict = {}
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         size = _check_batch(images, self.crop)
         if size != self.size:
             raise ValueError(f"images are {size}x{size} but the mean image is {self.size}x{self.size}")
         crops = _ten_crop(images, self.crop) if self.ten_crop else center_crop(images, self.crop)
-        out = crops.float().sub_(self.mean_crops)
+        out = crops.float().sub_(_on(self._device_copies, self.mean_crops, images.device))
         if self.scale != 1.0:
             out.mul_(1.0 / self.scale)
         return out
+
+
+class DeferredEvalTransform:
+    """`EvalTransform` moved to the model's device: the loader ships the uint8 images
+    (a tenth of the bytes of ten float32 crops) and `finish` crops them there."""
+
+    def __init__(self, transform: EvalTransform):
+        self.transform = transform
+        self.crop = transform.crop
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        size = _check_batch(images, self.crop)
+        if size != self.transform.size:
+            raise ValueError(f"images are {size}x{size} but the mean image is "
+                             f"{self.transform.size}x{self.transform.size}")
+        return images.contiguous()
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        return self.transform(images)
+
+
+def _on(copies: dict, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`, copied there once per device and kept in `copies`."""
+    if t.device == device:
+        return t
+    key = (id(t), str(device))
+    if key not in copies:
+        copies[key] = t.to(device)
+    return copies[key]
 
 
 _ten_crop = ten_crop  # EvalTransform's `ten_crop` flag shadows the function inside it

@@ -114,7 +114,7 @@ def _train_config(args: argparse.Namespace):
         ("train", "seed"): args.seed, ("train", "device"): args.device, ("train", "amp"): args.amp,
         ("train", "channels_last"): args.channels_last, ("train", "compile"): args.compile or None,
         ("train", "deterministic"): args.deterministic or None, ("data", "num_workers"): args.workers,
-        ("data", "ten_crop"): args.ten_crop or None,
+        ("data", "ten_crop"): args.ten_crop or None, ("data", "augment_on"): args.augment_on,
     }
     for (section, key), value in flags.items():
         if value is not None:
@@ -159,7 +159,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from alexnet.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.data, split=args.split, ten_crop=args.ten_crop,
-                        batch_size=args.batch_size, out_dir=args.out, device=args.device, workers=args.workers)
+                        batch_size=args.batch_size, out_dir=args.out, device=args.device, workers=args.workers,
+                        augment_on=args.augment_on)
     return 0
 
 
@@ -261,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact resume)")
     p.add_argument("--workers", type=int, metavar="N", help="data loader processes")
+    p.add_argument("--augment-on", choices=["auto", "loader", "device"],
+                   help="where crops, flips, mean and lighting run (default auto: on a GPU the device, "
+                        "else the loader)")
     p.add_argument("--ten-crop", action="store_true", help="validate with the paper's 10 crops")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/DATE-TIME-RECIPE)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
@@ -279,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", metavar="DEV")
     p.add_argument("--workers", type=int, default=-1, metavar="N",
                    help="loader processes (default -1: none on a CPU, up to 8 beside a GPU)")
+    p.add_argument("--augment-on", choices=["auto", "loader", "device"], default="auto",
+                   help="where the test crops are cut (default auto: on a GPU the device, else the loader)")
     p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: beside "
                                                  "the checkpoint, in eval-SPLIT[-10crop]/)")
     p.set_defaults(func=_cmd_evaluate)

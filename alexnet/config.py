@@ -203,6 +203,10 @@ class DataConfig:
     # Loader processes reading and augmenting ahead of training; -1: none on a CPU (a worker
     # takes a core from the model there: measured slower), min(8, cores) beside a GPU.
     num_workers: int = -1
+    # Where crops, flips, mean subtraction and lighting run: "loader" (its processes, on the
+    # CPU) or "device" (the loader ships uint8 images and the random draws; the model's
+    # device finishes the batch, the same bits). "auto": device on a GPU, loader on a CPU.
+    augment_on: Literal["auto", "loader", "device"] = "auto"
     # Inputs are (pixel - mean image + lighting) / pixel_scale: 1 feeds the paper's raw
     # mean-subtracted 0..255 values, as its N(0, 0.01) initialisation expects.
     pixel_scale: float = 1.0

@@ -54,6 +54,15 @@ def resolve_workers(n: int, device: torch.device) -> int:
     return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
+def resolve_augment(choice: str, device: torch.device) -> str:
+    """Where the augmentation runs for `data.augment_on` ("auto": on the device when it is
+    a GPU, whose loader processes then only copy uint8 images; in the loader on a CPU,
+    where the loop over the images beats the whole-batch gathers)."""
+    if choice != "auto":
+        return choice
+    return "device" if device.type == "cuda" else "loader"
+
+
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun; a no-op for a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alexnet.augment import EvalTransform, average_ten_crop
+from alexnet.augment import DeferredEvalTransform, EvalTransform, average_ten_crop
 from alexnet.distributed import DistInfo, all_reduce_sum
 from alexnet.loader import BatchLoader
 
@@ -53,15 +53,24 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 def evaluate_model(model: torch.nn.Module, loader: BatchLoader, num_classes: int, device: torch.device,
                    amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                    info: DistInfo = DistInfo(), progress=None) -> Metrics:
-    """Every image of `loader` once (its shards added up over DDP processes)."""
+    """Every image of `loader` once (its shards added up over DDP processes). A loader
+    whose transform has a `finish` (`DeferredEvalTransform`) ships uint8 images, which
+    `finish` crops on `device`."""
     model.eval()
     k5 = min(5, num_classes)
     stats = torch.zeros(3, dtype=torch.float64)  # count, loss sum, top-5 hits
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    finish = getattr(loader.transform, "finish", None)
     for x, y in loader:
+        if device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True)
+        if finish is not None:
+            x = finish(x)
         ten = x.dim() == 5
         b = x.shape[0]
-        x = x.to(device, non_blocking=True).flatten(0, 1) if ten else x.to(device, non_blocking=True)
+        if ten:
+            x = x.flatten(0, 1)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp_dtype):
@@ -85,8 +94,11 @@ def evaluate_model(model: torch.nn.Module, loader: BatchLoader, num_classes: int
 
 
 def eval_loader(dataset, stats, crop: int, batch_size: int, ten_crop: bool, pixel_scale: float = 1.0,
-                num_workers: int = 0, info: DistInfo = DistInfo()) -> BatchLoader:
+                num_workers: int = 0, info: DistInfo = DistInfo(), on_device: bool = False) -> BatchLoader:
+    """The test-time batches; `on_device`: uint8 images, cropped by `evaluate_model` on its device."""
     transform = EvalTransform(stats, crop, ten_crop=ten_crop, scale=pixel_scale)
+    if on_device:
+        transform = DeferredEvalTransform(transform)
     return BatchLoader(dataset, batch_size, transform, shuffle=False, seed=0, drop_last=False,
                        rank=info.rank, world_size=info.world_size, num_workers=num_workers)
 
@@ -116,12 +128,12 @@ def format_metrics(m: Metrics, label: str) -> str:
 
 def evaluate_checkpoint(checkpoint, data_path=None, split: str = "test", ten_crop: bool = False,
                         batch_size: int = 100, out_dir=None, device: str = "auto", workers: int = -1,
-                        dataset=None, label: str | None = None) -> dict:
+                        dataset=None, label: str | None = None, augment_on: str = "auto") -> dict:
     """Evaluate a model file on `dataset` (or the source at `data_path`, split `split`) with
     the checkpoint's own preprocessing; prints the figures, writes eval.json and
     confusion.png, and returns the JSON document."""
     from alexnet.checkpoint import CheckpointError, load_model_file
-    from alexnet.distributed import resolve_device, resolve_workers
+    from alexnet.distributed import resolve_augment, resolve_device, resolve_workers
     from alexnet.progress import Progress
 
     ck = load_model_file(checkpoint)
@@ -138,7 +150,8 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str = "test", ten_cro
     workers = resolve_workers(workers, dev)
     model = ck.build_model().to(dev).to(memory_format=torch.channels_last)
     loader = eval_loader(dataset, ck.stats, ck.model_config.input_size, batch_size, ten_crop,
-                         ck.preprocess.get("pixel_scale", 1.0), workers)
+                         ck.preprocess.get("pixel_scale", 1.0), workers,
+                         on_device=resolve_augment(augment_on, dev) == "device")
     label = label or split
     title = f"{label}{' 10-crop' if ten_crop else ''}"
     prog = Progress(len(dataset), f"evaluate {title}")

@@ -118,7 +118,7 @@ def load_batch(dataset: ImageDataset, transform: Transform | None, idx: np.ndarr
             x = transform(images, g, out=_shared_empty((images.shape[0], 3, transform.crop, transform.crop)))
         else:
             x = transform(images, g)
-    if shared and not x.is_shared():
+    if shared and not x.is_shared():  # a tensor, or a RawBatch of them
         x.share_memory_()
     return x, labels
 

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alexnet.augment import TrainTransform
+from alexnet.augment import DeferredTrainTransform, RawBatch, TrainTransform
 from alexnet.checkpoint import CheckpointError, load_model_file, load_state, save_model, save_state
 from alexnet.fileio import atomic_write_text
 from alexnet.config import ConfigError, RunConfig, from_dict, to_dict
 from alexnet.dataset import ImageDataset, SubsetDataset
-from alexnet.distributed import all_reduce_sum, init_distributed, resolve_workers, shutdown
+from alexnet.distributed import all_reduce_sum, init_distributed, resolve_augment, resolve_workers, shutdown
 from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
 from alexnet.loader import BatchLoader, LoaderWorkerError
 from alexnet.model import AlexNet
@@ -260,7 +260,13 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.amp, self.channels_last = resolve_numerics(cfg, self.device)
         self.num_workers = resolve_workers(cfg.data.num_workers, self.device)
+        self.augment_on = resolve_augment(cfg.data.augment_on, self.device)
         self.crop = cfg.model.input_size
+        d = cfg.data
+        self.train_transform = TrainTransform(self.data.stats, self.crop, lighting_std=d.lighting_std,
+                                              scale=d.pixel_scale, flip=d.flip)
+        if self.augment_on == "device":  # the loader draws and ships uint8; _train_step finishes
+            self.train_transform = DeferredTrainTransform(self.train_transform)
         self.model = AlexNet(cfg.model).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -325,11 +331,8 @@ class Trainer:
                 p.unlink(missing_ok=True)
 
     def _train_loader(self, epoch: int, start_batch: int) -> BatchLoader:
-        d = self.cfg.data
-        transform = TrainTransform(self.data.stats, self.crop, lighting_std=d.lighting_std,
-                                   scale=d.pixel_scale, flip=d.flip)
-        return BatchLoader(self.data.train, self.per_rank_batch, transform, shuffle=True, seed=self.cfg.train.seed,
-                           epoch=epoch, start_batch=start_batch, drop_last=True, rank=self.info.rank,
+        return BatchLoader(self.data.train, self.per_rank_batch, self.train_transform, shuffle=True,
+                           seed=self.cfg.train.seed, epoch=epoch, start_batch=start_batch, drop_last=True, rank=self.info.rank,
                            world_size=self.info.world_size, num_workers=self.num_workers)
 
     # --- checkpoints ------------------------------------------------------------------
@@ -431,9 +434,11 @@ class Trainer:
             g["lr"] = lr
         return lr
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _train_step(self, x: torch.Tensor | RawBatch, y: torch.Tensor) -> float:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        if isinstance(x, RawBatch):
+            x = self.train_transform.finish(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
@@ -454,7 +459,8 @@ class Trainer:
     def _validate(self) -> Metrics:
         d = self.cfg.data
         loader = eval_loader(self.data.val, self.data.stats, self.crop, self.per_rank_batch, d.ten_crop,
-                             d.pixel_scale, self.num_workers, self.info)
+                             d.pixel_scale, self.num_workers, self.info,
+                             on_device=self.augment_on == "device")
         prog = Progress(len(self.data.val), f"validate {self.epoch + 1}", enabled=not self.quiet)
         m = evaluate_model(self.net, loader, self.cfg.model.num_classes, self.device, self.amp,
                            self.channels_last, self.info, prog)
@@ -499,8 +505,8 @@ class Trainer:
             print(f"run {self.run_dir}: {self.cfg.model.variant} AlexNet, {len(self.classes)} classes, "
                   f"{len(self.data.train)} training / {len(self.data.val)} validation images, "
                   f"{self.total_steps} steps of {t.batch_size} ({self.steps_per_epoch}/epoch), "
-                  f"{self.device}, amp {self.amp or 'off'}, channels-last {'on' if self.channels_last else 'off'}"
-                  f"{f', {self.info.world_size} processes' if self.info.enabled else ''}", flush=True)
+                  f"{self.device}, amp {self.amp or 'off'}, channels-last {'on' if self.channels_last else 'off'}, "
+                  f"augmentation in the {self.augment_on}{f', {self.info.world_size} processes' if self.info.enabled else ''}", flush=True)
         while self.epoch < t.epochs and self.step < self.total_steps:
             if self._agreed_stop():  # asked during validation: the epoch's checkpoint is written
                 return self._stop()
@@ -595,7 +601,7 @@ def finish_run(trainer: Trainer, test: bool = True) -> dict | None:
     if test and trainer.data.test is not None:
         result = evaluate_checkpoint(best, dataset=trainer.data.test, out_dir=run / "eval-test",
                                      device=str(trainer.device), workers=trainer.num_workers,
-                                     label="test")
+                                     label="test", augment_on=trainer.augment_on)
     print(f"run folder: {run}")
     print(f"checkpoint: {best}")
     print(f"plots:      {run / 'curves.png'}" + (f", {run / 'eval-test' / 'confusion.png'}" if result else ""))

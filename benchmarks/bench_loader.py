@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from alexnet.augment import TrainTransform
+from alexnet.augment import DeferredTrainTransform, TrainTransform
 from alexnet.dataset import TensorImageDataset
 from alexnet.loader import BatchLoader
 from alexnet.model import build_model
@@ -68,8 +68,8 @@ def _throughput(ds, transform, batch: int, workers: int, epochs: int = 1) -> flo
     n, t = 0, time.perf_counter()
     for e in range(epochs):
         loader.set_epoch(e)
-        for x, _ in loader:
-            n += len(x)
+        for _, y in loader:
+            n += len(y)
     return n / (time.perf_counter() - t)
 
 
@@ -89,18 +89,42 @@ def _cpu() -> float:
 
 
 def _train_compare(store, transform, batch: int, steps: int, rounds: int, workers: list[int],
-                   nices: tuple[int, ...] = (10,)) -> dict:
-    torch.manual_seed(0)
-    model = build_model("paper", num_classes=10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    crop = model.cfg.input_size
-    x_mem = torch.randn(batch, 3, crop, crop) * 50
-    y_mem = torch.randint(0, 10, (batch,))
+                   nices: tuple[int, ...] = (10,), device: torch.device = torch.device("cpu"),
+                   compile_model: bool = False) -> dict:
+    """Training steps fed from memory against steps fed by the loader, with the trainer's
+    own numerics for `device` (channels-last; bf16 autocast where the device has it), the
+    augmentation in the loader or, with the loader shipping uint8 ("augment on device"),
+    finished on `device` after the copy."""
+    from alexnet.config import run_config
+    from alexnet.evaluate import autocast_context
+    from alexnet.train import make_optimizer, resolve_numerics
 
-    def step(x, y):
+    cfg = run_config("paper", {"train": {"device": str(device)}})
+    amp, channels_last = resolve_numerics(cfg, device)
+    torch.manual_seed(0)
+    model = build_model("paper", num_classes=10).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg.train, device)
+    net = torch.compile(model) if compile_model else model
+    crop = model.cfg.input_size
+    x_mem = (torch.randn(batch, 3, crop, crop) * 50).to(device)
+    y_mem = torch.randint(0, 10, (batch,)).to(device)
+    later = DeferredTrainTransform(transform)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(x, y, finish=None):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if finish is not None:
+            x = finish(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        with autocast_context(device, amp):
+            loss = nn.functional.cross_entropy(net(x).float(), y)
+        loss.backward()
         opt.step()
+        sync()  # the trainer's loss.item() waits for the step the same way
 
     def memory_block():
         step(x_mem, y_mem)  # untimed, as the loader blocks' first step
@@ -111,16 +135,17 @@ def _train_compare(store, transform, batch: int, steps: int, rounds: int, worker
             times.append(time.perf_counter() - t)
         return times, (_cpu() - cpu) / steps
 
-    def loader_block(w, nice):
-        loader = BatchLoader(store, batch, transform, shuffle=True, seed=1, drop_last=True, num_workers=w,
-                             worker_nice=nice)
+    def loader_block(w, nice, deferred):
+        loader = BatchLoader(store, batch, later if deferred else transform, shuffle=True, seed=1,
+                             drop_last=True, num_workers=w, worker_nice=nice)
+        finish = later.finish if deferred else None
         it = _batches(loader)
         try:
-            step(*next(it))
+            step(*next(it), finish)
             times, cpu = [], _cpu()
             for _ in range(steps):
                 t = time.perf_counter()
-                step(*next(it))  # the wait for the batch is part of the step
+                step(*next(it), finish)  # the wait for the batch is part of the step
                 times.append(time.perf_counter() - t)
         finally:
             it.close()  # reaps the workers, so their CPU time is counted below
@@ -128,10 +153,12 @@ def _train_compare(store, transform, batch: int, steps: int, rounds: int, worker
 
     model.train()
     feeds = {"memory": memory_block}
-    for w in workers:
-        for nice in (nices if w else (0,)):
-            name = f"store, {w} workers" + (f" nice {nice}" if w else "")
-            feeds[name] = lambda w=w, nice=nice: loader_block(w, nice)
+    for deferred in (False, True):
+        for w in workers:
+            for nice in (nices if w else (0,)):
+                name = (f"store, {w} workers" + (f" nice {nice}" if w else "")
+                        + (", augment on device" if deferred else ""))
+                feeds[name] = lambda w=w, nice=nice, deferred=deferred: loader_block(w, nice, deferred)
     times: dict[str, list[float]] = {k: [] for k in feeds}
     cpus: dict[str, list[float]] = {k: [] for k in feeds}
     for r in range(rounds):
@@ -142,9 +169,27 @@ def _train_compare(store, transform, batch: int, steps: int, rounds: int, worker
             cpus[k].append(c)
     med = {k: statistics.median(v) for k, v in times.items()}
     cpu = {k: statistics.median(v) for k, v in cpus.items()}
-    return {k: {"median_step_s": med[k], "img_s": batch / med[k], "ratio_vs_memory": med["memory"] / med[k],
-                "cpu_s_per_step": cpu[k], "cpu_ratio_vs_memory": cpu["memory"] / cpu[k],
-                "steps": len(times[k])} for k in feeds}
+    return {"device": str(device), "amp": str(amp).replace("torch.", "") if amp else "off",
+            "channels_last": channels_last, "compiled": compile_model,
+            "feeds": {k: {"median_step_s": med[k], "img_s": batch / med[k], "ratio_vs_memory": med["memory"] / med[k],
+                          "cpu_s_per_step": cpu[k], "cpu_ratio_vs_memory": cpu["memory"] / cpu[k],
+                          "steps": len(times[k])} for k in feeds}}
+
+
+def _cpu_per_image(ds, transform, batch: int, batches: int) -> float:
+    """CPU milliseconds one loader worker spends per image (read, augment or not, into
+    shared memory, send): measured in a worker, by the CPU time of the reaped process."""
+    loader = BatchLoader(ds, batch, transform, shuffle=True, seed=2, drop_last=True, num_workers=1, prefetch=1)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    it = _batches(loader)
+    try:
+        for _ in range(batches):
+            next(it)
+    finally:
+        it.close()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return 1000 * used / (batches * batch)  # (includes the worker's start and the batch prefetched in vain)
 
 
 def main() -> None:
@@ -159,6 +204,8 @@ def main() -> None:
     ap.add_argument("--worker-nice", type=int, nargs="+", default=[10],
                     help="niceness of the training runs' workers (one run per value)")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where the training comparison runs (cpu, cuda)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the network of the training comparison")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
 
@@ -182,29 +229,48 @@ def main() -> None:
         print(f"{args.images} JPEGs 500x375 -> store 256x256: prepared at {results['prepare_img_s']:.0f} img/s "
               f"(decode + resize + statistics, {os.cpu_count()} processes)", flush=True)
 
-        print(f"\nloader throughput, full training augmentation to 227x227, batch {args.batch} (img/s)")
-        print(f"{'source':28} " + " ".join(f"{f'{w} workers':>10}" for w in args.workers))
-        sources = [("prepared store (memmap)", store, 2), ("in-memory uint8 tensor", memory, 2),
-                   ("JPEG decoding on the fly", folder_ds, 1)]
+        later = DeferredTrainTransform(transform)
+        print(f"\nloader throughput, batch {args.batch} (img/s): full training augmentation to 227x227 in "
+              f"the loader, or uint8 256x256 and the draws (augmentation left to the device)")
+        print(f"{'source':44} " + " ".join(f"{f'{w} workers':>10}" for w in args.workers))
+        sources = [("prepared store (memmap)", store, transform, 2), ("in-memory uint8 tensor", memory, transform, 2),
+                   ("JPEG decoding on the fly", folder_ds, transform, 1),
+                   ("prepared store, uint8 + draws", store, later, 2)]
         results["throughput_img_s"] = {}
-        for name, ds, epochs in sources:
-            _throughput(ds, transform, args.batch, 0, 1) if ds is store else None  # page cache warm
-            row = {w: _throughput(ds, transform, args.batch, w, epochs) for w in args.workers}
+        for name, ds, tf, epochs in sources:
+            _throughput(ds, tf, args.batch, 0, 1) if ds is store else None  # page cache warm
+            row = {w: _throughput(ds, tf, args.batch, w, epochs) for w in args.workers}
             results["throughput_img_s"][name] = row
-            print(f"{name:28} " + " ".join(f"{row[w]:10.0f}" for w in args.workers), flush=True)
+            print(f"{name:44} " + " ".join(f"{row[w]:10.0f}" for w in args.workers), flush=True)
+
+        n_batches = max(4, args.images // args.batch)
+        cost = {"augment in the loader": _cpu_per_image(store, transform, args.batch, n_batches),
+                "uint8 + draws (augment on device)": _cpu_per_image(store, later, args.batch, n_batches),
+                "JPEG decode + augment": _cpu_per_image(folder_ds, transform, args.batch, max(2, n_batches // 4))}
+        crop_bytes, raw_bytes = 3 * 227 * 227 * 4, 3 * 256 * 256
+        results["worker_cpu_ms_per_image"] = cost
+        results["bytes_per_image"] = {"float32 227 crop": crop_bytes, "uint8 256 image": raw_bytes}
+        print(f"\none worker's CPU per image, from the store, batch {args.batch} "
+              f"(cores needed = img/s x ms / 1000):")
+        for k, v in cost.items():
+            print(f"  {k:36} {v:6.3f} ms -> {1000 / v:7.0f} img/s per core")
+        print(f"  bytes sent per image to the trainer and the device: {crop_bytes:,} (float32 crop) against "
+              f"{raw_bytes:,} (uint8 image)")
 
         if not args.skip_train:
-            print(f"\ntraining, paper network 227 input, batch {args.train_batch}, "
+            device = torch.device(args.device)
+            print(f"\ntraining on {device}, paper network 227 input, batch {args.train_batch}, "
                   f"{args.rounds} x {args.train_steps} timed steps per feed")
             tr = _train_compare(store, transform, args.train_batch, args.train_steps, args.rounds,
-                                args.train_workers, tuple(args.worker_nice))
+                                args.train_workers, tuple(args.worker_nice), device, args.compile)
             results["train"] = tr
-            print(f"{'feed':22} {'step s':>8} {'img/s':>7} {'speed vs memory':>16} {'CPU s/step':>11} "
+            print(f"numerics: amp {tr['amp']}, channels-last {tr['channels_last']}, compiled {tr['compiled']}")
+            print(f"{'feed':42} {'step s':>8} {'img/s':>8} {'speed vs memory':>16} {'CPU s/step':>11} "
                   f"{'CPU-speed vs memory':>20}")
-            for k, v in tr.items():
-                print(f"{k:22} {v['median_step_s']:8.3f} {v['img_s']:7.2f} {v['ratio_vs_memory']:15.3f}x "
+            for k, v in tr["feeds"].items():
+                print(f"{k:42} {v['median_step_s']:8.3f} {v['img_s']:8.1f} {v['ratio_vs_memory']:15.3f}x "
                       f"{v['cpu_s_per_step']:11.3f} {v['cpu_ratio_vs_memory']:19.3f}x")
-            best = max(v["ratio_vs_memory"] for k, v in tr.items() if k != "memory")
+            best = max(v["ratio_vs_memory"] for k, v in tr["feeds"].items() if k != "memory")
             print(f"best loader-fed speed ratio {best:.3f} (target >= 0.9): {'met' if best >= 0.9 else 'NOT met'}")
     results["load_average_after"] = os.getloadavg()[0]
     print(f"load average after: {results['load_average_after']:.2f}")

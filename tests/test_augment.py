@@ -10,7 +10,10 @@ from hypothesis import strategies as st
 
 from alexnet.augment import (
     CropParams,
+    DeferredEvalTransform,
+    DeferredTrainTransform,
     EvalTransform,
+    RawBatch,
     TrainTransform,
     average_ten_crop,
     center_crop,
@@ -265,3 +268,61 @@ def test_eval_transform(ten):
     want = ten_crop(centred, 21) if ten else center_crop(centred, 21)
     assert out.shape == ((3, 10, 3, 21, 21) if ten else (3, 3, 21, 21))
     assert torch.allclose(out, want / 2.0, atol=1e-4)
+
+
+# --- augmentation on the model's device -----------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 7), s=st.integers(8, 24), data=st.data())
+def test_whole_batch_gathers_give_the_loops_bits(b, s, data):
+    """The GPU's way (whole-batch gathers) against the CPU's loop, here both on the CPU:
+    the same numbers to the last bit, flips on or off, any scale."""
+    crop = data.draw(st.integers(1, s))
+    scale = data.draw(st.sampled_from([1.0, 64.0, 255.0]))
+    flip = data.draw(st.booleans())
+    lighting = data.draw(st.sampled_from([0.0, 0.1]))
+    tr = TrainTransform(_stats(s, seed=b), crop, scale=scale, flip=flip, lighting_std=lighting)
+    images = _images(b, s, seed=s)
+    params, alpha = tr.sample(b, torch.Generator().manual_seed(data.draw(st.integers(0, 2**31))))
+    looped = tr.apply(images, params, alpha)
+    gathered = tr._apply_gathered(images, params, alpha, torch.full_like(looped, float("nan")))
+    assert torch.equal(looped, gathered)
+
+
+def test_gathers_into_a_channels_last_buffer_give_the_same_bits():
+    tr = TrainTransform(_stats(40), 31)
+    images = _images(9, 40, seed=2)
+    params, alpha = tr.sample(9, torch.Generator().manual_seed(5))
+    assert params.flip.any() and not params.flip.all()
+    buf = torch.empty(9, 3, 31, 31).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(tr._apply_gathered(images, params, alpha, buf), tr.apply(images, params, alpha))
+
+
+def test_a_deferred_batch_finishes_as_the_loader_would_have_made_it():
+    stats, images = _stats(24), _images(6, 24, seed=3)
+    tr = TrainTransform(stats, 17, scale=2.0)
+    now = tr(images, torch.Generator().manual_seed(8))
+    later = DeferredTrainTransform(tr)
+    raw = later(images, torch.Generator().manual_seed(8))
+    assert isinstance(raw, RawBatch) and raw.images.dtype == torch.uint8 and raw.images.shape == (6, 3, 24, 24)
+    assert raw.alpha.shape == (6, 3) and raw.top.shape == raw.left.shape == raw.flip.shape == (6,)
+    moved = raw.to("cpu")
+    assert isinstance(moved, RawBatch) and torch.equal(later.finish(moved), now)
+    # the images are the loader's uint8 ones, untouched (a third of the float crop's bytes)
+    assert torch.equal(raw.images, images)
+    assert raw.images.numel() * raw.images.element_size() < now.numel() * now.element_size() / 2
+    with pytest.raises(ValueError, match="mean image"):
+        later(_images(2, 25), torch.Generator())
+
+
+@pytest.mark.parametrize("ten", [False, True])
+def test_deferred_eval_crops_the_same(ten):
+    stats, images = _stats(30), _images(3, 30)
+    tr = EvalTransform(stats, 21, ten_crop=ten, scale=2.0)
+    later = DeferredEvalTransform(tr)
+    shipped = later(images)
+    assert shipped.dtype == torch.uint8 and torch.equal(shipped, images)
+    assert torch.equal(later.finish(shipped), tr(images))
+    with pytest.raises(ValueError, match="mean image"):
+        later(_images(2, 31))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.augment import EvalTransform, TrainTransform
+from alexnet.augment import DeferredTrainTransform, EvalTransform, RawBatch, TrainTransform
 from alexnet.dataset import DataStats, TensorImageDataset
 from alexnet.loader import BatchLoader, LoaderWorkerError, batch_seed, epoch_permutation
 
@@ -95,6 +95,22 @@ def test_same_seed_same_batches_with_and_without_workers():
     ld.set_epoch(1)
     e1 = _epoch(ld)
     assert torch.equal(e0[0][1], e1[0][1]) and not torch.equal(e0[0][0], e1[0][0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_deferred_augmentation_ships_uint8_and_finishes_to_the_same_batches(workers):
+    """Augmentation on the device: the workers send uint8 images and the draws through
+    shared memory; finishing them gives the batches of augmentation in the loader."""
+    ds = _dataset(40)
+    plain = _epoch(_loader(ds))
+    later = DeferredTrainTransform(TrainTransform(_stats(ds), CROP))
+    got = []
+    for raw, y in _loader(ds, transform=later, num_workers=workers):
+        assert isinstance(raw, RawBatch) and raw.images.dtype == torch.uint8
+        assert raw.images.shape == (4, 3, S, S)
+        assert raw.is_shared() == (workers > 0)
+        got.append((later.finish(raw), y.clone()))
+    assert _same(plain, got)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

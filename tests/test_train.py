@@ -5,6 +5,8 @@ import os
 import signal
 import struct
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,30 @@ def test_resume_mid_epoch_and_at_epoch_end_gives_identical_weights(data, tmp_pat
     assert not (run / "stopped").exists()
 
 
+def test_augmentation_on_the_device_trains_the_same_weights(data, tmp_path):
+    """`data.augment_on=device` (the GPU default) moves the crops, flips, mean and lighting
+    from the loader to the trainer; here both are the CPU, and the runs must agree to the
+    bit: same batches, so same weights, losses and validation (cut on the device too)."""
+    runs = {}
+    for where in ("loader", "device"):
+        cfg = tiny_config(data, epochs=1, max_steps=3)
+        cfg = replace(cfg, data=replace(cfg.data, augment_on=where))
+        t = Trainer(cfg, tmp_path / where, quiet=True)
+        assert t.augment_on == where
+        seen = []
+        inner = t._train_step
+        t._train_step = lambda x, y: (seen.append(type(x).__name__), inner(x, y))[1]
+        t.fit()
+        log = [json.loads(x) for x in (tmp_path / where / "log.jsonl").read_text().splitlines()]
+        log = [{k: v for k, v in r.items() if k not in ("train_img_s", "train_time_s")} for r in log]
+        runs[where] = (weights(tmp_path / where), log, seen)
+    (wa, la, sa), (wb, lb, sb) = runs["loader"], runs["device"]
+    assert sa == ["Tensor"] * 3 and sb == ["RawBatch"] * 3
+    assert la == lb and len(la) == 1 and "val_top1_err" in la[0]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 def test_checkpoints_every_n_steps_keep_the_newest(data, tmp_path):
     t = Trainer(tiny_config(data, checkpoint_every=2, keep_checkpoints=2, epochs=1), tmp_path / "r", quiet=True)
     t.fit()
@@ -139,6 +165,10 @@ def test_evaluate_matches_a_direct_computation(data, tmp_path, capsys):
     best = tmp_path / "r" / "best.safetensors"
     assert main(["evaluate", str(best), "--data", str(data), "--out", str(tmp_path / "ev")]) == 0
     doc = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    # the crops cut after the transfer (the GPU default) give the same report
+    assert main(["evaluate", str(best), "--data", str(data), "--out", str(tmp_path / "ev2"),
+                 "--augment-on", "device"]) == 0
+    assert json.loads((tmp_path / "ev2" / "eval.json").read_text()) == doc
     # the same figure by hand: centre 227 crop of the 256x256 images minus the mean image's
     ck = load_model_file(best)
     model = ck.build_model().eval()
