@@ -1,7 +1,7 @@
 """Input pipeline speed, and what it costs a training run, on this machine, in one run.
 
     .venv/bin/python benchmarks/bench_loader.py [--images 512] [--batch 32]
-        [--train-batch 16] [--train-steps 4] [--rounds 2] [--json out.json]
+        [--train-batch 16] [--train-steps 4] [--rounds 2] [--device cpu|cuda] [--json out.json]
 
 1. Loader throughput (images/s, no model): `BatchLoader` with the full training
    augmentation (`TrainTransform`: random 227 crop, reflection, mean image, PCA
@@ -10,14 +10,19 @@
      by memory mapping, page cache warm),
    * the same images as an in-memory uint8 tensor (`TensorImageDataset`),
    * the JPEG folder decoded on the fly (`FolderDataset`: decode, rescale, centre crop),
-   with 0, 1 and 2 worker processes, two epochs each. Iterator start-up (forking the
-   workers, every epoch) is included, and weighs on these short epochs; a worker also
-   pays for a fresh shared-memory batch each time (~1 ms/image of page faults here),
-   which the in-process path (`num_workers=0`) does not.
-2. Training speed: SGD steps of the paper's network (`build_model("paper",
-   num_classes=10)`, lr 0.01, momentum 0.9, weight decay 5e-4) fed by random tensors
-   already in memory, and fed by the loader over the prepared store (0 and 1 workers,
-   the workers at `--worker-nice`).
+   and the store shipping uint8 images and the random draws for the device to finish
+   (`DeferredTrainTransform`, `data.augment_on=device`), with 0, 1 and 2 worker
+   processes, two epochs each. Iterator start-up (forking the workers, every epoch) is
+   included, and weighs on these short epochs.
+2. A worker's CPU time per image (its reaped process's user + system time over the
+   batches it made): with the augmentation, without it, and decoding JPEGs. Cores
+   needed to feed N images/s = N x ms / 1000; beside it, the bytes each image costs
+   the trip to the trainer and the device.
+3. Training speed on `--device`: SGD steps of the paper's network (`build_model("paper",
+   num_classes=10)`, the trainer's optimizer and numerics for that device: channels-last,
+   bf16 autocast where native) fed by random tensors already on the device, and fed by
+   the loader over the prepared store (`--train-workers`, at `--worker-nice`), the
+   augmentation in the loader or finished on the device.
    Blocks of `--train-steps` timed steps alternate between the feeds for `--rounds`
    rounds so that drift of the machine hits all alike; each block starts a fresh
    iterator and one untimed step (start-up is a once-per-epoch cost). The ratio

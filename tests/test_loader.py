@@ -97,6 +97,56 @@ def test_same_seed_same_batches_with_and_without_workers():
     assert torch.equal(e0[0][1], e1[0][1]) and not torch.equal(e0[0][0], e1[0][0])
 
 
+def _ptr(x) -> int:
+    return (x.images if isinstance(x, RawBatch) else x).untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_workers_reuse_their_shared_buffers(deferred, monkeypatch):
+    """A batch the caller has let go of leaves its buffer to a later batch: one worker
+    with prefetch 1 makes at most prefetch + 2 = 3 shared buffers for 12 batches (the
+    forked worker counts its allocations in shared memory)."""
+    from alexnet import loader as loader_module
+
+    made = mp.get_context("fork").Value("i", 0)
+    real = loader_module._new_shared
+
+    def counting(nbytes):
+        with made.get_lock():
+            made.value += 1
+        return real(nbytes)
+
+    monkeypatch.setattr(loader_module, "_new_shared", counting)
+    ds = _dataset(50)
+    tf = TrainTransform(_stats(ds), CROP)
+    want = _epoch(_loader(ds, transform=tf))
+    tf = DeferredTrainTransform(tf) if deferred else tf
+    got = []
+    for x, y in _loader(ds, transform=tf, num_workers=1, prefetch=1):
+        got.append((tf.finish(x) if deferred else x.clone(), y.clone()))
+    assert len(got) == 12 and _same(want, got)
+    assert 1 <= made.value <= 3
+
+
+def test_batches_the_caller_keeps_are_never_written_over():
+    """Kept batches, and views of batches whose tensor was dropped, keep their buffers;
+    the later batches go to other buffers, and every kept one still holds its numbers."""
+    ds = _dataset(60)
+    want = _epoch(_loader(ds))
+    kept, views = [], []
+    for i, (x, y) in enumerate(_loader(ds, num_workers=2, prefetch=1)):
+        if i % 2:
+            kept.append((i, x, y))  # the batch itself, no copy
+        else:
+            views.append((i, x[1:3], y))  # only a view of it; the batch tensor goes
+    assert len(kept) + len(views) == 15
+    for i, x, y in kept:
+        assert torch.equal(x, want[i][0]) and torch.equal(y, want[i][1])
+    for i, v, y in views:
+        assert torch.equal(v, want[i][0][1:3])
+    assert len({_ptr(x) for _, x, _ in kept} | {_ptr(v) for _, v, _ in views}) == 15
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_deferred_augmentation_ships_uint8_and_finishes_to_the_same_batches(workers):
     """Augmentation on the device: the workers send uint8 images and the draws through
