@@ -38,10 +38,11 @@ shared memory for every batch cost more than the augmentation itself (page fault
 both sides: 0.62 against 0.25 ms of a worker's CPU per augmented 227x227 image, 2-core
 machine). Budget: on a machine whose cores all train the model, a worker
 preempts the model's threads, and a multi-threaded step waits for its slowest thread:
-on 2 cores, a prepared store fed training fastest with `num_workers=0` (augmentation
-is ~1 ms of one core per image, next to ~150 ms of training), and one worker at nice 0
-cost ~20% of the speed (nice 10-19: ~8%); workers pay off where loading is heavy
-(decoding JPEGs) or cores are spare. See benchmarks/bench_loader.py. A worker that
+on 2 cores, a prepared store fed training fastest with `num_workers=0` (reading and
+augmenting take ~0.2 ms of one core per image, next to 15-50 ms of training); one worker
+at nice 10 cost 3% of the speed on that machine (earlier, with fresh shared memory per
+batch: ~8%, at nice 0 ~20%). Workers pay off where loading is heavy (decoding JPEGs)
+or cores are spare. See benchmarks/bench_loader.py. A worker that
 dies (killed, out of memory) makes the iteration raise `LoaderWorkerError` at once
 (the main process waits on the workers' sentinels, never on a lock they may hold); an
 exception inside a worker is re-raised with the worker's traceback. Abandoning the
