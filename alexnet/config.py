@@ -253,12 +253,17 @@ class TrainConfig:
     checkpoint_every: int = 500  # also checkpoint every N steps (0: only at epoch ends)
     keep_checkpoints: int = 2  # step checkpoints kept besides `best`
     log_every: int = 10  # progress-line refresh, in steps
+    # Read the losses back from the device every N steps (the non-finite check, the
+    # progress line's loss, and under DDP the agreement to stop); 0: every step on a CPU,
+    # where reading is free, every 20 on a GPU, which then never waits for the host.
+    sync_every: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, not {getattr(self, name)}")
-        for name in ("max_steps", "checkpoint_every", "warmup_steps", "max_lr_drops", "plateau_patience"):
+        for name in ("max_steps", "checkpoint_every", "warmup_steps", "max_lr_drops", "plateau_patience",
+                     "sync_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, not {getattr(self, name)}")
         if self.lr <= 0:

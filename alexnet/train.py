@@ -290,6 +290,9 @@ class Trainer:
         self.best_err = math.inf
         self.history: list[dict] = []
         self.stop_requested = False
+        self.sync_every = t.sync_every or (20 if self.device.type == "cuda" else 1)
+        self._pending: list[tuple[int, torch.Tensor, int]] = []  # (step, loss on the device, images)
+        self._last_loss: float | None = None
         self.preprocess = {"image_size": cfg.data.image_size, "crop": self.crop,
                            "pixel_scale": cfg.data.pixel_scale, "mean": "mean_image"}
         if resume:
@@ -434,7 +437,8 @@ class Trainer:
             g["lr"] = lr
         return lr
 
-    def _train_step(self, x: torch.Tensor | RawBatch, y: torch.Tensor) -> float:
+    def _train_step(self, x: torch.Tensor | RawBatch, y: torch.Tensor) -> torch.Tensor:
+        """One SGD step; returns the loss as a tensor on the device, not read back (`_sync`)."""
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if isinstance(x, RawBatch):
@@ -445,16 +449,36 @@ class Trainer:
         with autocast_context(self.device, self.amp):
             logits = self.net(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        if not all_reduce_sum(finite, self.info).item() == self.info.world_size:
-            raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1})")
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.item()
+        return loss.detach()
+
+    def _sync(self) -> bool:
+        """Read back the losses of the steps since the last call (one copy from the device),
+        raise `TrainingError` naming the first step whose loss was not finite on any
+        process, add them to the epoch's loss, and return whether any process was asked to
+        stop (one collective under DDP, which every process reaches at the same step). A
+        non-finite step's update has been applied in memory, but no checkpoint is written
+        before this check, so the newest checkpoint stays the last good one."""
+        steps, losses, sizes = zip(*self._pending)
+        self._pending = []
+        values = torch.stack(losses).float().cpu()
+        flags = torch.cat([(~torch.isfinite(values)).double(), torch.tensor([float(self.stop_requested)],
+                                                                           dtype=torch.float64)])
+        all_reduce_sum(flags, self.info)
+        bad = flags[:-1].nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise TrainingError(f"the loss became {values[i].item()} at step {steps[i]} (epoch {self.epoch + 1})")
+        for v, n in zip(values.tolist(), sizes):
+            self.epoch_loss[0] += v * n
+            self.epoch_loss[1] += n
+        self._last_loss = float(values[-1])
+        return bool(flags[-1] > 0)
 
     def _validate(self) -> Metrics:
         d = self.cfg.data
@@ -506,7 +530,8 @@ class Trainer:
                   f"{len(self.data.train)} training / {len(self.data.val)} validation images, "
                   f"{self.total_steps} steps of {t.batch_size} ({self.steps_per_epoch}/epoch), "
                   f"{self.device}, amp {self.amp or 'off'}, channels-last {'on' if self.channels_last else 'off'}, "
-                  f"augmentation in the {self.augment_on}{f', {self.info.world_size} processes' if self.info.enabled else ''}", flush=True)
+                  f"augmentation in the {self.augment_on}"
+                  f"{f', {self.info.world_size} processes' if self.info.enabled else ''}", flush=True)
         while self.epoch < t.epochs and self.step < self.total_steps:
             if self._agreed_stop():  # asked during validation: the epoch's checkpoint is written
                 return self._stop()
@@ -520,16 +545,25 @@ class Trainer:
                 loss = self._train_step(x, y)
                 self.step += 1
                 self.batch_in_epoch += 1
-                self.epoch_loss[0] += loss * len(y)
-                self.epoch_loss[1] += len(y)
-                prog.update(len(y) * self.info.world_size, loss=loss, lr=lr)
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self._pending.append((self.step, loss, len(y)))
+                checkpoint = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0
+                last = self.step >= self.total_steps or self.batch_in_epoch >= self.steps_per_epoch
+                # the same steps on every process under DDP; alone, a stop request is read at once
+                stop = False
+                if (checkpoint or last or len(self._pending) >= self.sync_every
+                        or (self.stop_requested and not self.info.enabled)):
+                    stop = self._sync()
+                figures = {} if self._last_loss is None else {"loss": self._last_loss}
+                prog.update(len(y) * self.info.world_size, **figures, lr=lr)
+                if checkpoint:
                     self.save_checkpoint()
-                if self._agreed_stop():
+                if stop:
                     prog.close()
                     return self._stop()
                 if self.step >= self.total_steps:
                     break
+            if self._pending:  # (an epoch always ends on a read-back; this is for a short loader)
+                self._sync()
             speed = prog.close()
             train_time = time.perf_counter() - t0
             self._end_epoch(speed, train_time)

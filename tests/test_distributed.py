@@ -19,12 +19,13 @@ from tests.test_train import write_idx
 def _config(data):
     # image_size == crop, no flips, no lighting, no dropout: the only randomness left is the
     # epoch order, which every rank shares, so the two runs must agree; float32 (amp off),
-    # since bf16 autocast (auto on a CPU with native bf16) rounds half batches differently
+    # since bf16 autocast (auto on a CPU with native bf16) rounds half batches differently;
+    # losses read back every 2 steps (the GPU's way: the ranks agree on stopping then)
     return run_config("paper", {
         "data": {"path": str(data), "num_workers": 0, "image_size": 227, "flip": False, "lighting_std": 0.0},
         "model": {"dropout": 0.0},
         "train": {"batch_size": 8, "epochs": 1, "max_steps": 3, "lr": 0.001, "checkpoint_every": 0,
-                  "deterministic": True, "amp": "off"},
+                  "deterministic": True, "amp": "off", "sync_every": 2},
     })
 
 
@@ -72,3 +73,4 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     # exact validation counts: both saw the same 4 held-out images
     assert log_a["val_top1_err"] == pytest.approx(log_b["val_top1_err"])
     assert log_a["step"] == log_b["step"] == 3
+    assert log_a["train_loss"] == pytest.approx(log_b["train_loss"], rel=1e-4)
