@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import struct
+import time
 
 from dataclasses import replace
 
@@ -59,6 +60,11 @@ def stop_at(trainer, step, how="flag"):
         if trainer.step + 1 == step:
             if how == "signal":
                 os.kill(os.getpid(), signal.SIGTERM)
+                # the kernel may hand the signal to one of torch's threads, and Python runs
+                # its handler a little later: wait for it, so the stop belongs to this step
+                deadline = time.monotonic() + 10
+                while not trainer.stop_requested and time.monotonic() < deadline:
+                    time.sleep(0.001)
             else:
                 trainer.stop_requested = True
         return loss
