@@ -252,18 +252,16 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     checkpoint_every: int = 500  # also checkpoint every N steps (0: only at epoch ends)
     keep_checkpoints: int = 2  # step checkpoints kept besides `best`
-    log_every: int = 10  # progress-line refresh, in steps
-    # Read the losses back from the device every N steps (the non-finite check, the
-    # progress line's loss, and under DDP the agreement to stop); 0: every step on a CPU,
-    # where reading is free, every 20 on a GPU, which then never waits for the host.
-    sync_every: int = 0
+    # Steps between read-backs of the losses from the device: the progress line's loss, the
+    # non-finite check and, under DDP, the agreement to stop (also at every checkpoint and
+    # epoch end). Between them a GPU queues the next steps instead of waiting for the host.
+    log_every: int = 10
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, not {getattr(self, name)}")
-        for name in ("max_steps", "checkpoint_every", "warmup_steps", "max_lr_drops", "plateau_patience",
-                     "sync_every"):
+        for name in ("max_steps", "checkpoint_every", "warmup_steps", "max_lr_drops", "plateau_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, not {getattr(self, name)}")
         if self.lr <= 0:

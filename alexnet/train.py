@@ -290,7 +290,6 @@ class Trainer:
         self.best_err = math.inf
         self.history: list[dict] = []
         self.stop_requested = False
-        self.sync_every = t.sync_every or (20 if self.device.type == "cuda" else 1)
         self._pending: list[tuple[int, torch.Tensor, int]] = []  # (step, loss on the device, images)
         self._last_loss: float | None = None
         self.preprocess = {"image_size": cfg.data.image_size, "crop": self.crop,
@@ -550,7 +549,7 @@ class Trainer:
                 last = self.step >= self.total_steps or self.batch_in_epoch >= self.steps_per_epoch
                 # the same steps on every process under DDP; alone, a stop request is read at once
                 stop = False
-                if (checkpoint or last or len(self._pending) >= self.sync_every
+                if (checkpoint or last or len(self._pending) >= t.log_every
                         or (self.stop_requested and not self.info.enabled)):
                     stop = self._sync()
                 figures = {} if self._last_loss is None else {"loss": self._last_loss}

@@ -25,7 +25,7 @@ def _config(data):
         "data": {"path": str(data), "num_workers": 0, "image_size": 227, "flip": False, "lighting_std": 0.0},
         "model": {"dropout": 0.0},
         "train": {"batch_size": 8, "epochs": 1, "max_steps": 3, "lr": 0.001, "checkpoint_every": 0,
-                  "deterministic": True, "amp": "off", "sync_every": 2},
+                  "deterministic": True, "amp": "off", "log_every": 2},
     })
 
 

@@ -157,31 +157,29 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data
 
 
 def test_reading_the_loss_back_every_few_steps_changes_nothing(data, tmp_path):
-    """`train.sync_every` (20 on a GPU) lets the device run ahead of the host: the same
-    weights and logged losses as reading back every step, and a stop request still ends
-    the run at the step it came in."""
+    """Reading the losses back every `train.log_every` steps lets a GPU run ahead of the
+    host: the same weights and logged losses as reading back every step, and a stop
+    request still ends the run at the step it came in."""
     runs = {}
     for k in (1, 3):
-        t = Trainer(tiny_config(data, sync_every=k), tmp_path / f"k{k}", quiet=True)
-        assert t.sync_every == k
+        t = Trainer(tiny_config(data, log_every=k), tmp_path / f"k{k}", quiet=True)
         t.fit()
         log = [json.loads(x) for x in (tmp_path / f"k{k}" / "log.jsonl").read_text().splitlines()]
         runs[k] = (weights(tmp_path / f"k{k}"), [(r["train_loss"], r["val_loss"]) for r in log])
     assert runs[1][1] == runs[3][1] and len(runs[1][1]) == 2
     for name in runs[1][0]:
         assert torch.equal(runs[1][0][name], runs[3][0][name]), name
-    t = Trainer(tiny_config(data, sync_every=3), tmp_path / "stop", quiet=True)
+    t = Trainer(tiny_config(data, log_every=3), tmp_path / "stop", quiet=True)
     stop_at(t, 2)
     r = t.fit()
     assert r["stopped"] and r["step"] == 2 and r["checkpoint"].endswith("step-00000002")
-    assert Trainer(tiny_config(data), tmp_path / "auto", quiet=True).sync_every == 1  # on a CPU
 
 
 def test_a_non_finite_loss_between_read_backs_is_named_by_its_step(data, tmp_path):
     """Read back every 3 steps but checkpointed every 2: the NaN of step 3 is found at
     step 4, where the checkpoint is due, before it is written, and named as step 3; the
     step-2 checkpoint stays the newest, and nothing of the NaN weights is written."""
-    t = Trainer(tiny_config(data, sync_every=3, checkpoint_every=2, epochs=1), tmp_path / "r", quiet=True)
+    t = Trainer(tiny_config(data, log_every=3, checkpoint_every=2, epochs=1), tmp_path / "r", quiet=True)
     forward = t.model.forward
 
     def poisoned(x):
