@@ -58,13 +58,13 @@ def evaluate_model(model: torch.nn.Module, loader: BatchLoader, num_classes: int
     `finish` crops on `device`."""
     model.eval()
     k5 = min(5, num_classes)
-    stats = torch.zeros(3, dtype=torch.float64)  # count, loss sum, top-5 hits
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # count, loss sum, top-5 hits
+    codes = []  # true * K + predicted, per batch, left on the device until the end
     finish = getattr(loader.transform, "finish", None)
     for x, y in loader:
         if device.type == "cuda":
             x = x.pin_memory()
-        x = x.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if finish is not None:
             x = finish(x)
         ten = x.dim() == 5
@@ -74,17 +74,20 @@ def evaluate_model(model: torch.nn.Module, loader: BatchLoader, num_classes: int
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp_dtype):
-            logits = model(x)
-        logits = logits.float().cpu()
+            logits = model(x).float()
         probs = average_ten_crop(logits.view(b, -1, logits.shape[-1])) if ten else logits.softmax(-1)
         stats[0] += b
-        stats[1] += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").item()
+        stats[1] += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
         top = probs.topk(k5, dim=-1).indices
-        stats[2] += (top == y[:, None]).any(-1).sum().item()
-        confusion += torch.bincount(y * num_classes + top[:, 0], minlength=num_classes ** 2)
+        stats[2] += (top == y[:, None]).any(-1).sum()
+        codes.append(y * num_classes + top[:, 0])
         if progress is not None:
             progress.update(b)
-    all_reduce_sum(stats, info)
+    # read back once (no wait for the device per batch); the confusion matrix is counted on
+    # the CPU, where bincount is deterministic
+    confusion = torch.bincount(torch.cat(codes).cpu() if codes else torch.zeros(0, dtype=torch.int64),
+                               minlength=num_classes ** 2)
+    stats = all_reduce_sum(stats, info).cpu()
     all_reduce_sum(confusion, info)
     n = int(stats[0])
     conf = confusion.view(num_classes, num_classes).numpy()
