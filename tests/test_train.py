@@ -162,11 +162,11 @@ def test_reading_the_loss_back_every_few_steps_changes_nothing(data, tmp_path):
     request still ends the run at the step it came in."""
     runs = {}
     for k in (1, 3):
-        t = Trainer(tiny_config(data, log_every=k), tmp_path / f"k{k}", quiet=True)
+        t = Trainer(tiny_config(data, log_every=k, epochs=1), tmp_path / f"k{k}", quiet=True)  # read at 3, 5
         t.fit()
         log = [json.loads(x) for x in (tmp_path / f"k{k}" / "log.jsonl").read_text().splitlines()]
         runs[k] = (weights(tmp_path / f"k{k}"), [(r["train_loss"], r["val_loss"]) for r in log])
-    assert runs[1][1] == runs[3][1] and len(runs[1][1]) == 2
+    assert runs[1][1] == runs[3][1] and len(runs[1][1]) == 1
     for name in runs[1][0]:
         assert torch.equal(runs[1][0][name], runs[3][0][name]), name
     t = Trainer(tiny_config(data, log_every=3), tmp_path / "stop", quiet=True)
