@@ -334,8 +334,8 @@ class Trainer:
 
     def _train_loader(self, epoch: int, start_batch: int) -> BatchLoader:
         return BatchLoader(self.data.train, self.per_rank_batch, self.train_transform, shuffle=True,
-                           seed=self.cfg.train.seed, epoch=epoch, start_batch=start_batch, drop_last=True, rank=self.info.rank,
-                           world_size=self.info.world_size, num_workers=self.num_workers)
+                           seed=self.cfg.train.seed, epoch=epoch, start_batch=start_batch, drop_last=True,
+                           rank=self.info.rank, world_size=self.info.world_size, num_workers=self.num_workers)
 
     # --- checkpoints ------------------------------------------------------------------
 

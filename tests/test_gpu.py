@@ -65,7 +65,8 @@ def _tiny_run(tmp_path, where: str):
     cfg = replace(cfg, data=replace(cfg.data, augment_on=where))
     t = Trainer(cfg, tmp_path / where, quiet=True)
     t.fit()
-    return t, weights(tmp_path / where), [json.loads(x) for x in (tmp_path / where / "log.jsonl").read_text().splitlines()]
+    log = (tmp_path / where / "log.jsonl").read_text().splitlines()
+    return t, weights(tmp_path / where), [json.loads(x) for x in log]
 
 
 def test_a_gpu_run_trains_the_same_weights_wherever_it_augments(tmp_path):
