@@ -254,12 +254,17 @@ class TrainTransform:
         alpha = sample_lighting_alpha(batch, 1.0, generator) * self.lighting_std
         return params, alpha
 
-    def apply(self, images: torch.Tensor, params: CropParams, alpha: torch.Tensor,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+    def check(self, images: torch.Tensor) -> int:
+        """The side of a batch of square RGB images of the mean image's size; else ValueError."""
         size = _check_batch(images, self.crop)
         if images.shape[-2:] != self.mean.shape[-2:]:
             raise ValueError(f"images are {size}x{size} but the mean image is "
                              f"{self.mean.shape[-2]}x{self.mean.shape[-1]}")
+        return size
+
+    def apply(self, images: torch.Tensor, params: CropParams, alpha: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        size = self.check(images)
         b, c = images.shape[0], self.crop
         if out is None:  # off the CPU in channels-last, the gathers' own order and the model's
             out = torch.empty(b, 3, c, c, device=images.device, memory_format=torch.channels_last
@@ -326,13 +331,8 @@ class RawBatch(NamedTuple):
     alpha: torch.Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "RawBatch":
-        """The images moved to `device` (through pinned memory for a CUDA device, so the
-        copy overlaps the host); the random numbers stay on the CPU."""
-        device = torch.device(device)
-        img = self.images
-        if device.type == "cuda" and not img.is_pinned():
-            img = img.pin_memory()
-        return self._replace(images=img.to(device, non_blocking=non_blocking))
+        """The images moved to `device` (`to_device`); the random numbers stay on the CPU."""
+        return self._replace(images=to_device(self.images, device, non_blocking))
 
     def share_memory_(self) -> "RawBatch":
         """The images into shared memory; the few bytes of draws travel by value (see
@@ -365,10 +365,7 @@ class DeferredTrainTransform:
         self.crop = transform.crop
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> RawBatch:
-        size = _check_batch(images, self.crop)
-        if images.shape[-2:] != self.transform.mean.shape[-2:]:
-            raise ValueError(f"images are {size}x{size} but the mean image is "
-                             f"{self.transform.mean.shape[-2]}x{self.transform.mean.shape[-1]}")
+        self.transform.check(images)
         params, alpha = self.transform.sample(images.shape[0], generator)
         return RawBatch(images.contiguous(), params.top, params.left, params.flip, alpha)
 
@@ -391,10 +388,15 @@ class EvalTransform:
         self.mean_crops = _ten_crop(mean, crop) if ten_crop else center_crop(mean, crop)
         self._device_copies: dict = {}
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def check(self, images: torch.Tensor) -> int:
+        """The side of a batch of square RGB images of the mean image's size; else ValueError."""
         size = _check_batch(images, self.crop)
         if size != self.size:
             raise ValueError(f"images are {size}x{size} but the mean image is {self.size}x{self.size}")
+        return size
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        self.check(images)
         crops = _ten_crop(images, self.crop) if self.ten_crop else center_crop(images, self.crop)
         out = crops.float().sub_(_on(self._device_copies, self.mean_crops, images.device))
         if self.scale != 1.0:
@@ -411,14 +413,23 @@ class DeferredEvalTransform:
         self.crop = transform.crop
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        size = _check_batch(images, self.crop)
-        if size != self.transform.size:
-            raise ValueError(f"images are {size}x{size} but the mean image is "
-                             f"{self.transform.size}x{self.transform.size}")
+        self.transform.check(images)
         return images.contiguous()
 
     def finish(self, images: torch.Tensor) -> torch.Tensor:
         return self.transform(images)
+
+
+def to_device(x: torch.Tensor | RawBatch, device: torch.device | str, non_blocking: bool = True):
+    """A loader's batch (a tensor or a `RawBatch`) on `device`; to a CUDA device through
+    pinned memory, so the copy runs without holding the host (and the loader's shared
+    buffer is free again at once)."""
+    if isinstance(x, RawBatch):
+        return x.to(device, non_blocking)
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=non_blocking)
 
 
 def _on(copies: dict, t: torch.Tensor, device: torch.device) -> torch.Tensor:

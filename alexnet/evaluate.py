@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alexnet.augment import DeferredEvalTransform, EvalTransform, average_ten_crop
+from alexnet.augment import DeferredEvalTransform, EvalTransform, average_ten_crop, to_device
 from alexnet.distributed import DistInfo, all_reduce_sum
 from alexnet.loader import BatchLoader
 
@@ -62,9 +62,7 @@ def evaluate_model(model: torch.nn.Module, loader: BatchLoader, num_classes: int
     codes = []  # true * K + predicted, per batch, left on the device until the end
     finish = getattr(loader.transform, "finish", None)
     for x, y in loader:
-        if device.type == "cuda":
-            x = x.pin_memory()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
         if finish is not None:
             x = finish(x)
         ten = x.dim() == 5

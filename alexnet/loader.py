@@ -111,7 +111,7 @@ def _on_storage(storage: torch.UntypedStorage, shape: tuple[int, ...], dtype: to
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    return int(np.prod(shape)) * dtype.itemsize
 
 
 def _fresh_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -344,8 +344,7 @@ class _WorkerPool:
             if k not in pending and _use_count(t) == self.baseline:
                 return k
         used = set(kept) | pending
-        new = next((k for k in range(self.cap) if k not in used), -1)
-        return new
+        return next((k for k in range(self.cap) if k not in used), -1)
 
     def _send(self, b: int, first: int) -> None:
         ld = self.loader

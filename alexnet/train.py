@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alexnet.augment import DeferredTrainTransform, RawBatch, TrainTransform
+from alexnet.augment import DeferredTrainTransform, RawBatch, TrainTransform, to_device
 from alexnet.checkpoint import CheckpointError, load_model_file, load_state, save_model, save_state
 from alexnet.fileio import atomic_write_text
 from alexnet.config import ConfigError, RunConfig, from_dict, to_dict
@@ -438,7 +438,7 @@ class Trainer:
 
     def _train_step(self, x: torch.Tensor | RawBatch, y: torch.Tensor) -> torch.Tensor:
         """One SGD step; returns the loss as a tensor on the device, not read back (`_sync`)."""
-        x = x.to(self.device, non_blocking=True)
+        x = to_device(x, self.device)
         y = y.to(self.device, non_blocking=True)
         if isinstance(x, RawBatch):
             x = self.train_transform.finish(x)

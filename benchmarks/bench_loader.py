@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from alexnet.augment import DeferredTrainTransform, TrainTransform
+from alexnet.augment import DeferredTrainTransform, TrainTransform, to_device
 from alexnet.dataset import TensorImageDataset
 from alexnet.loader import BatchLoader
 from alexnet.model import build_model
@@ -119,7 +119,7 @@ def _train_compare(store, transform, batch: int, steps: int, rounds: int, worker
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(x, y, finish=None):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
         if finish is not None:
             x = finish(x)
         if channels_last:
