@@ -48,6 +48,14 @@ def config_file(data, folder: Path, **train) -> Path:
     return path
 
 
+def killable_env(folder: Path) -> dict[str, str]:
+    """The environment for a process that will be killed: its temporary files (the
+    multiprocessing folders a kill leaves behind) go under `folder`, the test's own."""
+    tmp = folder / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp)}
+
+
 def start_train(cfg: Path, run: Path, log: Path) -> subprocess.Popen:
     """`alexnet train` in its own process: a fresh run, or `--resume` once a checkpoint exists."""
     if (run / "checkpoints" / "last.json").exists():
@@ -55,6 +63,7 @@ def start_train(cfg: Path, run: Path, log: Path) -> subprocess.Popen:
     else:
         argv = ["--config", str(cfg), "--out", str(run)]
     return subprocess.Popen([sys.executable, "-m", "alexnet", "train", *argv, "--no-test"], cwd=REPO,
+                            env=killable_env(log.parent),
                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
 
 
@@ -203,8 +212,8 @@ def test_train_killed_thirty_times_resumes_to_the_same_weights(data, tmp_path):
 
 def start_prepare(src: Path, out: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "alexnet", "prepare", str(src), str(out), "--size", "64",
-                             "--workers", "1", "--quiet"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=open(log, "wb"), start_new_session=True)
+                             "--workers", "1", "--quiet"], cwd=REPO, env=killable_env(log.parent),
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
 
 
 def watch_store(out: Path, expected: dict, stop_event: threading.Event, seen: Counter) -> None:

@@ -326,6 +326,7 @@ def test_page_in_headless_chromium(url, tmp_path, monkeypatch):
     from selenium.webdriver.support.ui import WebDriverWait
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not try to download a browser
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # Chromium's socket folder goes with the test's
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
