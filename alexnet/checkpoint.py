@@ -25,7 +25,11 @@ from alexnet.dataset import DataStats
 from alexnet.fileio import atomic_write
 from alexnet.model import AlexNet
 
-FORMAT = "alexnet-checkpoint-1"
+FORMAT = "alexnet-checkpoint-2"
+# Format 1 put the paper variants' dropout before fc6 and fc7 (so their
+# weights sat at classifier.1 and classifier.4) and always used inverted dropout; both
+# are read, and `upgrade_v1` makes them format 2 with the same outputs.
+FORMAT_V1 = "alexnet-checkpoint-1"
 
 
 class CheckpointError(ValueError):
@@ -88,10 +92,13 @@ def load_model_file(path: str | Path) -> Checkpoint:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, FORMAT_V1):
         raise CheckpointError(f"{path} is not an alexnet checkpoint (format {meta.get('format')!r})")
     try:
-        cfg = from_dict(ModelConfig, json.loads(meta["model_config"]))
+        model_dict = json.loads(meta["model_config"])
+        if meta["format"] == FORMAT_V1:
+            model_dict, tensors = upgrade_v1(model_dict, tensors)
+        cfg = from_dict(ModelConfig, model_dict)
         classes = json.loads(meta["classes"])
         preprocess = json.loads(meta["preprocess"])
         extra = json.loads(meta.get("extra", "{}"))
@@ -111,6 +118,21 @@ def load_model_file(path: str | Path) -> Checkpoint:
         if not v.is_floating_point() and not k.endswith("num_batches_tracked"):
             raise CheckpointError(f"{path}: tensor {k} has dtype {v.dtype}, expected floating point")
     return Checkpoint(cfg, weights, classes, stats, preprocess, extra)
+
+
+def upgrade_v1(model_dict: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A format-1 model config and weights as format 2: inverted dropout (the only form
+    then), and for the paper variants fc6 and fc7 moved from classifier.1 and .4 to .0 and
+    .3 (the dropout layers, now after relu6 and relu7, hold no weights, so in evaluation
+    the network computes what it did)."""
+    if not isinstance(model_dict, dict):
+        return model_dict, tensors
+    model_dict = {"dropout_form": "inverted", **model_dict}
+    if model_dict.get("variant", "paper") != "owt" and "classifier.1.weight" in tensors:
+        moved = {"classifier.1.": "classifier.0.", "classifier.4.": "classifier.3."}
+        tensors = {next((new + k[len(old):] for old, new in moved.items() if k.startswith(old)), k): v
+                   for k, v in tensors.items()}
+    return model_dict, tensors
 
 
 def save_state(path: str | Path, state: dict) -> None:

@@ -67,6 +67,11 @@ class ModelConfig:
     # (the paper's text says 224, its arithmetic needs 227 or padding).
     input_size: int = 227
     dropout: float = 0.5  # "setting to zero the output of each hidden neuron with probability 0.5" (section 4.2)
+    # "paper": kept units pass unchanged in training and every unit is multiplied by
+    # 1 - dropout at test time ("multiply their outputs by 0.5", section 4.2).
+    # "inverted": kept units are scaled by 1 / (1 - dropout) in training, identity at test
+    # (nn.Dropout, Caffe, torchvision); needed to run weights converted from those.
+    dropout_form: Literal["paper", "inverted"] = "paper"
     lrn: LRNConfig = field(default_factory=LRNConfig)
     # "paper": section 5's N(0, std) weights and constant biases below. "kaiming": He et al.
     # (2015) normal weights for the ReLU layers, N(0, 0.01) for fc8, zero biases; with
@@ -87,6 +92,8 @@ class ModelConfig:
             raise ConfigError(f"num_classes must be >= 1, not {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.dropout_form not in ("paper", "inverted"):
+            raise ConfigError(f"dropout_form must be paper or inverted, not {self.dropout_form!r}")
         if self.init_std <= 0:
             raise ConfigError(f"init_std must be positive, not {self.init_std}")
 

@@ -163,7 +163,8 @@ def convert_caffe(src: str | Path, out: str | Path, mean: str | Path | None = No
     except ProtoError as e:
         raise CheckpointError(f"{src} is not a readable caffemodel (NetParameter): {e}") from None
     by_name = _check_caffe_layers(layers, src)
-    model = _uninitialised("paper", input_size=227, lrn=_caffe_lrn(layers, src))
+    # Caffe's dropout scales in training and passes everything at test time
+    model = _uninitialised("paper", input_size=227, lrn=_caffe_lrn(layers, src), dropout_form="inverted")
     for name in CAFFE_WEIGHTED:
         module, blobs = model.layer(name), by_name[name].blobs
         if len(blobs) != 2:
@@ -207,7 +208,7 @@ def convert_torchvision(src: str | Path, out: str | Path) -> AlexNet:
     """torchvision's AlexNet weights as an `owt` model file at `out`; returns the network."""
     src = Path(src)
     state = _load_pth(src)
-    model = _uninitialised("owt")
+    model = _uninitialised("owt", dropout_form="inverted")  # torchvision trained with nn.Dropout
     want = model.state_dict()
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or unexpected:

@@ -80,16 +80,47 @@ def _features(cfg: ModelConfig) -> list[tuple[str, nn.Module]]:
 
 
 def _classifier(cfg: ModelConfig) -> list[tuple[str, nn.Module]]:
-    """The fully-connected part: dropout before fc6 and fc7 (section 4.2)."""
-    return [
-        ("drop6", nn.Dropout(cfg.dropout)),
-        ("fc6", nn.Linear(256 * 6 * 6, 4096)),  # (4096,)
-        ("relu6", nn.ReLU(inplace=True)),
-        ("drop7", nn.Dropout(cfg.dropout)),
-        ("fc7", nn.Linear(4096, 4096)),  # (4096,)
-        ("relu7", nn.ReLU(inplace=True)),
-        ("fc8", nn.Linear(4096, cfg.num_classes)),  # (num_classes,) logits; softmax is in the loss
-    ]
+    """The fully-connected part. Section 4.2 drops "the output of each hidden neuron" of
+    "the first two fully-connected layers": after relu6 and relu7. `owt` keeps torchvision's
+    order instead (dropout before fc6 and before fc7), and with it torchvision's indices."""
+    fc6, fc7 = ("fc6", nn.Linear(256 * 6 * 6, 4096)), ("fc7", nn.Linear(4096, 4096))  # (4096,) each
+    fc8 = ("fc8", nn.Linear(4096, cfg.num_classes))  # (num_classes,) logits; softmax is in the loss
+    relu6, relu7 = ("relu6", nn.ReLU(inplace=True)), ("relu7", nn.ReLU(inplace=True))
+    drop6, drop7 = (("drop6", Dropout(cfg.dropout, cfg.dropout_form)),
+                    ("drop7", Dropout(cfg.dropout, cfg.dropout_form)))
+    if cfg.variant == "owt":
+        return [drop6, fc6, relu6, drop7, fc7, relu7, fc8]
+    return [fc6, relu6, drop6, fc7, relu7, drop7, fc8]
+
+
+class Dropout(nn.Dropout):
+    """Dropout in one of two forms, the same network in expectation but not in training:
+
+    "paper" (section 4.2): in training each unit is zeroed with probability p and the kept
+    ones pass unchanged; at test time every unit passes, multiplied by 1 - p ("we use all
+    the neurons but multiply their outputs by 0.5").
+    "inverted" (nn.Dropout, Caffe, torchvision): the kept units are multiplied by 1 / (1 - p)
+    in training and the test pass is the identity. Weights trained this way (BVLC's,
+    torchvision's) need this form.
+
+    A network trained with the inverted form equals a paper-form one whose next layer has
+    twice the weights; from the same N(0, 0.01) start and learning rate the two train
+    differently (in the paper's units, the inverted form doubles the start of fc7 and fc8
+    and quadruples their steps)."""
+
+    def __init__(self, p: float = 0.5, form: str = "paper"):
+        super().__init__(p)
+        self.form = form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "inverted" or self.p == 0:
+            return super().forward(x)
+        if self.training:
+            return x * torch.empty_like(x).bernoulli_(1 - self.p)
+        return x * (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, form={self.form}"
 
 
 class AlexNet(nn.Module):

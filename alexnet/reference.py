@@ -2,13 +2,28 @@
 against and an independent oracle for tests.
 
 torch.nn.LocalResponseNorm averages the squares (Caffe's form), so the paper's alpha is
-multiplied by n here. Layer order equals alexnet.model's, so state dicts are interchangeable.
+multiplied by n here. Layer order equals alexnet.model's, so state dicts are interchangeable:
+the paper variants drop fc6's and fc7's outputs, `owt` drops their inputs (torchvision's
+order). Dropout is nn.Dropout (scaled in training, the identity at test time), as the
+obvious code has it, unless `paper_dropout`: then the section 4.2 form, which keeps units
+unscaled in training and multiplies by 0.5 at test time.
 """
 
+import torch
 from torch import nn
 
 
-def plain_alexnet(variant: str = "paper", num_classes: int = 1000, input_size: int = 227) -> nn.Module:
+class _HalvedAtTest(nn.Module):
+    """Section 4.2's dropout, p = 0.5, written out."""
+
+    def forward(self, x):
+        if self.training:
+            return x * (torch.rand_like(x) >= 0.5)
+        return x * 0.5
+
+
+def plain_alexnet(variant: str = "paper", num_classes: int = 1000, input_size: int = 227,
+                  paper_dropout: bool = False) -> nn.Module:
     p1 = 2 if input_size == 224 else 0
     if variant == "owt":
         features = [
@@ -45,9 +60,11 @@ def plain_alexnet(variant: str = "paper", num_classes: int = 1000, input_size: i
     model = nn.Sequential()
     model.features = nn.Sequential(*features)
     model.flatten = nn.Flatten()
-    model.classifier = nn.Sequential(
-        nn.Dropout(0.5), nn.Linear(9216, 4096), nn.ReLU(inplace=True),
-        nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
-        nn.Linear(4096, num_classes),
-    )
+    drop = _HalvedAtTest if paper_dropout else (lambda: nn.Dropout(0.5))
+    fc6, fc7, fc8 = nn.Linear(9216, 4096), nn.Linear(4096, 4096), nn.Linear(4096, num_classes)
+    if variant == "owt":
+        layers = [drop(), fc6, nn.ReLU(inplace=True), drop(), fc7, nn.ReLU(inplace=True), fc8]
+    else:
+        layers = [fc6, nn.ReLU(inplace=True), drop(), fc7, nn.ReLU(inplace=True), drop(), fc8]
+    model.classifier = nn.Sequential(*layers)
     return model

@@ -27,7 +27,7 @@ def _describe(m: nn.Module) -> tuple[str, str]:
         c = m.cfg
         return "LRN", f"n={c.size} k={c.k:g} a={c.alpha:g} b={c.beta:g} {c.form}"
     if isinstance(m, nn.Dropout):
-        return "Dropout", f"p={m.p:g}"
+        return "Dropout", f"p={m.p:g} {getattr(m, 'form', 'inverted')}"
     if isinstance(m, nn.BatchNorm2d):
         return "BatchNorm2d", f"{m.num_features}"
     return type(m).__name__, ""
@@ -50,8 +50,8 @@ def layer_table(model: AlexNet) -> dict:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for name, m in model.named_layers():
-            if name == "drop6":
+        for i, (name, m) in enumerate(model.named_layers()):
+            if i == len(model.features):  # the classifier's first layer takes the flattened maps
                 x = torch.flatten(x, 1)
             x = m(x)
             kind, spec = _describe(m)

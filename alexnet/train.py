@@ -306,7 +306,11 @@ class Trainer:
         if not path.is_file():
             raise ConfigError(f"{self.run_dir} is not a run folder (no config.json)")
         try:
-            return from_dict(RunConfig, json.loads(path.read_text()))
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and isinstance(data.get("model"), dict):
+                # a run begun before model.dropout_form existed trained with inverted dropout
+                data["model"].setdefault("dropout_form", "inverted")
+            return from_dict(RunConfig, data)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
 

@@ -152,7 +152,7 @@ def test_owt_loads_a_torchvision_state_dict():
     }
     g = torch.Generator().manual_seed(1)
     sd = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-    m = build_model("owt")
+    m = build_model("owt", dropout_form="inverted")  # torchvision trained with nn.Dropout
     m.load_state_dict(sd, strict=True)
     assert torch.equal(m.layer("conv3").weight, sd["features.6.weight"])
     assert torch.equal(m.layer("fc8").bias, sd["classifier.6.bias"])
@@ -180,13 +180,59 @@ def test_dropout_is_off_in_eval_mode():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_dropout_sits_where_the_variant_puts_it(variant):
+    """Section 4.2 drops the outputs of fc6's and fc7's hidden units; torchvision (owt)
+    drops the inputs of fc6 and fc7."""
+    names = [n for n, _ in build_model(variant).named_layers()]
+    classifier = names[names.index("pool5") + 1:]
+    if variant == "owt":
+        assert classifier == ["drop6", "fc6", "relu6", "drop7", "fc7", "relu7", "fc8"]
+    else:
+        assert classifier == ["fc6", "relu6", "drop6", "fc7", "relu7", "drop7", "fc8"]
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_the_papers_dropout_keeps_units_unscaled_and_halves_at_test_time(p):
+    from alexnet.model import Dropout
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 4096) + 0.5
+    paper, inverted = Dropout(p, "paper"), Dropout(p, "inverted")
+    y = paper(x)
+    kept = y != 0
+    assert torch.equal(y[kept], x[kept])  # unscaled in training
+    assert abs((~kept).float().mean().item() - p) < 0.01
+    z = inverted(x)
+    torch.testing.assert_close(z[z != 0], x[z != 0] / (1 - p))
+    paper.eval(), inverted.eval()
+    assert torch.equal(paper(x), x * (1 - p))
+    assert torch.equal(inverted(x), x)
+
+
+def test_paper_dropout_is_inverted_dropout_with_halved_next_layers():
+    """The two forms are one function in evaluation once fc7's and fc8's weights are halved
+    (each follows a dropout at p = 0.5); the forms differ in how the same weights train."""
+    torch.manual_seed(0)
+    paper = build_model("paper", num_classes=10).eval()
+    inverted = build_model("paper", num_classes=10, dropout_form="inverted").eval()
+    inverted.load_state_dict(paper.state_dict())
+    with torch.no_grad():
+        x = torch.randn(2, 3, 227, 227) * 60
+        differ = not torch.allclose(paper(x), inverted(x), rtol=1e-3, atol=1e-3)
+        for name in ("fc7", "fc8"):
+            inverted.layer(name).weight.mul_(0.5)
+        torch.testing.assert_close(paper(x), inverted(x), rtol=1e-5, atol=1e-5)
+    assert differ
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_matches_the_plain_pytorch_network(variant):
     """Outputs and gradients equal those of the obvious nn.Module version with the same weights."""
     from alexnet.reference import plain_alexnet
 
     torch.manual_seed(0)
     m = build_model(variant, num_classes=10).eval()
-    ref = plain_alexnet(variant, num_classes=10, input_size=m.cfg.input_size).eval()
+    ref = plain_alexnet(variant, num_classes=10, input_size=m.cfg.input_size, paper_dropout=True).eval()
     ref.load_state_dict(m.state_dict(), strict=True)
     s = m.cfg.input_size
     x = torch.randn(2, 3, s, s) * 60

@@ -1,0 +1,59 @@
+"""Model files written before the current format still load, with the same outputs."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from alexnet.checkpoint import FORMAT_V1, load_model_file, save_model
+from alexnet.config import run_config, to_dict
+from alexnet.model import build_model
+from alexnet.train import Trainer
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+def write_v1(path, model):
+    """`model` as format 1 wrote it: the paper variants' fc6 and fc7 at classifier.1 and .4
+    (dropout came first), and no dropout_form in the config (it was always inverted)."""
+    back = {"classifier.0.": "classifier.1.", "classifier.3.": "classifier.4."}
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if model.cfg.variant != "owt":
+            k = next((new + k[len(old):] for old, new in back.items() if k.startswith(old)), k)
+        tensors[k] = v.contiguous()
+    cfg = to_dict(model.cfg)
+    del cfg["dropout_form"]
+    save_file(tensors, str(path), metadata={
+        "format": FORMAT_V1, "model_config": json.dumps(cfg), "classes": json.dumps(CLASSES),
+        "preprocess": json.dumps({"image_size": 256, "crop": model.cfg.input_size}), "extra": "{}"})
+
+
+@pytest.mark.parametrize("variant", ["paper", "owt", "bn"])
+def test_a_format_1_model_file_loads_with_the_same_outputs(variant, tmp_path):
+    torch.manual_seed(0)
+    old = build_model(variant, num_classes=4, dropout_form="inverted", init="kaiming").eval()
+    write_v1(tmp_path / "v1.safetensors", old)
+    ck = load_model_file(tmp_path / "v1.safetensors")
+    assert ck.model_config.dropout_form == "inverted"
+    new = ck.build_model().eval()
+    s = old.cfg.input_size
+    x = torch.randn(2, 3, s, s) * 60
+    with torch.no_grad():
+        assert torch.equal(new(x), old(x))
+    # saved again, it is a current-format file that loads the same
+    save_model(tmp_path / "v2.safetensors", new, CLASSES, None, ck.preprocess)
+    again = load_model_file(tmp_path / "v2.safetensors")
+    assert again.model_config == ck.model_config
+    assert again.state_dict.keys() == new.state_dict().keys()
+
+
+def test_a_run_begun_before_dropout_form_resumes_with_inverted_dropout(tmp_path):
+    cfg = to_dict(run_config("paper"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert Trainer._read_config(SimpleNamespace(run_dir=tmp_path)).model.dropout_form == "paper"
+    del cfg["model"]["dropout_form"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert Trainer._read_config(SimpleNamespace(run_dir=tmp_path)).model.dropout_form == "inverted"
