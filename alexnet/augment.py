@@ -245,7 +245,7 @@ class TrainTransform:
         self.mean_flipped = self.mean.flip(-1).contiguous()
         self.eigval = stats.eigval.float() / PIXEL_RANGE**2  # l_i in 0..1 units; offsets times 255 to levels
         self.eigvec = stats.eigvec.float()
-        self._device_copies: dict = {}
+        self._device_copies = _DeviceCopies()
         _check_batch(self.mean[None], crop)
 
     def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[CropParams, torch.Tensor]:
@@ -386,7 +386,7 @@ class EvalTransform:
         mean = stats.mean_image.float()
         self.size = _check_batch(mean[None], crop)
         self.mean_crops = _ten_crop(mean, crop) if ten_crop else center_crop(mean, crop)
-        self._device_copies: dict = {}
+        self._device_copies = _DeviceCopies()
 
     def check(self, images: torch.Tensor) -> int:
         """The side of a batch of square RGB images of the mean image's size; else ValueError."""
@@ -430,6 +430,14 @@ def to_device(x: torch.Tensor | RawBatch, device: torch.device | str, non_blocki
     if device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
         x = x.pin_memory()
     return x.to(device, non_blocking=non_blocking)
+
+
+class _DeviceCopies(dict):
+    """A transform's constants copied to devices; pickled empty, so that workers started
+    by spawn or forkserver do not each open a CUDA context to unpickle them."""
+
+    def __reduce__(self):
+        return _DeviceCopies, ()
 
 
 def _on(copies: dict, t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -48,6 +48,11 @@ dies (killed, out of memory) makes the iteration raise `LoaderWorkerError` at on
 exception inside a worker is re-raised with the worker's traceback. Abandoning the
 iteration (break, exception, garbage collection, `close()` on the iterator) stops and
 reaps the workers; they also exit by themselves when the main process disappears.
+
+A batch from workers lives on a buffer that is written again once no tensor on it is
+left: keep a batch as a tensor (or a view, or a NumPy array of it), not through its
+storage alone, and `clone()` one before handing it to another process, which this
+process cannot see holding it.
 """
 
 from __future__ import annotations
@@ -238,6 +243,7 @@ def _pooled(loader: BatchLoader, batches: range) -> Iterator[tuple[torch.Tensor,
 def _worker_main(wid: int, dataset: ImageDataset, transform: Transform | None, tasks: mpc.Connection,
                  results: mpc.Connection, parent: int, inherited: list[mpc.Connection], nice: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's "stop after this step"
     for c in inherited:  # the other ends, and other workers' pipes, inherited by fork
         c.close()
     torch.set_num_threads(1)
@@ -250,7 +256,7 @@ def _worker_main(wid: int, dataset: ImageDataset, transform: Transform | None, t
     while True:
         try:
             if not tasks.poll(1.0):
-                if os.getppid() != parent:
+                if not _parent_alive(parent):
                     return
                 continue
             task = tasks.recv()
@@ -259,6 +265,8 @@ def _worker_main(wid: int, dataset: ImageDataset, transform: Transform | None, t
         if task is None:
             return
         b, idx, seed, k = task
+        if isinstance(idx, torch.Tensor):  # a long batch's indices, sent in shared memory
+            idx = idx.numpy()
         try:
             x, y = load_batch(dataset, transform, idx, seed, lambda shape, dtype: _slot(slots, k, shape, dtype))
             msg = (b, k, x, y.numpy(), None)
@@ -269,6 +277,16 @@ def _worker_main(wid: int, dataset: ImageDataset, transform: Transform | None, t
         except (BrokenPipeError, OSError):
             return
         msg = x = None  # drop this side's reference to the shared memory
+
+
+def _parent_alive(pid: int) -> bool:
+    """Whether the process that started this worker is still there. Forked workers see a
+    new parent pid once it dies; with forkserver or spawn the parent is not the starter,
+    so ask multiprocessing, which watches the starter's end of a pipe."""
+    starter = mp.parent_process()
+    if starter is not None:
+        return starter.is_alive()
+    return os.getppid() == pid
 
 
 def _slot(slots: list, k: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -294,6 +312,9 @@ def _reuse_baseline() -> int | None:
         return _use_count(torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage(8)))
     except (AttributeError, RuntimeError, TypeError):
         return None
+
+
+TASK_BYTES = 16384  # index bytes a worker's queued tasks may take in its pipe
 
 
 class _WorkerPool:
@@ -352,7 +373,13 @@ class _WorkerPool:
         k = self._free_slot(w)
         if k >= 0:
             self.pending[w].add(k)
-        task = (b, ld.batch_indices(b), batch_seed(ld.seed, ld.epoch, ld.global_batch(b)), k)
+        idx = ld.batch_indices(b)
+        if idx.nbytes * ld.prefetch > TASK_BYTES:
+            # A pipe holds 64 KiB: tasks that fill it block this process in send() while
+            # the worker blocks sending it the last batch's labels. Long index lists go
+            # in shared memory, so a task stays a few hundred bytes.
+            idx = torch.from_numpy(np.ascontiguousarray(idx)).share_memory_()
+        task = (b, idx, batch_seed(ld.seed, ld.epoch, ld.global_batch(b)), k)
         try:
             self.tasks[w].send(task)
         except (BrokenPipeError, OSError):

@@ -470,13 +470,17 @@ class Trainer:
         steps, losses, sizes = zip(*self._pending)
         self._pending = []
         values = torch.stack(losses).float().cpu()
-        flags = torch.cat([(~torch.isfinite(values)).double(), torch.tensor([float(self.stop_requested)],
-                                                                           dtype=torch.float64)])
+        finite = torch.isfinite(values)
+        # per step: how many processes saw a non-finite loss, and the sum of those losses
+        # (the value itself where one process did); then the stop requests
+        n = len(values)
+        flags = torch.cat([(~finite).double(), torch.where(finite, 0.0, values).double(),
+                           torch.tensor([float(self.stop_requested)], dtype=torch.float64)])
         all_reduce_sum(flags, self.info)
-        bad = flags[:-1].nonzero()
+        bad = flags[:n].nonzero()
         if len(bad):
             i = int(bad[0])
-            raise TrainingError(f"the loss became {values[i].item()} at step {steps[i]} (epoch {self.epoch + 1})")
+            raise TrainingError(f"the loss became {flags[n + i].item()} at step {steps[i]} (epoch {self.epoch + 1})")
         for v, n in zip(values.tolist(), sizes):
             self.epoch_loss[0] += v * n
             self.epoch_loss[1] += n

@@ -15,6 +15,7 @@ from alexnet.augment import (
     EvalTransform,
     RawBatch,
     TrainTransform,
+    _on,
     average_ten_crop,
     center_crop,
     crop_flip,
@@ -326,3 +327,18 @@ def test_deferred_eval_crops_the_same(ten):
     assert torch.equal(later.finish(shipped), tr(images))
     with pytest.raises(ValueError, match="mean image"):
         later(_images(2, 31))
+
+
+def test_device_copies_of_a_transforms_constants_are_not_pickled():
+    """A transform goes to spawned loader workers by pickle: the copies of its mean image
+    on a device (CUDA after the first device-side batch; `meta` here) stay behind."""
+    import pickle
+
+    tr, ev = TrainTransform(_stats(32), 27), EvalTransform(_stats(32), 27)
+    _on(tr._device_copies, tr.mean, torch.device("meta"))
+    _on(ev._device_copies, ev.mean_crops, torch.device("meta"))
+    assert len(tr._device_copies) == len(ev._device_copies) == 1
+    for t in (tr, ev):
+        back = pickle.loads(pickle.dumps(t))
+        assert len(back._device_copies) == 0
+        assert torch.equal(back.mean if t is tr else back.mean_crops, t.mean if t is tr else t.mean_crops)

@@ -257,6 +257,53 @@ def test_an_exception_in_a_worker_is_raised_with_its_traceback():
         _epoch(_loader(ds, num_workers=2, shuffle=False))
 
 
+LONG_BATCHES = """
+import numpy as np, torch
+from alexnet.dataset import TensorImageDataset
+from alexnet.loader import BatchLoader
+n = 9000 * 3
+ds = TensorImageDataset(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), np.arange(n), ["c"] * n, image_size=4)
+ys = [y for _, y in BatchLoader(ds, 9000, None, shuffle=True, seed=0, drop_last=True, num_workers=1)]
+assert torch.equal(torch.cat(ys).sort().values, torch.arange(n)), "every image once"
+print("ok")
+"""
+
+
+def test_batches_longer_than_a_pipe_holds_do_not_hang():
+    """9,000-image batches: a task's indices and a result's labels are each more than a
+    pipe's 64 KiB, which once left the main process and the worker each waiting on the
+    other's send. In a subprocess, so that a hang fails the test instead of CI."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", LONG_BATCHES], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_a_forkserver_worker_waits_for_a_slow_consumer():
+    """A worker exits when the process that started it is gone; a forkserver worker's
+    parent process is the fork server, and it must not take that for a dead starter."""
+    got = []
+    for x, y in _loader(_dataset(12), num_workers=1, prefetch=1, mp_context="forkserver"):
+        time.sleep(1.5)  # longer than the worker's 1 s poll for a task
+        got.append(y)
+    assert len(got) == 3
+
+
+def test_a_worker_does_not_inherit_the_trainers_sigterm_handler():
+    """The trainer handles SIGTERM as "stop after this step"; a worker must just end."""
+    old = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        it = iter(_loader(_dataset(200), num_workers=1))
+        next(it)
+        os.kill(_children()[0].pid, signal.SIGTERM)
+        with pytest.raises(LoaderWorkerError, match=r"killed by signal 15"):
+            for _ in it:
+                pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_bad_arguments():
     ds = _dataset(10)
     for kw in ({"batch_size": 0}, {"rank": 2, "world_size": 2}, {"prefetch": 0}, {"seed": -1},

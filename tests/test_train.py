@@ -197,6 +197,24 @@ def test_a_non_finite_loss_between_read_backs_is_named_by_its_step(data, tmp_pat
     assert not (tmp_path / "r" / "best.safetensors").exists()
 
 
+def test_a_non_finite_loss_on_another_process_is_reported_with_its_value(data, tmp_path, monkeypatch):
+    """Under DDP the losses are checked in one collective: a NaN that only another process
+    saw is named by its step and its value, not by this process's finite loss."""
+    import alexnet.train as train_module
+
+    t = Trainer(tiny_config(data), tmp_path / "r", quiet=True)
+
+    def with_a_nan_on_rank_1(flags, info):
+        other = torch.zeros_like(flags)
+        other[1], other[3] = 1.0, float("nan")  # step 8 (the second) was NaN there
+        return flags.add_(other)
+
+    monkeypatch.setattr(train_module, "all_reduce_sum", with_a_nan_on_rank_1)
+    t._pending = [(7, torch.tensor(2.25), 8), (8, torch.tensor(1.5), 8)]
+    with pytest.raises(TrainingError, match=r"the loss became nan at step 8 \(epoch 1\)"):
+        t._sync()
+
+
 def test_a_second_run_in_the_same_folder_is_refused(data, tmp_path):
     Trainer(tiny_config(data, max_steps=1, epochs=1), tmp_path / "r", quiet=True).fit()
     with pytest.raises(Exception, match="already holds a run"):
