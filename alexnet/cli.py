@@ -13,6 +13,7 @@ import sys
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import INPUT_SIZES, RECIPES, VARIANTS, ConfigError
 from alexnet.export import ExportError
+from alexnet.fileio import OutputError
 from alexnet.sources import ClassMismatchError
 
 
@@ -34,6 +35,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, not {v}")
+    return v
+
+
+def _workers(text: str) -> int:
+    """A loader's worker count: 0 or more, or -1 for the device's default."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (or -1: the default for the device), not {v}")
     return v
 
 
@@ -276,12 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "accuracy, a confusion-matrix PNG (up to 100 classes) and eval.json.")
     p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
     p.add_argument("--data", metavar="PATH", help="dataset (default: Fashion-MNIST)")
-    p.add_argument("--split", default="test", help="split of the source to use (default test; "
-                                                   "val for ImageFolder trees)")
+    p.add_argument("--split", default=None, help="split of the source to use (default test, or val where "
+                                                 "the source has no test split, as a train/ val/ tree)")
     p.add_argument("--ten-crop", action="store_true", help="average the softmax of the paper's 10 patches")
     p.add_argument("--batch-size", type=_positive_int, default=100, metavar="N")
     p.add_argument("--device", default="auto", metavar="DEV")
-    p.add_argument("--workers", type=int, default=-1, metavar="N",
+    p.add_argument("--workers", type=_workers, default=-1, metavar="N",
                    help="loader processes (default -1: none on a CPU, up to 8 beside a GPU)")
     p.add_argument("--augment-on", choices=["auto", "loader", "device"], default="auto",
                    help="where the test crops are cut (default auto: on a GPU the device, else the loader)")
@@ -325,8 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, ConfigError, CheckpointError, FileNotFoundError, ExportError, ClassMismatchError) as e:
+    except (UserError, ConfigError, CheckpointError, FileNotFoundError, ExportError, ClassMismatchError,
+            OutputError) as e:
         print(f"alexnet: error: {e}", file=sys.stderr)
+        return 2
+    except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:  # a path given where it cannot go
+        print(f"alexnet: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("alexnet: interrupted", file=sys.stderr)

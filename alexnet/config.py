@@ -271,6 +271,8 @@ class TrainConfig:
         for name in ("max_steps", "checkpoint_every", "warmup_steps", "max_lr_drops", "plateau_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, not {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"train.seed must be an integer from 0 to 2**63 - 1, not {self.seed}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, not {self.lr}")
         if not 0 <= self.momentum < 1:

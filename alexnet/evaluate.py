@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from alexnet.augment import DeferredEvalTransform, EvalTransform, average_ten_crop, to_device
 from alexnet.distributed import DistInfo, all_reduce_sum
+from alexnet.fileio import make_dir
 from alexnet.loader import BatchLoader
 
 
@@ -127,12 +128,13 @@ def format_metrics(m: Metrics, label: str) -> str:
             f" | top-5 error {100 * m.top5_err:.2f}% (accuracy {100 * m.top5_acc:.2f}%) | loss {m.loss:.4f}")
 
 
-def evaluate_checkpoint(checkpoint, data_path=None, split: str = "test", ten_crop: bool = False,
+def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, ten_crop: bool = False,
                         batch_size: int = 100, out_dir=None, device: str = "auto", workers: int = -1,
                         dataset=None, label: str | None = None, augment_on: str = "auto") -> dict:
-    """Evaluate a model file on `dataset` (or the source at `data_path`, split `split`) with
-    the checkpoint's own preprocessing; prints the figures, writes eval.json and
-    confusion.png, and returns the JSON document."""
+    """Evaluate a model file on `dataset` (or the source at `data_path`, split `split`;
+    None: test, or val where the source has no test split, as an ImageFolder tree of
+    train/ and val/) with the checkpoint's own preprocessing; prints the figures, writes
+    eval.json and confusion.png, and returns the JSON document."""
     from alexnet.checkpoint import CheckpointError, load_model_file
     from alexnet.distributed import resolve_augment, resolve_device, resolve_workers
     from alexnet.progress import Progress
@@ -141,9 +143,20 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str = "test", ten_cro
     if ck.stats is None:
         raise CheckpointError(f"{checkpoint} has no data statistics (mean image); it cannot preprocess images")
     if dataset is None:
-        from alexnet.sources import open_dataset
+        from alexnet.sources import MissingSplitError, open_dataset
 
-        dataset = open_dataset(data_path, split, ck.preprocess.get("image_size", 256), classes=ck.classes)
+        size = ck.preprocess.get("image_size", 256)
+        if split is None:
+            try:
+                dataset, split = open_dataset(data_path, "test", size, classes=ck.classes), "test"
+            except MissingSplitError as no_test:
+                try:
+                    dataset, split = open_dataset(data_path, "val", size, classes=ck.classes), "val"
+                except MissingSplitError:
+                    raise no_test from None
+        else:
+            dataset = open_dataset(data_path, split, size, classes=ck.classes)
+    split = split or "test"
     if list(dataset.classes) != list(ck.classes):
         raise CheckpointError(f"the data has {len(dataset.classes)} classes {dataset.classes[:3]}... but the "
                               f"checkpoint was trained on {len(ck.classes)} {ck.classes[:3]}...")
@@ -154,13 +167,14 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str = "test", ten_cro
                          ck.preprocess.get("pixel_scale", 1.0), workers,
                          on_device=resolve_augment(augment_on, dev) == "device")
     label = label or split
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"eval-{label}{'-10crop' if ten_crop else ''}"
+    make_dir(out)  # before the evaluation: an output path that cannot be made fails at once
     title = f"{label}{' 10-crop' if ten_crop else ''}"
     prog = Progress(len(dataset), f"evaluate {title}")
     m = evaluate_model(model, loader, ck.model_config.num_classes, dev, channels_last=True, progress=prog)
     prog.close()
     print(format_metrics(m, title))
     names = ck.extra.get("class_names") or ck.classes
-    out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"eval-{label}{'-10crop' if ten_crop else ''}"
     doc = write_report(m, names, out, title=f"{Path(checkpoint).name} on {title}",
                        extra={"checkpoint": str(checkpoint), "split": label, "ten_crop": ten_crop})
     worst = sorted(((a, n) for n, a in doc["per_class_accuracy"].items() if a is not None))[:5]

@@ -34,12 +34,42 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+class OutputError(ValueError):
+    """An output path that cannot be written as asked (a folder where a file should go, a
+    file where a folder should); the message says which, in one line."""
+
+
+def make_dir(folder: str | Path) -> Path:
+    """`mkdir -p folder`, or an OutputError naming the part of the path that is a file."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
+        raise OutputError(f"cannot make the folder {folder}: {blocker} is a file") from None
+    return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[object], None]) -> None:
-    """Call `write(fileobj)` on a temporary file beside `path`, fsync it, rename it over `path`."""
+    """Call `write(fileobj)` on a temporary file beside `path`, fsync it, rename it over
+    `path`. The file gets the permissions of a plain `open` (0666 less the umask), not the
+    temporary file's 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name")
+    make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

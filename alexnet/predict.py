@@ -41,13 +41,21 @@ def _to_pil(image: ImageInput, max_pixels: int) -> Image.Image:
         return image
     if isinstance(image, (str, os.PathLike)):
         return load_rgb(image, max_pixels=max_pixels)
+    if isinstance(image, np.ndarray) and not image.flags.writeable:
+        image = image.copy()  # torch would warn that it cannot share a read-only array
     t = torch.as_tensor(image).detach().cpu()
     if t.dim() != 3 or 3 not in (t.shape[0], t.shape[-1]):
         raise ValueError(f"expected an RGB image tensor (3, H, W) or (H, W, 3), got {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"expected RGB levels 0..255, got a {t.dtype} image")
     if t.shape[0] == 3:
         t = t.permute(1, 2, 0)  # (H, W, 3)
     if t.is_floating_point():
-        t = t.round().clamp(0, 255)
+        if not torch.isfinite(t).all():
+            raise ValueError("the image has NaN or infinite values; expected RGB levels 0..255")
+        t = t.round()
+    if t.numel() and (t.min() < 0 or t.max() > 255):
+        raise ValueError(f"expected RGB levels 0..255, got values from {t.min().item():g} to {t.max().item():g}")
     return Image.fromarray(t.to(torch.uint8).contiguous().numpy(), "RGB")
 
 

@@ -269,6 +269,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0 to 65535, not {v}")
+    return v
+
+
 def _number(text: str, positive: bool) -> float:
     try:
         v = float(text)
@@ -291,7 +301,7 @@ def add_command(sub) -> None:
     p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
                                                        "only; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--max-upload-mb", type=lambda t: _number(t, positive=True), default=20.0, metavar="MB",
                    help="refuse larger uploads with 413 (default 20)")

@@ -69,6 +69,10 @@ class DataSourceError(ConfigError):
     """A data source the user must fix (empty, no classes, unreadable index files)."""
 
 
+class MissingSplitError(DataSourceError):
+    """The source has no such split (a tree with train/ but no test/, say)."""
+
+
 class SourceNotFoundError(DataSourceError, FileNotFoundError):
     """The data source path does not exist."""
 
@@ -608,10 +612,10 @@ def resolve_source(path: str | os.PathLike | None, split: str = "train",
     dirs, files, _ = _scan(p)
     split_names = {n for names in _SPLIT_DIRS.values() for n in names}
     if dirs and set(dirs) <= split_names and not files:
-        raise DataSourceError(f"no {split!r} split in {p} (it has {', '.join(dirs)})")
+        raise MissingSplitError(f"no {split!r} split in {p} (it has {', '.join(dirs)})")
     if split != "train" and not _looks_like(p, split, files, labels):
         # a tree without split folders is a training set; never hand it out as val/test
-        raise DataSourceError(f"no {split!r} split in {p}: it has no "
+        raise MissingSplitError(f"no {split!r} split in {p}: it has no "
                               f"{'/'.join(_SPLIT_DIRS[split])} subfolder")
     return _resolve_folder(p, split, labels, classes)
 

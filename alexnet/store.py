@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from alexnet.dataset import DataStats, ImageDataset, load_stats, resize_batch, save_stats
-from alexnet.fileio import atomic_write, atomic_write_json, json_bytes
+from alexnet.fileio import atomic_write, atomic_write_json, json_bytes, make_dir
 from alexnet.progress import Progress
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.sources import (DataSourceError, SourceNotFoundError, StatsAccumulator,
@@ -255,7 +255,7 @@ def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = 
         _check_same(out, index, meta)
     elif out.exists() and not (out / PROGRESS).is_file() and any(p.name != LOCK for p in out.iterdir()):
         raise DataSourceError(f"{out} exists and is not an empty folder or a store")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     with _store_lock(out):
         return _prepare_locked(out, meta, names, item_labels, pre_skipped, ignored, idx_ds, root,
                                size, max_pixels, workers, progress, commit_every, _stop_after)

@@ -20,9 +20,11 @@ starts or resumes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 
 from alexnet.augment import DeferredTrainTransform, RawBatch, TrainTransform, to_device
 from alexnet.checkpoint import CheckpointError, load_model_file, load_state, save_model, save_state
-from alexnet.fileio import atomic_write_text
+from alexnet.fileio import atomic_write_text, make_dir
 from alexnet.config import ConfigError, RunConfig, from_dict, to_dict
 from alexnet.dataset import ImageDataset, SubsetDataset
 from alexnet.distributed import all_reduce_sum, init_distributed, resolve_augment, resolve_workers, shutdown
@@ -237,6 +239,15 @@ class LRSchedule:
 # ----------------------------------------------------------------------------- the run
 
 
+STEP_DIR = re.compile(r"step-\d{8,}(\.\d+)?")  # checkpoints/step-00000012, step-00000012.1
+
+
+def _first_difference(a, b) -> str:
+    """`key (value in a vs value in b)` for the first field where two model configs differ."""
+    k = next(f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name))
+    return f"model.{k} ({getattr(a, k)} vs {getattr(b, k)})"
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, quiet: bool = False):
         self.run_dir = Path(run_dir)
@@ -318,7 +329,7 @@ class Trainer:
         if (self.run_dir / "checkpoints" / "last.json").exists():
             raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
                               f"or choose another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.run_dir)
         self._remove_stale_temp()
         atomic_write_text(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2) + "\n")
         (self.run_dir / "log.jsonl").unlink(missing_ok=True)
@@ -394,11 +405,18 @@ class Trainer:
         ck = self.run_dir / "checkpoints"
         try:
             last = json.loads((ck / "last.json").read_text())
-            folder = ck / last["dir"]
-        except (OSError, json.JSONDecodeError, KeyError):
+            name = last["dir"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{self.run_dir} has no readable checkpoints/last.json to resume from") from None
+        if not isinstance(name, str) or not STEP_DIR.fullmatch(name):
+            # only this run's own step folders: never another run's, never a path out of it
+            raise CheckpointError(f"{ck / 'last.json'} names {name!r}, not a step folder of this run")
+        folder = ck / name
         model_file = load_model_file(folder / "model.safetensors")
         state = load_state(folder / "state.pt")
+        if model_file.model_config != self.cfg.model:
+            raise CheckpointError(f"{folder / 'model.safetensors'} and {self.run_dir / 'config.json'} disagree on "
+                                  f"{_first_difference(model_file.model_config, self.cfg.model)}")
         self.model.load_state_dict(model_file.state_dict)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])

@@ -480,7 +480,9 @@ def finished_run(tmp_path_factory):
     ("state.pt", "refused to load training state"),
     ("model.safetensors", "not a readable safetensors file"),
     ("last.json", "no readable checkpoints/last.json"),
-    ("last.json-escape", "no checkpoint file at"),
+    ("last.json-escape", "not a step folder of this run"),
+    ("last.json-other-run", "not a step folder of this run"),
+    ("config.json", "disagree on model.variant (paper vs owt)"),
 ])
 def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(capsys, tmp_path, finished_run, damage, words):
     import shutil
@@ -489,13 +491,18 @@ def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(capsys, tmp_path, 
     shutil.copytree(finished_run, run, copy_function=os.link)  # hard links: the damaged file is replaced below
     last = run / "checkpoints" / "last.json"
     newest = run / "checkpoints" / json.loads(last.read_text())["dir"]
-    target = last if damage.startswith("last.json") else newest / damage
+    target = (last if damage.startswith("last.json") else run / damage if damage == "config.json"
+              else newest / damage)
     data = target.read_bytes()
     target.unlink()  # not the fixture's file
     if damage == "last.json":
         target.write_text("{garbage")
     elif damage == "last.json-escape":  # a folder outside the run
         target.write_text(json.dumps({"dir": "../../elsewhere", "step": 2}))
+    elif damage == "last.json-other-run":  # another run's checkpoint, which exists
+        target.write_text(json.dumps({"dir": str(finished_run / "checkpoints" / newest.name), "step": 2}))
+    elif damage == "config.json":  # hand-edited to another network
+        target.write_text(json.dumps({"model": {"variant": "owt"}}))
     else:
         target.write_bytes(data[: len(data) // 3])
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -526,3 +533,62 @@ def test_subprocess_stderr_is_exactly_one_line(tmp_path, corpus, argv, words):
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     assert words in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("command", ["show", "convert", "evaluate", "train"])
+def test_an_output_path_that_cannot_be_made_is_a_one_line_error(capsys, tmp_path, model_file, finished_run,
+                                                                command):
+    """A folder given where a file goes, or a file in the way of a folder: one line,
+    exit 2, before any work is done, and nothing in the way is changed."""
+    folder, a_file = tmp_path / "folder", tmp_path / "a.jpg"
+    folder.mkdir()
+    a_file.write_bytes(b"not to be touched")
+    data, best = finished_run.parent / "idx", finished_run / "best.safetensors"
+    argv = {"show": (["show", "filters", model_file, "--out", folder], f"{folder} is a folder"),
+            "convert": (["convert", "torchvision", tmp_path / "tv.pth", folder], f"{folder} is a folder"),
+            "evaluate": (["evaluate", best, "--data", data, "--out", a_file / "eval"], f"{a_file} is a file"),
+            "train": (["train", "--data", data, "--max-steps", "1", "--batch-size", "4", "--no-test",
+                       "--out", a_file / "run"], f"{a_file} is a file")}[command]
+    if command == "convert":
+        from alexnet.reference import plain_alexnet
+
+        torch.save(plain_alexnet("owt").state_dict(), tmp_path / "tv.pth")
+    rc, out, err = main(capsys, *argv[0])
+    one_line_error(rc, err, argv[1])
+    assert a_file.read_bytes() == b"not to be touched" and list(folder.iterdir()) == []
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from alexnet.fileio import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        import alexnet.fileio as fileio
+
+        mask, fileio._UMASK = fileio._UMASK, 0o027
+        try:
+            atomic_write_text(tmp_path / "a.txt", "x")
+        finally:
+            fileio._UMASK = mask
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+
+
+def test_evaluate_without_split_takes_test_else_val(capsys, tmp_path):
+    """The default split: test; for a train/ val/ ImageFolder tree, val; with neither, the
+    error names the missing test split."""
+    for split in ("train", "val"):
+        for i, cls in enumerate(("a", "b")):
+            (tmp_path / "tree" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (40 + 100 * i, 90, 20)).save(tmp_path / "tree" / split / cls / "x.png")
+    ck = checkpoint(tmp_path / "m.safetensors", ["a", "b"])
+    rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "tree", "--out", tmp_path / "ev")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert doc["split"] == "val" and doc["images"] == 2
+    import shutil
+
+    shutil.rmtree(tmp_path / "tree" / "val")
+    rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "tree", "--out", tmp_path / "ev2")
+    one_line_error(rc, err, "no 'test' split")

@@ -89,6 +89,11 @@ def test_python_dash_m_works():
     (["train", "--resume", "/nonexistent/run"], "not a run folder"),
     (["train", "--resume", "runs/x", "--lr", "0.1"], "drop --lr"),
     (["evaluate", "/nonexistent.safetensors"], "no checkpoint file"),
+    (["evaluate", "m.safetensors", "--workers", "-7"], "must be >= 0 (or -1"),
+    (["train", "--seed", "-1"], "train.seed must be an integer from 0 to 2**63 - 1"),
+    (["train", "--set", "train.seed=99999999999999999999"], "train.seed must be an integer from 0"),
+    (["serve", "m.safetensors", "--port", "99999"], "a TCP port is 0 to 65535"),
+    (["serve", "m.safetensors", "--port", "-1"], "a TCP port is 0 to 65535"),
 ])
 def test_train_and_evaluate_argument_errors(capsys, argv, message):
     code, out, err = run(capsys, *argv)

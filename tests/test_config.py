@@ -40,6 +40,7 @@ def test_round_trip_through_json():
     ({"num_classes": 0}, "num_classes must be >= 1"),
     ({"lrn": {"size": 4}}, "positive odd"),
     ({"dropout": 1.0}, "dropout must be in"),
+    ({"dropout_form": "scaled"}, "dropout_form must be one of"),
 ])
 def test_bad_values_name_the_problem(data, message):
     with pytest.raises(ConfigError, match=message):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -131,6 +132,29 @@ def test_path_pil_and_tensor_inputs_agree(clf, imgs):
     probs = clf.probabilities(inputs)
     for row in probs[1:]:
         torch.testing.assert_close(row, probs[0])
+
+
+def test_a_read_only_array_is_read_without_a_warning(clf, imgs):
+    import warnings
+
+    a = np.asarray(Image.open(imgs[0]).convert("RGB"))  # Pillow's arrays are read-only
+    assert not a.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = clf.probabilities([a])
+    torch.testing.assert_close(p[0], clf.probabilities([imgs[0]])[0])
+
+
+@pytest.mark.parametrize("image, words", [
+    (np.full((20, 20, 3), np.nan), "NaN or infinite"),
+    (np.full((20, 20, 3), 300.0), "values from 300 to 300"),
+    (np.full((20, 20, 3), -2, dtype=np.int32), "values from -2 to -2"),
+    (np.full((20, 20, 3), 256, dtype=np.int64), "values from 256 to 256"),
+    (np.ones((20, 20, 3), dtype=bool), "a torch.bool image"),
+])
+def test_arrays_outside_rgb_levels_are_refused(clf, image, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        clf.probabilities([image])
 
 
 def test_call_gives_top_pairs_capped_at_class_count(clf, imgs):
