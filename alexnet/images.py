@@ -39,7 +39,8 @@ from PIL import Image, ImageOps
 
 # 100 megapixels: far above any ImageNet photo, small enough that one decode stays
 # below ~300 MB. Pillow refuses anything above 2 * Image.MAX_IMAGE_PIXELS on its own
-# (about 179 megapixels), whatever this limit says.
+# (about 179 megapixels); a larger `max_pixels` turns Pillow's check off, so that this
+# limit is the one that holds.
 MAX_PIXELS = 100_000_000
 
 RESAMPLE = Image.Resampling.BILINEAR
@@ -141,6 +142,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode `src` (a path, the file's bytes, or a binary file object) as an 8-bit RGB
     Pillow image, upright per EXIF. Raises `ImageError` with a one-line reason."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        # asked for more than Pillow allows: its check off, ours (on the header, just
+        # below, before any decoding) the one that holds
+        Image.MAX_IMAGE_PIXELS = None
     fp, owned = _open_fp(src)
     try:
         try:

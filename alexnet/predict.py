@@ -139,10 +139,12 @@ class Classifier:
 
 def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
     """Image paths from files, folders (recursively, image extensions only, sorted) and
-    glob patterns, in the order given; and the items that matched nothing."""
+    glob patterns, in the order given, each path once; and the items that matched nothing.
+    A name that exists but is no regular file (a FIFO, a dangling symlink) is kept, so that
+    reading it reports why."""
     from alexnet.sources import is_image_name
 
-    found, missing = [], []
+    found, missing, seen = [], [], set()
     for item in items:
         if os.path.isdir(item):
             # not only is_file(): a broken symlink or a FIFO named .jpg is reported, not dropped
@@ -151,9 +153,15 @@ def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
             paths = [item]
         elif glob.has_magic(item):
             paths = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+        elif os.path.lexists(item):
+            paths = [item]
         else:
             paths = []
-        found.extend(paths)
+        for p in paths:
+            key = os.path.normpath(os.path.abspath(p))
+            if key not in seen:
+                seen.add(key)
+                found.append(p)
         if not paths:
             missing.append(item)
     return found, missing

@@ -553,7 +553,8 @@ class Trainer:
         if not self.quiet:
             print(f"run {self.run_dir}: {self.cfg.model.variant} AlexNet, {len(self.classes)} classes, "
                   f"{len(self.data.train)} training / {len(self.data.val)} validation images, "
-                  f"{self.total_steps} steps of {t.batch_size} ({self.steps_per_epoch}/epoch), "
+                  f"{self.total_steps} step{'s' if self.total_steps != 1 else ''} of {t.batch_size} "
+                  f"({self.steps_per_epoch}/epoch), "
                   f"{self.device}, amp {self.amp or 'off'}, channels-last {'on' if self.channels_last else 'off'}, "
                   f"augmentation in the {self.augment_on}"
                   f"{f', {self.info.world_size} processes' if self.info.enabled else ''}", flush=True)

@@ -592,3 +592,27 @@ def test_evaluate_without_split_takes_test_else_val(capsys, tmp_path):
     shutil.rmtree(tmp_path / "tree" / "val")
     rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "tree", "--out", tmp_path / "ev2")
     one_line_error(rc, err, "no 'test' split")
+
+
+def test_a_max_pixels_above_pillows_own_limit_is_the_limit_that_holds(monkeypatch):
+    """Pillow refuses more than 2 * Image.MAX_IMAGE_PIXELS (about 179 megapixels) by itself;
+    a larger max_pixels must be the one that decides, with its own message."""
+    from tests.corpus import bomb_png
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    with pytest.raises(ImageError, match=r"too large: 30000x30000 = 900000000 pixels > limit 500000000"):
+        load_rgb(bomb_png(), max_pixels=500_000_000)
+    with pytest.raises(ImageError, match=r"> limit 100000000"):  # the default, below Pillow's
+        load_rgb(bomb_png())
+
+
+def test_predict_names_a_fifo_or_dangling_link_given_by_name_and_lists_each_image_once(corpus, model_file,
+                                                                                       capsys):
+    d, _ = corpus
+    good = sorted(p for p in d.iterdir() if p.name == "one.png")
+    rc, out, err = main(capsys, "predict", model_file, d / "fifo.jpg", d / "dangling.png", *good, *good,
+                        "--top", "1")
+    assert rc == 1, err  # some images failed, the rest were predicted
+    assert f"{d / 'fifo.jpg'}: not a regular file" in err
+    assert f"{d / 'dangling.png'}: " in err and "no such file, or no image files" not in err
+    assert [line for line in out.splitlines() if not line.startswith(" ")] == [str(good[0])]
