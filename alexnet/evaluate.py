@@ -26,6 +26,7 @@ class Metrics:
     top1_err: float
     top5_err: float
     confusion: np.ndarray  # (K, K) int64, true class down, predicted across
+    unreadable: int = 0  # images left out: files that could not be decoded (label -1)
 
     @property
     def top1_acc(self) -> float:
@@ -40,8 +41,11 @@ class Metrics:
         return np.where(totals > 0, np.diag(self.confusion) / np.maximum(totals, 1), np.nan)
 
     def summary(self) -> dict:
-        return {"images": self.count, "loss": self.loss, "top1_err": self.top1_err,
-                "top5_err": self.top5_err, "top1_acc": self.top1_acc, "top5_acc": self.top5_acc}
+        out = {"images": self.count, "loss": self.loss, "top1_err": self.top1_err,
+               "top5_err": self.top5_err, "top1_acc": self.top1_acc, "top5_acc": self.top5_acc}
+        if self.unreadable:
+            out["unreadable"] = self.unreadable
+        return out
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -56,10 +60,12 @@ def evaluate_model(model: torch.nn.Module, loader: BatchLoader, num_classes: int
                    info: DistInfo = DistInfo(), progress=None) -> Metrics:
     """Every image of `loader` once (its shards added up over DDP processes). A loader
     whose transform has a `finish` (`DeferredEvalTransform`) ships uint8 images, which
-    `finish` crops on `device`."""
+    `finish` crops on `device`. Label -1 marks a stand-in for an unreadable file: left out
+    of every figure and counted in `unreadable` (masks, not indexing, so that a GPU never
+    waits for the host)."""
     model.eval()
     k5 = min(5, num_classes)
-    stats = torch.zeros(3, dtype=torch.float64, device=device)  # count, loss sum, top-5 hits
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # count, loss sum, top-5 hits, unreadable
     codes = []  # true * K + predicted, per batch, left on the device until the end
     finish = getattr(loader.transform, "finish", None)
     for x, y in loader:
@@ -75,24 +81,27 @@ def evaluate_model(model: torch.nn.Module, loader: BatchLoader, num_classes: int
         with autocast_context(device, amp_dtype):
             logits = model(x).float()
         probs = average_ten_crop(logits.view(b, -1, logits.shape[-1])) if ten else logits.softmax(-1)
-        stats[0] += b
-        stats[1] += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
+        keep = y >= 0
+        y_ = y.clamp_min(0)
+        stats[0] += keep.sum()
+        stats[1] += (F.nll_loss(probs.clamp_min(1e-12).log(), y_, reduction="none") * keep).sum()
         top = probs.topk(k5, dim=-1).indices
-        stats[2] += (top == y[:, None]).any(-1).sum()
-        codes.append(y * num_classes + top[:, 0])
+        stats[2] += ((top == y_[:, None]).any(-1) & keep).sum()
+        stats[3] += b - keep.sum()
+        codes.append(torch.where(keep, y_ * num_classes + top[:, 0], num_classes ** 2))  # K*K: left out
         if progress is not None:
             progress.update(b)
     # read back once (no wait for the device per batch); the confusion matrix is counted on
     # the CPU, where bincount is deterministic
     confusion = torch.bincount(torch.cat(codes).cpu() if codes else torch.zeros(0, dtype=torch.int64),
-                               minlength=num_classes ** 2)
+                               minlength=num_classes ** 2 + 1)[:num_classes ** 2].contiguous()
     stats = all_reduce_sum(stats, info).cpu()
     all_reduce_sum(confusion, info)
     n = int(stats[0])
     conf = confusion.view(num_classes, num_classes).numpy()
     correct1 = int(np.trace(conf))
     return Metrics(count=n, loss=float(stats[1]) / max(n, 1), top1_err=1 - correct1 / max(n, 1),
-                   top5_err=1 - float(stats[2]) / max(n, 1), confusion=conf)
+                   top5_err=1 - float(stats[2]) / max(n, 1), confusion=conf, unreadable=int(stats[3]))
 
 
 def eval_loader(dataset, stats, crop: int, batch_size: int, ten_crop: bool, pixel_scale: float = 1.0,
@@ -125,7 +134,8 @@ def write_report(metrics: Metrics, class_names: list[str], out_dir: str | Path, 
 
 def format_metrics(m: Metrics, label: str) -> str:
     return (f"{label}: {m.count} images | top-1 error {100 * m.top1_err:.2f}% (accuracy {100 * m.top1_acc:.2f}%)"
-            f" | top-5 error {100 * m.top5_err:.2f}% (accuracy {100 * m.top5_acc:.2f}%) | loss {m.loss:.4f}")
+            f" | top-5 error {100 * m.top5_err:.2f}% (accuracy {100 * m.top5_acc:.2f}%) | loss {m.loss:.4f}"
+            + (f" | {m.unreadable} unreadable left out" if m.unreadable else ""))
 
 
 def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, ten_crop: bool = False,
@@ -169,6 +179,8 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     label = label or split
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"eval-{label}{'-10crop' if ten_crop else ''}"
     make_dir(out)  # before the evaluation: an output path that cannot be made fails at once
+    if hasattr(dataset, "drop_unreadable"):
+        dataset.drop_unreadable = True  # an unreadable file is left out, not replaced by its neighbour
     title = f"{label}{' 10-crop' if ten_crop else ''}"
     prog = Progress(len(dataset), f"evaluate {title}")
     m = evaluate_model(model, loader, ck.model_config.num_classes, dev, channels_last=True, progress=prog)

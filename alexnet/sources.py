@@ -708,7 +708,9 @@ class FolderDataset(ImageDataset):
     that decodes (wrapping around), with that record's label, so a batch keeps its size
     and every image has its true label. Each failure warns once (`warnings`), is
     remembered in `bad` (index -> reason, never decoded again) and counted in
-    `substitutions`. Use `alexnet prepare` to find all bad files up front."""
+    `substitutions`. With `drop_unreadable` (evaluation) the stand-in gets label -1
+    instead, which `evaluate_model` leaves out of the figures and counts as unreadable.
+    Use `alexnet prepare` to find all bad files up front."""
 
     def __init__(self, listing: Listing, image_size: int = 256, max_pixels: int = MAX_PIXELS,
                  threads: int | None = None):
@@ -724,6 +726,7 @@ class FolderDataset(ImageDataset):
         self.threads = threads or min(8, os.cpu_count() or 1)
         self.bad: dict[int, str] = {}
         self.substitutions = 0
+        self.drop_unreadable = False
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
         self._lock = threading.Lock()
@@ -780,7 +783,7 @@ class FolderDataset(ImageDataset):
                 raise DataSourceError(f"no image in {self.root} can be decoded")
             if j != i:
                 self.substitutions += 1
-                labels[k] = self.labels[j]
+                labels[k] = -1 if self.drop_unreadable else self.labels[j]
             out[k] = img
         return torch.from_numpy(out), torch.from_numpy(labels)
 

@@ -616,3 +616,32 @@ def test_predict_names_a_fifo_or_dangling_link_given_by_name_and_lists_each_imag
     assert f"{d / 'fifo.jpg'}: not a regular file" in err
     assert f"{d / 'dangling.png'}: " in err and "no such file, or no image files" not in err
     assert [line for line in out.splitlines() if not line.startswith(" ")] == [str(good[0])]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluate_leaves_an_unreadable_file_out_and_counts_it(capsys, tmp_path, workers):
+    """Training replaces an unreadable file by the next readable one; evaluation must not
+    count that neighbour twice: the figures equal those of the tree without the file, and
+    eval.json says how many were left out."""
+    import warnings
+
+    for split in ("train", "val"):
+        for i, cls in enumerate(("a", "b")):
+            (tmp_path / "tree" / split / cls).mkdir(parents=True)
+            for j in range(3):
+                Image.new("RGB", (40, 30), (40 + 100 * i, 30 * j, 20)).save(tmp_path / "tree" / split / cls / f"{j}.png")
+    ck = checkpoint(tmp_path / "m.safetensors", ["a", "b"])
+    rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "tree", "--out", tmp_path / "clean")
+    assert rc == 0, err
+    (tmp_path / "tree" / "val" / "a" / "1b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "tree", "--out", tmp_path / "bad",
+                            "--workers", workers, "--batch-size", "3")
+    assert rc == 0, err
+    assert "1 unreadable left out" in out
+    clean, bad = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("clean", "bad"))
+    assert bad["images"] == clean["images"] == 6 and bad["unreadable"] == 1 and "unreadable" not in clean
+    for key in ("top1_err", "top5_err", "per_class_accuracy"):
+        assert bad[key] == clean[key], key
+    assert bad["loss"] == pytest.approx(clean["loss"], rel=1e-6)
