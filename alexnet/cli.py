@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import INPUT_SIZES, RECIPES, VARIANTS, ConfigError
@@ -332,7 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    """A warning as the command's own line (not Python's file:line and source-line pair,
+    which for a file read in a thread names concurrent/futures)."""
+    return f"alexnet: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

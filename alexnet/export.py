@@ -221,7 +221,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
     return diff
 
 
+def format_for(out: str | Path, fmt: str | None) -> str:
+    """The export format: `fmt`, else from OUT's suffix (.pt2: pt2), else onnx."""
+    return fmt or ("pt2" if Path(out).suffix.lower() == ".pt2" else "onnx")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
+    args.format = format_for(args.out, args.format)
     diff = export_checkpoint(args.checkpoint, args.out, args.format)
     size_mb = Path(args.out).stat().st_size / 1e6
     print(f"wrote {args.out} ({args.format}, {size_mb:.1f} MB, dynamic batch); {ENGINES[args.format]} vs "
@@ -239,6 +245,7 @@ def add_command(sub) -> None:
                                    "before it is written.")
     p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
     p.add_argument("out", metavar="OUT", help="file to write, e.g. alexnet.onnx or alexnet.pt2")
-    p.add_argument("--format", choices=FORMATS, default="onnx",
-                   help="onnx (default; needs the export extra) or pt2 (torch.export; needs only torch)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="onnx (needs the export extra) or pt2 (torch.export; needs only torch); "
+                        "default: pt2 for an OUT ending in .pt2, else onnx")
     p.set_defaults(func=_cmd_export)

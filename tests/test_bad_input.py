@@ -645,3 +645,21 @@ def test_evaluate_leaves_an_unreadable_file_out_and_counts_it(capsys, tmp_path, 
     for key in ("top1_err", "top5_err", "per_class_accuracy"):
         assert bad[key] == clean[key], key
     assert bad["loss"] == pytest.approx(clean["loss"], rel=1e-6)
+
+
+def test_a_warning_is_one_line_of_the_command(tmp_path):
+    """An unreadable file read on the fly warns in one `alexnet: warning:` line, not in
+    Python's two lines naming a thread pool's source file."""
+    for i, cls in enumerate(("a", "b")):
+        (tmp_path / "tree" / "val" / cls).mkdir(parents=True)
+        (tmp_path / "tree" / "train" / cls).mkdir(parents=True)
+        for split in ("train", "val"):
+            Image.new("RGB", (40, 30), (40 + 100 * i, 90, 20)).save(tmp_path / "tree" / split / cls / "x.png")
+    (tmp_path / "tree" / "val" / "a" / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    ck = checkpoint(tmp_path / "m.safetensors", ["a", "b"])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "alexnet", "evaluate", str(ck), "--data", str(tmp_path / "tree"),
+                        "--out", str(tmp_path / "ev")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stderr.splitlines() if "unreadable image" in x or "work_item" in x]
+    assert len(lines) == 1 and lines[0].startswith("alexnet: warning: unreadable image "), r.stderr

@@ -113,3 +113,13 @@ def test_unwritable_output_folder(tmp_path):
     with pytest.raises(UserError, match="is a folder"):
         run_command("export", str(tmp_path / "model.safetensors"), str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model.safetensors"]
+
+
+def test_the_format_follows_the_file_name_unless_given():
+    from alexnet.export import format_for
+
+    assert format_for("a/alexnet.pt2", None) == "pt2"
+    assert format_for("alexnet.PT2", None) == "pt2"
+    assert format_for("alexnet.onnx", None) == "onnx"
+    assert format_for("alexnet.bin", None) == "onnx"
+    assert format_for("alexnet.pt2", "onnx") == "onnx"
