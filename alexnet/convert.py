@@ -22,6 +22,7 @@ identity.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
@@ -185,15 +186,25 @@ def convert_caffe(src: str | Path, out: str | Path, mean: str | Path | None = No
 
 # --------------------------------------------------------------------------- torchvision
 
+def _why_refused(e: Exception) -> str:
+    """torch.load's refusal in a few words: the object the file would have built, when it
+    names one, else the first sentence (its message is a page of advice with colours)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if found:
+        return f"it would build the Python object {found.group(1)}"
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    return first.split(". ")[0].rstrip(".")
+
+
 def _load_pth(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no .pth file at {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refusals come in many types; all mean "refused"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"refused to load {path} (only plain tensors are accepted, nothing that runs "
-                              f"code): {first}") from None
+                              f"code): {_why_refused(e)}") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
