@@ -263,8 +263,9 @@ def test_evaluate_goes_on_past_bad_files(tree, tmp_path, capsys):
                             "--out", tmp_path / "ev", "--workers", "0", "--device", "cpu")
     assert rc == 0, err
     doc = json.loads((tmp_path / "ev" / "eval.json").read_text())
-    # every listed file is a record; a bad one is replaced by the next readable image
-    assert doc["images"] == len(manifest) + 3
+    # every listed file is a record; a bad one is left out of the figures and counted
+    good = sum(c.ok for c in manifest.values())
+    assert doc["images"] == good + 3 and doc["unreadable"] == len(manifest) - good > 0
     assert doc["per_class_accuracy"]["empty"] is None  # the empty class: no images, no accuracy
 
 
