@@ -29,11 +29,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
+def _int(text: str) -> int:
     try:
-        v = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    v = _int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, not {v}")
     return v
@@ -41,20 +45,14 @@ def _positive_int(text: str) -> int:
 
 def _workers(text: str) -> int:
     """A loader's worker count: 0 or more, or -1 for the device's default."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    v = _int(text)
     if v < -1:
         raise argparse.ArgumentTypeError(f"must be >= 0 (or -1: the default for the device), not {v}")
     return v
 
 
 def _input_size(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    v = _int(text)
     if v not in INPUT_SIZES:
         raise argparse.ArgumentTypeError(f"input size must be 224 or 227, not {v}")
     return v

@@ -20,6 +20,7 @@ from typing import Any, Literal
 VARIANTS = ("paper", "paper-ungrouped", "owt", "bn")
 INPUT_SIZES = (224, 227)
 LRN_FORMS = ("paper", "caffe")
+DROPOUT_FORMS = ("paper", "inverted")
 
 
 class ConfigError(ValueError):
@@ -92,8 +93,8 @@ class ModelConfig:
             raise ConfigError(f"num_classes must be >= 1, not {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
-        if self.dropout_form not in ("paper", "inverted"):
-            raise ConfigError(f"dropout_form must be paper or inverted, not {self.dropout_form!r}")
+        if self.dropout_form not in DROPOUT_FORMS:
+            raise ConfigError(f"dropout_form must be one of {', '.join(DROPOUT_FORMS)}, not {self.dropout_form!r}")
         if self.init_std <= 0:
             raise ConfigError(f"init_std must be positive, not {self.init_std}")
 

@@ -149,12 +149,10 @@ def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
         if os.path.isdir(item):
             # not only is_file(): a broken symlink or a FIFO named .jpg is reported, not dropped
             paths = sorted(str(p) for p in Path(item).rglob("*") if is_image_name(p.name) and not p.is_dir())
-        elif os.path.isfile(item):
+        elif os.path.lexists(item):  # a file, or a FIFO or dangling link whose reading says why
             paths = [item]
         elif glob.has_magic(item):
             paths = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-        elif os.path.lexists(item):
-            paths = [item]
         else:
             paths = []
         for p in paths:

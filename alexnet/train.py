@@ -499,9 +499,9 @@ class Trainer:
         if len(bad):
             i = int(bad[0])
             raise TrainingError(f"the loss became {flags[n + i].item()} at step {steps[i]} (epoch {self.epoch + 1})")
-        for v, n in zip(values.tolist(), sizes):
-            self.epoch_loss[0] += v * n
-            self.epoch_loss[1] += n
+        for v, size in zip(values.tolist(), sizes):
+            self.epoch_loss[0] += v * size
+            self.epoch_loss[1] += size
         self._last_loss = float(values[-1])
         return bool(flags[-1] > 0)
 

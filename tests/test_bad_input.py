@@ -576,13 +576,19 @@ def test_written_files_follow_the_umask(tmp_path):
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
 
 
+def two_class_tree(root, per_class: int = 1) -> None:
+    """train/ and val/ ImageFolder splits of classes a and b, `per_class` small PNGs each."""
+    for split in ("train", "val"):
+        for i, cls in enumerate(("a", "b")):
+            (root / split / cls).mkdir(parents=True)
+            for j in range(per_class):
+                Image.new("RGB", (40, 30), (40 + 100 * i, 30 * j, 20)).save(root / split / cls / f"{j}.png")
+
+
 def test_evaluate_without_split_takes_test_else_val(capsys, tmp_path):
     """The default split: test; for a train/ val/ ImageFolder tree, val; with neither, the
     error names the missing test split."""
-    for split in ("train", "val"):
-        for i, cls in enumerate(("a", "b")):
-            (tmp_path / "tree" / split / cls).mkdir(parents=True)
-            Image.new("RGB", (40, 30), (40 + 100 * i, 90, 20)).save(tmp_path / "tree" / split / cls / "x.png")
+    two_class_tree(tmp_path / "tree")
     ck = checkpoint(tmp_path / "m.safetensors", ["a", "b"])
     rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "tree", "--out", tmp_path / "ev")
     assert rc == 0, err
@@ -626,11 +632,7 @@ def test_evaluate_leaves_an_unreadable_file_out_and_counts_it(capsys, tmp_path, 
     eval.json says how many were left out."""
     import warnings
 
-    for split in ("train", "val"):
-        for i, cls in enumerate(("a", "b")):
-            (tmp_path / "tree" / split / cls).mkdir(parents=True)
-            for j in range(3):
-                Image.new("RGB", (40, 30), (40 + 100 * i, 30 * j, 20)).save(tmp_path / "tree" / split / cls / f"{j}.png")
+    two_class_tree(tmp_path / "tree", per_class=3)
     ck = checkpoint(tmp_path / "m.safetensors", ["a", "b"])
     rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "tree", "--out", tmp_path / "clean")
     assert rc == 0, err
@@ -651,11 +653,7 @@ def test_evaluate_leaves_an_unreadable_file_out_and_counts_it(capsys, tmp_path, 
 def test_a_warning_is_one_line_of_the_command(tmp_path):
     """An unreadable file read on the fly warns in one `alexnet: warning:` line, not in
     Python's two lines naming a thread pool's source file."""
-    for i, cls in enumerate(("a", "b")):
-        (tmp_path / "tree" / "val" / cls).mkdir(parents=True)
-        (tmp_path / "tree" / "train" / cls).mkdir(parents=True)
-        for split in ("train", "val"):
-            Image.new("RGB", (40, 30), (40 + 100 * i, 90, 20)).save(tmp_path / "tree" / split / cls / "x.png")
+    two_class_tree(tmp_path / "tree")
     (tmp_path / "tree" / "val" / "a" / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     ck = checkpoint(tmp_path / "m.safetensors", ["a", "b"])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
