@@ -224,7 +224,9 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
         qidx = np.unique(np.linspace(0, len(queries) - 1, min(args.queries, len(queries))).round().astype(np.int64))
         images, qlab = queries.read(qidx)
         titles = [f"query: {classes[y]}" for y in qlab.tolist()]
-        labels = [f"{args.query_split} #{i} {classes[y]}" for i, y in zip(qidx.tolist(), qlab.tolist())]
+        # the record's own name too: for IDX data "val" is the t10k file, not a training hold-out
+        names = queries.sources
+        labels = [f"{args.query_split} #{i} ({names[i]}) {classes[y]}" for i, y in zip(qidx.tolist(), qlab.tolist())]
     transform = clf.transforms[False]
     q = torch.cat(list(features(clf.model, (transform(images[i:i + args.batch_size])
                                             for i in range(0, len(images), args.batch_size)), clf.device)))
@@ -304,7 +306,8 @@ def add_command(sub) -> None:
     n.add_argument("--data", metavar="PATH", help="dataset (default: Fashion-MNIST)")
     n.add_argument("--split", default="train", help="split searched for neighbours (default train)")
     n.add_argument("--query-split", default="test", choices=("test", "val"),
-                   help="split the queries come from (default test)")
+                   help="split the queries come from (default test; IDX data such as Fashion-MNIST "
+                        "has one file, t10k, for both); each query is printed with its file")
     n.add_argument("--queries", type=_positive_int, default=5, metavar="N",
                    help="query images, evenly spread over the query split (default 5)")
     n.add_argument("--images", nargs="+", metavar="IMAGE", help="query with these image files instead")

@@ -173,6 +173,8 @@ def test_neighbours_command_finds_the_true_fc7_neighbours(capsys, ck, data, orac
     assert rc == 0, err
     rows = [line for line in text.splitlines() if line.startswith("test #")]
     assert len(rows) == 6
+    names = open_dataset(data, "test", 256).sources
+    assert all(row.startswith(f"test #{i} ({names[i]}) ") for i, row in enumerate(rows)), rows
     chosen = np.array([neighbour_indices(row) for row in rows])
     fc7, _, train_fc7 = oracle
     test, _ = open_dataset(data, "test", 256).read(np.arange(6))
