@@ -301,6 +301,7 @@ class Trainer:
         self.best_err = math.inf
         self.history: list[dict] = []
         self.stop_requested = False
+        self._saved: tuple[tuple[int, int, int], Path] | None = None  # (epoch, step, batch), folder
         self._pending: list[tuple[int, torch.Tensor, int]] = []  # (step, loss on the device, images)
         self._last_loss: float | None = None
         self.preprocess = {"image_size": cfg.data.image_size, "crop": self.crop,
@@ -368,7 +369,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N/{model.safetensors,state.pt}, then last.json names it; older
         step folders beyond `keep_checkpoints` are removed only after that. A step saved
-        again (mid-epoch, then at the epoch's end; or at a stop) goes to step-N.1, step-N.2,
+        again (mid-epoch, then at the epoch's end, with validation done) goes to step-N.1, step-N.2,
         ...: the folder last.json names is never touched until last.json names another."""
         ck = self.run_dir / "checkpoints"
         name = f"step-{self.step:08d}"
@@ -399,7 +400,11 @@ class Trainer:
             kept = sorted(p for p in ck.glob("step-*") if p.is_dir() and p not in same_step)
             for old in [*same_step, *kept[:-self.cfg.train.keep_checkpoints]]:  # same_step: superseded
                 _discard(old)
+        self._saved = (self._position(), final)
         return final
+
+    def _position(self) -> tuple[int, int, int]:
+        return self.epoch, self.step, self.batch_in_epoch
 
     def _load_last(self) -> None:
         ck = self.run_dir / "checkpoints"
@@ -424,6 +429,7 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.epoch_loss = list(state["epoch_loss"])
         self.best_err = state["best_err"]
+        self._saved = (self._position(), folder)
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
@@ -603,7 +609,10 @@ class Trainer:
         return all_reduce_sum(flag, self.info).item() > 0
 
     def _stop(self) -> dict:
-        path = self.save_checkpoint()
+        # nothing has run since a checkpoint of this very position (a stop asked during the
+        # epoch-end validation, or at a checkpoint_every step): it is the stop's checkpoint
+        saved = self._saved
+        path = saved[1] if saved is not None and saved[0] == self._position() else self.save_checkpoint()
         if self.info.is_main:
             with _writing(str(self.run_dir / "stopped")):
                 atomic_write_text(self.run_dir / "stopped", f"stopped at step {self.step}\n")

@@ -317,6 +317,46 @@ def test_a_stop_during_validation_ends_the_run_at_the_epoch_checkpoint(data, tmp
         return validate()
 
     t._validate = interrupted_validation
+    saves = counting_saves(t)
     r = t.fit()
     assert r["stopped"] and r["step"] == 5  # the first epoch's 5 steps, none of the second
     assert json.loads((tmp_path / "r" / "checkpoints" / "last.json").read_text())["epoch"] == 1
+    # the epoch's checkpoint is the stop's: not written a second time
+    assert saves == [5] and step_folders(tmp_path / "r") == ["step-00000005"]
+    assert r["checkpoint"] == str(tmp_path / "r" / "checkpoints" / "step-00000005")
+
+
+def counting_saves(trainer):
+    """The step of every checkpoint `trainer` writes, in order."""
+    saves, inner = [], trainer.save_checkpoint
+
+    def save():
+        saves.append(trainer.step)
+        return inner()
+
+    trainer.save_checkpoint = save
+    return saves
+
+
+def step_folders(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+
+
+def test_a_stop_at_a_checkpoint_step_writes_it_once_and_resumes_exactly(data, tmp_path):
+    cfg = tiny_config(data, epochs=1)
+    straight = Trainer(cfg, tmp_path / "straight", quiet=True)
+    straight.fit()
+    t = Trainer(tiny_config(data, epochs=1, checkpoint_every=3), tmp_path / "r", quiet=True)
+    stop_at(t, 3)
+    saves = counting_saves(t)
+    assert t.fit()["stopped"] and saves == [3] and step_folders(tmp_path / "r") == ["step-00000003"]
+    # stopped again at once after resuming: the checkpoint it resumed from is the stop's
+    again = Trainer(None, tmp_path / "r", resume=True, quiet=True)
+    again.stop_requested = True
+    saves = counting_saves(again)
+    r = again.fit()
+    assert r["stopped"] and r["step"] == 3 and saves == [] and step_folders(tmp_path / "r") == ["step-00000003"]
+    done = Trainer(None, tmp_path / "r", resume=True, quiet=True)
+    assert done.fit()["stopped"] is False
+    for k, v in weights(tmp_path / "straight").items():
+        assert torch.equal(v, weights(tmp_path / "r")[k]), k
