@@ -44,6 +44,7 @@ from PIL import Image, ImageOps
 MAX_PIXELS = 100_000_000
 
 RESAMPLE = Image.Resampling.BILINEAR
+MAX_ASPECT = 4  # resize_center_crop resamples only the central patch of longer images
 
 # `max_pixels` is the size check here; Pillow's own warning for images above
 # Image.MAX_IMAGE_PIXELS (89 megapixels) would only repeat it. A process-wide filter
@@ -175,7 +176,11 @@ def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
 def resize_center_crop(img: Image.Image, size: int = 256) -> np.ndarray:
     """uint8 (3, size, size): `img` (RGB) rescaled so its shorter side is `size`
     (bilinear, antialiased), then its central size x size patch. When the excess is odd,
-    the crop keeps the extra pixel on the right/bottom side ((excess) // 2 offset)."""
+    the crop keeps the extra pixel on the right/bottom side ((excess) // 2 offset).
+
+    Beyond an aspect ratio of `MAX_ASPECT` only the patch is resampled (Pillow's `box`:
+    the same scale and pixel centres, within 1 of the whole resize in a few pixels), so
+    a 1 x 20,000 image of a few hundred bytes does not become a 256 x 5,120,000 one."""
     if img.mode != "RGB":
         img = _to_rgb(img)
     w, h = img.size
@@ -183,11 +188,15 @@ def resize_center_crop(img: Image.Image, size: int = 256) -> np.ndarray:
         nw, nh = size, max(size, round(h * size / w))
     else:
         nw, nh = max(size, round(w * size / h)), size
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), RESAMPLE)
     left, top = (nw - size) // 2, (nh - size) // 2
-    if (nw, nh) != (size, size):
-        img = img.crop((left, top, left + size, top + size))
+    if max(nw, nh) > MAX_ASPECT * size:
+        sx, sy = w / nw, h / nh
+        img = img.resize((size, size), RESAMPLE, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+    else:
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), RESAMPLE)
+        if (nw, nh) != (size, size):
+            img = img.crop((left, top, left + size, top + size))
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 

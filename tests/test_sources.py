@@ -8,6 +8,8 @@ import gzip
 import io
 import os
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -158,6 +160,29 @@ def test_resize_center_crop_matches_direct_pil(h, w):
     out = resize_center_crop(Image.fromarray(a), 256)
     assert out.dtype == np.uint8 and out.shape == (3, 256, 256)
     assert np.array_equal(out, expected_crop(a))
+
+
+@pytest.mark.parametrize("h, w", [(60, 400), (400, 60), (3, 2000), (1, 1030)])
+def test_a_long_image_is_resampled_only_where_it_is_cropped(h, w):
+    """Beyond 4:1 only the central patch is resampled: within 1 of the whole resize."""
+    a = rgb_array(h, w)
+    out = resize_center_crop(Image.fromarray(a), 256)
+    diff = np.abs(out.astype(int) - expected_crop(a))
+    assert out.shape == (3, 256, 256) and diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_a_tiny_file_of_a_very_long_image_stays_small_in_memory(tmp_path):
+    """A 1 x 20,000 PNG is 200 bytes; rescaled whole to a shorter side of 256 it would be
+    256 x 5,120,000 pixels (3.9 GB)."""
+    Image.new("RGB", (1, 20_000), (9, 99, 199)).save(tmp_path / "tall.png")
+    code = ("import resource, sys; from alexnet.images import decode_file; "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "x = decode_file(sys.argv[1]); assert x.shape == (3, 256, 256) and (x[:, 0, 0] == (9, 99, 199)).all(); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tall.png")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) < 100_000, f"peak memory grew by {int(r.stdout) // 1024} MB"  # KB
 
 
 # ---------------------------------------------------------------------------- sources
