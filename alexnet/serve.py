@@ -108,6 +108,43 @@ def conv1_filters_png(clf: Classifier) -> bytes:
     return png_bytes(filter_grid(model.layer("conv1").weight, groups=model.layer("conv2").groups))
 
 
+class BodyLimit:
+    """ASGI middleware: a request to `path` whose body passes `limit` bytes gets 413
+    `detail` as soon as it does: from its Content-Length before any of it is read, or,
+    for a chunked upload, at the chunk that passes the limit, before the multipart
+    parser has spooled more than that to disk."""
+
+    def __init__(self, app, path: str, limit: int, detail: str):
+        from starlette.exceptions import HTTPException
+
+        self.app, self.path, self.limit = app, path, limit
+        # an HTTPException, so that FastAPI's body parsing hands it on as it is (any
+        # other error there becomes a 400) and the app's handler answers it
+        self.error = HTTPException(413, detail)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != self.path:
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
+        from starlette.responses import JSONResponse
+
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return await JSONResponse({"detail": self.error.detail}, status_code=413)(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self.error
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int = 8, max_wait_ms: float = 5.0):
     """The FastAPI application serving `clf`. Its micro-batcher is `app.state.batcher`;
     it starts and stops with the application's lifespan. (This module has no `from
@@ -131,15 +168,8 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
                   description=f"Classify images with a {clf.model.cfg.variant} AlexNet checkpoint "
                               f"({clf.num_classes} classes). Uploads up to {max_upload_bytes / MB:g} MB.")
 
-    @app.middleware("http")
-    async def refuse_large_bodies(request: Request, call_next):
-        # Before the multipart body is read at all; 64 KiB covers the multipart framing.
-        length = request.headers.get("content-length")
-        if request.url.path == "/api/predict" and length and length.isdigit() \
-                and int(length) > max_upload_bytes + 64 * 1024:
-            return JSONResponse({"detail": f"upload too large: {int(length)} bytes > limit {max_upload_bytes}"},
-                                status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, path="/api/predict", limit=max_upload_bytes + 64 * 1024,  # + multipart framing
+                       detail=f"upload too large: more than {max_upload_bytes} bytes")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -179,6 +181,43 @@ def test_bad_uploads_are_refused_and_serving_goes_on(url, clf, data, status, wor
     r = predict(url, good)
     assert r.status_code == 200
     assert r.json()["top"][0]["index"] == int(alone(clf, good).argmax())
+
+
+def test_a_chunked_upload_is_cut_off_at_the_limit(url, clf):
+    """No Content-Length to refuse it by: the body is counted as it arrives and answered
+    413 once it passes the limit, not read (and spooled to disk) to its end first."""
+    host, port = url.rsplit("/", 1)[1].split(":")
+    head = (b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    chunk, total = os.urandom(64 * 1024), 200 * 1024 * 1024  # 200 MB offered, 0.2 MB allowed
+    sent, reply = 0, b""
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+                  f"Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n".encode())
+        try:
+            for piece in [head] + [chunk] * (total // len(chunk)):
+                if select.select([s], [], [], 0)[0]:
+                    break  # answered
+                s.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                sent += len(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < _length(reply):
+            data = s.recv(65536)
+            if not data:
+                break
+            reply += data
+    status, body = reply.split(b"\r\n", 1)[0], reply.split(b"\r\n\r\n", 1)[1]
+    assert b" 413 " in status and "too large" in json.loads(body)["detail"]
+    assert sent < total / 10, f"{sent} bytes were taken before the answer"
+    good = image_bytes(64, 64, seed=3)
+    assert predict(url, good).json()["top"][0]["index"] == int(alone(clf, good).argmax())
+
+
+def _length(reply: bytes) -> int:
+    head = reply.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+    return next((int(line.split(":", 1)[1]) for line in head.split("\r\n") if line.startswith("content-length:")),
+                1 << 30)
 
 
 def test_micro_batcher_groups_waiting_items_and_keeps_order():
