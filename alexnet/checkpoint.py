@@ -81,6 +81,16 @@ def save_model(path: str | Path, model: AlexNet, classes: list[str], stats: Data
     atomic_write(path, lambda f: f.write(data))
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """'tensor K holds N NaN or infinite values' for the first such floating tensor, else None."""
+    for k, v in tensors.items():
+        if v.is_floating_point():
+            bad = v.numel() - int(torch.isfinite(v).sum())
+            if bad:
+                return f"tensor {k} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}"
+    return None
+
+
 def load_model_file(path: str | Path) -> Checkpoint:
     """Read and check a model file; any problem is a CheckpointError with one line."""
     path = Path(path)
@@ -107,6 +117,9 @@ def load_model_file(path: str | Path) -> Checkpoint:
     if not isinstance(classes, list) or len(classes) != cfg.num_classes:
         raise CheckpointError(f"{path} lists {len(classes) if isinstance(classes, list) else '?'} class names "
                               f"for a {cfg.num_classes}-class network")
+    broken = non_finite(tensors)
+    if broken:
+        raise CheckpointError(f"{path}: {broken}; the file is broken or its training diverged")
     stats = None
     if "stats.mean_image" in tensors:
         try:

@@ -14,7 +14,7 @@ import warnings
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import INPUT_SIZES, RECIPES, VARIANTS, ConfigError
 from alexnet.export import ExportError
-from alexnet.fileio import OutputError
+from alexnet.fileio import OutputError, WriteError
 from alexnet.sources import ClassMismatchError
 
 
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UserError, ConfigError, CheckpointError, FileNotFoundError, ExportError, ClassMismatchError,
-            OutputError) as e:
+            OutputError, WriteError) as e:
         print(f"alexnet: error: {e}", file=sys.stderr)
         return 2
     except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:  # a path given where it cannot go

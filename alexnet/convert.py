@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from alexnet.caffe_proto import Layer, ProtoError, blob, net_layers
-from alexnet.checkpoint import CheckpointError, save_model
+from alexnet.checkpoint import CheckpointError, non_finite, save_model
 from alexnet.config import ConfigError, LRNConfig
 from alexnet.dataset import DataStats
+from alexnet.fileio import refuse_overwriting
 from alexnet.model import AlexNet, build_model
 
 # The per-channel mean of ILSVRC2012's training images (ilsvrc_2012_mean.npy averaged over
@@ -66,6 +67,9 @@ def _stats(mean_image: torch.Tensor) -> DataStats:
 
 
 def _save(out: str | Path, model: AlexNet, mean_image: torch.Tensor, source: dict) -> None:
+    broken = non_finite({**model.state_dict(), "mean_image": mean_image})
+    if broken:
+        raise CheckpointError(f"the weights are broken: {broken}; nothing written")
     classes, names = _classes()
     preprocess = {"image_size": int(mean_image.shape[-1]), "crop": model.cfg.input_size,
                   "pixel_scale": 1.0, "mean": "mean_image"}
@@ -155,6 +159,7 @@ def read_caffe_mean(path: str | Path) -> torch.Tensor:
 def convert_caffe(src: str | Path, out: str | Path, mean: str | Path | None = None) -> AlexNet:
     """BVLC AlexNet's caffemodel as a `paper` model file at `out`; returns the network."""
     src = Path(src)
+    refuse_overwriting(out, src, mean)
     if mean is None:
         mean_image, mean_source = _constant_mean(CAFFE_MEAN_BGR[::-1]), f"per-channel BGR {CAFFE_MEAN_BGR}"
     else:
@@ -218,6 +223,7 @@ def _load_pth(path: Path) -> dict:
 def convert_torchvision(src: str | Path, out: str | Path) -> AlexNet:
     """torchvision's AlexNet weights as an `owt` model file at `out`; returns the network."""
     src = Path(src)
+    refuse_overwriting(out, src)
     state = _load_pth(src)
     model = _uninitialised("owt", dropout_form="inverted")  # torchvision trained with nn.Dropout
     want = model.state_dict()

@@ -194,7 +194,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
     `compare`. Nothing is written unless it is within REL_TOLERANCE."""
     from alexnet.checkpoint import load_model_file
     from alexnet.cli import UserError
-    from alexnet.fileio import atomic_write
+    from alexnet.fileio import atomic_write, refuse_overwriting
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -207,17 +207,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
                             "pip install 'alexnet[export]'") from None
     out = Path(out)
     _check_writable(out)
+    refuse_overwriting(out, checkpoint)
     ck = load_model_file(checkpoint)
     model = ck.build_model().eval()
     data = to_onnx(ck, model) if fmt == "onnx" else to_pt2(ck, model)
     diff = compare(model, data, fmt, pixel_scale=ck.preprocess.get("pixel_scale", 1.0))
-    if diff > REL_TOLERANCE:
+    if not diff <= REL_TOLERANCE:  # NaN included
         raise ExportError(f"{ENGINES[fmt]}'s logits differ from PyTorch's by {diff:.2e} of their scale "
                           f"(more than {REL_TOLERANCE:.0e}); nothing written")
-    try:
-        atomic_write(out, lambda f: f.write(data))
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    atomic_write(out, lambda f: f.write(data))  # a failure: fileio.WriteError, one line
     return diff
 
 

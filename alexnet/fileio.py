@@ -39,6 +39,26 @@ class OutputError(ValueError):
     file where a folder should); the message says which, in one line."""
 
 
+class WriteError(OSError):
+    """An OSError while writing a file with `atomic_write`: `filename` is the file asked
+    for (not its temporary), `strerror` the system's reason, `errno` its number."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def refuse_overwriting(out: str | Path, *inputs: str | Path | None) -> None:
+    """An OutputError if `out` is one of `inputs` (the same file by another name too): a
+    command must not replace what it reads."""
+    for src in inputs:
+        try:
+            same = src is not None and os.path.samefile(out, src)
+        except OSError:  # out (or src) does not exist yet
+            same = False
+        if same:
+            raise OutputError(f"{out} is the input {src} itself; give another output name")
+
+
 def make_dir(folder: str | Path) -> Path:
     """`mkdir -p folder`, or an OutputError naming the part of the path that is a file."""
     folder = Path(folder)
@@ -47,6 +67,8 @@ def make_dir(folder: str | Path) -> Path:
     except (FileExistsError, NotADirectoryError):
         blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
         raise OutputError(f"cannot make the folder {folder}: {blocker} is a file") from None
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(folder)) from e
     return folder
 
 
@@ -67,7 +89,10 @@ def atomic_write(path: str | Path, write: Callable[[object], None]) -> None:
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name")
     make_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
@@ -75,11 +100,13 @@ def atomic_write(path: str | Path, write: Callable[[object], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     fsync_dir(path.parent)
 

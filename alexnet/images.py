@@ -153,24 +153,31 @@ def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
             img = Image.open(fp)
         except Exception as e:
             raise ImageError(_describe(e)) from None
-        w, h = img.size
-        if w < 1 or h < 1:
-            raise ImageError(f"empty image: {w}x{h} pixels")
-        if w * h > max_pixels:
-            raise ImageError(f"too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
-        try:
-            img.load()
-            img = _apply_exif_orientation(img)
-            return _to_rgb(img)
-        except MemoryError:
-            raise ImageError(f"too large: out of memory decoding {w}x{h} pixels") from None
-        except ImageError:
-            raise
-        except Exception as e:
-            raise ImageError(_describe(e)) from None
+        return as_rgb(img, max_pixels)
     finally:
         if owned:
             fp.close()
+
+
+def as_rgb(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An opened (perhaps not yet decoded) Pillow image as 8-bit RGB, upright per EXIF,
+    after the checks `load_rgb` makes: not empty, at most `max_pixels` pixels, decodable.
+    Raises `ImageError` with a one-line reason."""
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageError(f"empty image: {w}x{h} pixels")
+    if w * h > max_pixels:
+        raise ImageError(f"too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+    try:
+        img.load()
+        img = _apply_exif_orientation(img)
+        return _to_rgb(img)
+    except MemoryError:
+        raise ImageError(f"too large: out of memory decoding {w}x{h} pixels") from None
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError(_describe(e)) from None
 
 
 def resize_center_crop(img: Image.Image, size: int = 256) -> np.ndarray:

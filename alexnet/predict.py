@@ -31,14 +31,14 @@ from PIL import Image
 
 from alexnet.augment import EvalTransform, average_ten_crop
 from alexnet.checkpoint import CheckpointError, load_model_file
-from alexnet.images import MAX_PIXELS, ImageError, load_rgb, resize_center_crop
+from alexnet.images import MAX_PIXELS, ImageError, as_rgb, load_rgb, resize_center_crop
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
 
 
 def _to_pil(image: ImageInput, max_pixels: int) -> Image.Image:
     if isinstance(image, Image.Image):
-        return image
+        return as_rgb(image, max_pixels)
     if isinstance(image, (str, os.PathLike)):
         return load_rgb(image, max_pixels=max_pixels)
     if isinstance(image, np.ndarray) and not image.flags.writeable:
@@ -54,9 +54,11 @@ def _to_pil(image: ImageInput, max_pixels: int) -> Image.Image:
         if not torch.isfinite(t).all():
             raise ValueError("the image has NaN or infinite values; expected RGB levels 0..255")
         t = t.round()
-    if t.numel() and (t.min() < 0 or t.max() > 255):
-        raise ValueError(f"expected RGB levels 0..255, got values from {t.min().item():g} to {t.max().item():g}")
-    return Image.fromarray(t.to(torch.uint8).contiguous().numpy(), "RGB")
+    if t.numel() and t.dtype != torch.uint8:
+        lo, hi = (t if t.is_floating_point() else t.long()).aminmax()  # (uint16/32 have no min)
+        if lo < 0 or hi > 255:
+            raise ValueError(f"expected RGB levels 0..255, got values from {lo.item():g} to {hi.item():g}")
+    return as_rgb(Image.fromarray(t.to(torch.uint8).contiguous().numpy(), "RGB"), max_pixels)
 
 
 class Classifier:
@@ -119,8 +121,8 @@ class Classifier:
     def top(self, probs: torch.Tensor, top: int = 5) -> list[list[tuple[int, str, float]]]:
         """(index, name, probability) of the `top` most likely classes (capped at the
         class count) of each row of `probs`, most likely first."""
-        if top < 1:
-            raise ValueError(f"top must be >= 1, not {top}")
+        if not isinstance(top, int) or top < 1:
+            raise ValueError(f"top must be a whole number >= 1, not {top!r}")
         p, idx = probs.topk(min(top, self.num_classes), dim=-1)
         return [[(i, self.class_names[i], v) for i, v in zip(ri, rp)] for ri, rp in zip(idx.tolist(), p.tolist())]
 
@@ -166,8 +168,10 @@ def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def shown(path: str) -> str:
-    """`path` printable on any terminal: bytes of a name that are not UTF-8 as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """`path` printable on one line of any terminal: bytes of a name that are not UTF-8
+    as \\xNN, control characters (a newline, a tab) as Python writes them (\\n, \\t)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

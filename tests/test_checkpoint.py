@@ -57,3 +57,15 @@ def test_a_run_begun_before_dropout_form_resumes_with_inverted_dropout(tmp_path)
     del cfg["model"]["dropout_form"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert Trainer._read_config(SimpleNamespace(run_dir=tmp_path)).model.dropout_form == "inverted"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_model_file_with_non_finite_weights_is_refused(tmp_path, value):
+    from alexnet.checkpoint import CheckpointError
+
+    model = build_model("bn", num_classes=3)
+    with torch.no_grad():
+        model.layer("fc7").weight[1, 2] = value
+    save_model(tmp_path / "m.safetensors", model, ["a", "b", "c"], None, {})
+    with pytest.raises(CheckpointError, match=r"classifier.3.weight holds 1 NaN or infinite value; the file is broken"):
+        load_model_file(tmp_path / "m.safetensors")

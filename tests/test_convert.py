@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alexnet import cli
 from alexnet.augment import EvalTransform
 from alexnet.checkpoint import CheckpointError, load_model_file
 from alexnet.reference import plain_alexnet
@@ -326,6 +327,35 @@ def _tv_refused(tmp_path, obj) -> str:
         run_command("convert", "torchvision", str(src), str(tmp_path / "out.st"))
     assert "\n" not in str(e.value) and not (tmp_path / "out.st").exists()
     return str(e.value)
+
+
+def test_torchvision_weights_with_a_nan_are_refused(tmp_path):
+    state = plain_alexnet("owt").state_dict()
+    state["features.3.weight"][0, 0, 0, 0] = float("nan")
+    assert "features.3.weight holds 1 NaN or infinite value; nothing written" in _tv_refused(tmp_path, state)
+
+
+def test_convert_never_writes_over_its_source(tmp_path, capsys):
+    src = tmp_path / "alexnet.pth"
+    torch.save(plain_alexnet("owt").state_dict(), src)
+    before = src.read_bytes()
+    os.link(src, tmp_path / "same.pth")
+    for out in (src, tmp_path / "same.pth", tmp_path / "." / "alexnet.pth"):
+        assert cli.main(["convert", "torchvision", str(src), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "is the input" in err and err.count("\n") == 1
+    assert src.read_bytes() == before
+    (tmp_path / "model.caffemodel").write_bytes(b"x")
+    assert cli.main(["convert", "caffe", str(tmp_path / "model.caffemodel"), str(src), "--mean", str(src)]) == 2
+    assert src.read_bytes() == before
+
+
+def test_a_write_failure_is_one_line(tmp_path, capsys):
+    src = tmp_path / "alexnet.pth"
+    torch.save(plain_alexnet("owt").state_dict(), src)
+    assert cli.main(["convert", "torchvision", str(src), "/proc/self/owt.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alexnet: error: cannot write /proc/self/owt.safetensors: ") and err.count("\n") == 1
 
 
 def test_torchvision_wrong_keys_and_shapes_are_refused(tmp_path):

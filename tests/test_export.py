@@ -115,6 +115,27 @@ def test_unwritable_output_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model.safetensors"]
 
 
+def test_export_never_writes_over_its_checkpoint(tmp_path, capsys):
+    from alexnet import cli
+
+    make_checkpoint(tmp_path / "model.safetensors", "bn")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    assert cli.main(["export", str(tmp_path / "model.safetensors"), str(tmp_path / "model.safetensors")]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_a_nan_difference_is_refused(tmp_path, monkeypatch):
+    """NaN > tolerance is False: the check must be written so that NaN fails it."""
+    import alexnet.export as export
+
+    make_checkpoint(tmp_path / "model.safetensors", "bn")
+    monkeypatch.setattr(export, "compare", lambda *a, **k: float("nan"))
+    with pytest.raises(export.ExportError, match="differ .* by nan"):
+        export.export_checkpoint(tmp_path / "model.safetensors", tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_the_format_follows_the_file_name_unless_given():
     from alexnet.export import format_for
 

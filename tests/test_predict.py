@@ -6,6 +6,7 @@ the classifier uses), softmax; the ten-crop average written out patch by patch."
 from __future__ import annotations
 
 import functools
+import io
 import json
 import re
 
@@ -17,7 +18,7 @@ from PIL import Image
 from alexnet import cli
 from alexnet.checkpoint import load_model_file, save_model
 from alexnet.dataset import DataStats
-from alexnet.images import load_rgb, resize_center_crop
+from alexnet.images import ImageError, load_rgb, resize_center_crop
 from alexnet.model import build_model
 from alexnet.predict import Classifier
 
@@ -157,6 +158,37 @@ def test_arrays_outside_rgb_levels_are_refused(clf, image, words):
         clf.probabilities([image])
 
 
+@pytest.mark.parametrize("image", [np.zeros((0, 5, 3), np.uint8), np.zeros((3, 5, 0), np.uint8),
+                                   Image.new("RGB", (0, 0))], ids=["no rows", "no columns", "0x0 Pillow"])
+def test_empty_images_are_refused(clf, image):
+    with pytest.raises(ImageError, match="empty image"):
+        clf.probabilities([image])
+
+
+def test_wider_integer_arrays_are_read_as_levels(clf):
+    a = np.random.default_rng(0).integers(0, 256, (30, 40, 3))
+    want = clf.probabilities([a.astype(np.uint8)])
+    for dtype in (np.uint16, np.uint32, np.int16):
+        torch.testing.assert_close(clf.probabilities([a.astype(dtype)]), want)
+    with pytest.raises(ValueError, match="values from 0 to 300"):
+        clf.probabilities([np.where(a > 128, 300, 0).astype(np.uint16)])
+
+
+def test_an_opened_pillow_image_gets_the_checks_a_file_gets(clf, imgs, tmp_path):
+    data = open(imgs[0], "rb").read()
+    Image.open(imgs[0]).save(tmp_path / "x.jpg", quality=90)
+    jpeg = (tmp_path / "x.jpg").read_bytes()
+    with pytest.raises(ImageError, match="truncated"):
+        clf.probabilities([Image.open(io.BytesIO(jpeg[:len(jpeg) // 2]))])  # not decoded until used
+    torch.testing.assert_close(clf.probabilities([Image.open(io.BytesIO(data))]), clf.probabilities([imgs[0]]))
+
+
+@pytest.mark.parametrize("top", [0, 2.5, "3"])
+def test_top_must_be_a_whole_number(clf, imgs, top):
+    with pytest.raises(ValueError, match="top must be a whole number"):
+        clf(imgs[0], top=top)
+
+
 def test_call_gives_top_pairs_capped_at_class_count(clf, imgs):
     p = clf.probabilities([imgs[1]])[0]
     top2 = clf(imgs[1], top=2)
@@ -190,6 +222,13 @@ def test_cli_folder_text_output(capsys, clf, paper, imgs):
         values, idx = probs[k].topk(3)
         assert [line[9:] for line in block[1:]] == [NAMES[i] for i in idx.tolist()]
         assert [line[2:7] for line in block[1:]] == [f"{v:.3f}" for v in values.tolist()]
+
+
+def test_cli_names_with_control_characters_stay_on_one_line(capsys, clf, paper, imgs, tmp_path):
+    odd = tmp_path / "a\nb\tc.png"
+    Image.open(imgs[0]).save(odd)
+    rc, out, err = run(capsys, paper, odd, "--top", 1)
+    assert rc == 0 and out.splitlines()[0] == str(tmp_path / "a\\nb\\tc.png") and len(out.splitlines()) == 2
 
 
 def test_cli_glob_json_batches_and_top_cap(capsys, clf, paper, imgs):
