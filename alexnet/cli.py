@@ -72,14 +72,14 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from alexnet.images import MAX_PIXELS
-    from alexnet.store import prepare
+    from alexnet.store import PrepareError, prepare
 
     try:
         result = prepare(args.src, args.out, split=args.split, workers=args.workers,
                          size=args.size, labels=args.labels,
                          max_pixels=args.max_pixels or MAX_PIXELS,
                          progress=not args.quiet)
-    except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (FileNotFoundError, NotADirectoryError, PermissionError, PrepareError) as e:
         raise UserError(str(e)) from None
     print(result.summary())
     return 0

@@ -151,7 +151,7 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
     __future__ import annotations`: FastAPI reads the endpoints' annotations, whose types
     are imported here, inside the function.)"""
     from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.responses import HTMLResponse, Response
 
     transform = clf.transforms[False]
     net_crop = transform.crop

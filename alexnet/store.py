@@ -30,15 +30,15 @@ index.json is complete.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
-import functools
+import itertools
 import json
 import multiprocessing as mp
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from alexnet.dataset import DataStats, ImageDataset, load_stats, resize_batch, save_stats
-from alexnet.fileio import atomic_write, atomic_write_json, json_bytes, make_dir
+from alexnet.fileio import WriteError, atomic_write, atomic_write_json, json_bytes, make_dir
 from alexnet.progress import Progress
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.sources import (DataSourceError, SourceNotFoundError, StatsAccumulator,
@@ -96,42 +96,52 @@ def _worker_init() -> None:
 
 
 _AHEAD_PER_WORKER = 32  # files decoded ahead of the writer, per worker
+KEPT = "the images committed so far are kept: run the same command again to go on"
 
 
-def _bounded(items, sem: threading.Semaphore, stop: threading.Event):
-    """`items`, each only after `sem` is acquired; ends when `stop` is set (the pool's
-    task thread runs this, and terminating the pool waits for that thread)."""
-    for it in items:
-        while not sem.acquire(timeout=0.1):
-            if stop.is_set():
-                return
-        if stop.is_set():
-            return
-        yield it
+class PrepareError(RuntimeError):
+    """prepare could not go on (a decoding process died); the store stays resumable."""
+
+
+def _named(e: OSError, out: Path) -> str:
+    """' (FILE)' for an error about a file other than `out` itself."""
+    return f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
+
+
+def _decode_chunk(paths: list[str], size: int, max_pixels: int) -> list:
+    return [_decode_task(p, size, max_pixels) for p in paths]
 
 
 def _folder_results(paths: list[str], size: int, max_pixels: int, workers: int):
-    """Decode `paths` in order with a process pool (at most a bounded number ahead)."""
-    task = functools.partial(_decode_task, size=size, max_pixels=max_pixels)
+    """Decode `paths` in order with `workers` processes, a bounded number of files ahead.
+    A worker that dies (the kernel's OOM killer, a kill -9) is a PrepareError at once,
+    not a wait for a result that never comes."""
     if workers <= 1:
         for p in paths:
-            yield task(p)
+            yield _decode_task(p, size, max_pixels)
         return
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     chunk = 4
-    # room for at least two chunks per worker, or the feeder waits for results that never come
-    sem = threading.Semaphore(workers * max(_AHEAD_PER_WORKER, 2 * chunk))
-    stop = threading.Event()
-    pool = ctx.Pool(workers, initializer=_worker_init)
+    chunks = (paths[i:i + chunk] for i in range(0, len(paths), chunk))
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
     try:
-        for r in pool.imap(task, _bounded(paths, sem, stop), chunksize=chunk):
-            sem.release()
-            yield r
-        pool.close()
+        pending = collections.deque(pool.submit(_decode_chunk, c, size, max_pixels)
+                                    for c in itertools.islice(chunks, max(2, workers * _AHEAD_PER_WORKER // chunk)))
+        while pending:
+            try:
+                part = pending.popleft().result()
+            except BrokenProcessPool:
+                raise PrepareError(f"a decoding process died (killed, perhaps by the system for want of "
+                                   f"memory); {KEPT}") from None
+            more = next(chunks, None)
+            if more is not None:
+                pending.append(pool.submit(_decode_chunk, more, size, max_pixels))
+            yield from part
     finally:
-        stop.set()
-        pool.terminate()
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _idx_results(images: torch.Tensor, order: list[int], size: int):
@@ -257,8 +267,11 @@ def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = 
         raise DataSourceError(f"{out} exists and is not an empty folder or a store")
     make_dir(out)
     with _store_lock(out):
-        return _prepare_locked(out, meta, names, item_labels, pre_skipped, ignored, idx_ds, root,
-                               size, max_pixels, workers, progress, commit_every, _stop_after)
+        try:
+            return _prepare_locked(out, meta, names, item_labels, pre_skipped, ignored, idx_ds, root,
+                                   size, max_pixels, workers, progress, commit_every, _stop_after)
+        except OSError as e:  # a full disk, most often: the records already committed stay
+            raise WriteError(e.errno, f"{e.strerror or e}{_named(e, out)}; {KEPT}", str(out)) from None
 
 
 @contextlib.contextmanager

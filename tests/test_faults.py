@@ -421,6 +421,24 @@ def test_a_real_full_or_read_only_disk_stops_the_run_cleanly(data, tmp_path, tmp
     assert b["step"] == 2 and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_prepare_on_a_full_disk_stops_with_one_line_and_resumes(tmp_path, tmpfs, capsys):
+    from alexnet import cli
+    from tests.test_store import make_plain_tree
+
+    make_plain_tree(tmp_path / "src", n_per_class=20)
+    args = ["prepare", str(tmp_path / "src"), "--size", "64", "--workers", "1", "--quiet"]
+    assert cli.main([*args, str(tmp_path / "full")]) == 0
+    remount(tmpfs, "size=300k")  # about 20 of the 60 images (12 KB each)
+    capsys.readouterr()
+    assert cli.main([*args, str(tmpfs / "store")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"alexnet: error: cannot write {tmpfs / 'store'}: ")
+    assert "No space left on device" in err and "run the same command again" in err
+    remount(tmpfs, "size=600M")
+    assert cli.main([*args, str(tmpfs / "store")]) == 0
+    assert store_contents(tmpfs / "store") == store_contents(tmp_path / "full")
+
+
 # ----------------------------------------------------------------------------- a loader worker dies
 
 

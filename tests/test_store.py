@@ -277,6 +277,44 @@ def test_stopping_with_a_full_pool_does_not_hang(tmp_path, monkeypatch):
     assert not result["r"].complete and result["r"].written >= 4
 
 
+def test_a_decoding_process_that_dies_stops_prepare_and_it_resumes(tmp_path, monkeypatch):
+    """Killed (by the OOM killer, say) while decoding: a one-line error at once, not a
+    wait for a result that never comes; the next run finishes the same store."""
+    import os
+    import signal
+    import threading
+
+    import alexnet.store as store
+
+    make_plain_tree(tmp_path / "src")
+    full = prepare(tmp_path / "src", tmp_path / "full", workers=1, size=32, progress=False)
+    decode = store.decode_file
+
+    def dies_on_one_file(path, size, max_pixels):
+        if path.endswith(os.path.join("class1", "05.png")):
+            os.kill(os.getpid(), signal.SIGKILL)  # (in the worker: the fork carries the patch)
+        return decode(path, size, max_pixels)
+
+    monkeypatch.setattr(store, "decode_file", dies_on_one_file)
+    result = {}
+
+    def run():
+        try:
+            prepare(tmp_path / "src", tmp_path / "out", workers=2, size=32, progress=False, commit_every=2)
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "prepare hung after a worker died"
+    assert isinstance(result.get("error"), store.PrepareError) and "run the same command again" in str(result["error"])
+    monkeypatch.setattr(store, "decode_file", decode)
+    done = prepare(tmp_path / "src", tmp_path / "out", workers=2, size=32, progress=False)
+    assert done.complete and store_contents(tmp_path / "out") == store_contents(tmp_path / "full")
+    assert full.written == done.written
+
+
 def test_one_prepare_at_a_time(tmp_path):
     from alexnet.store import _store_lock
 
