@@ -158,8 +158,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     if result["stopped"]:
-        print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}; "
-              f"continue with: alexnet train --resume {trainer.run_dir}")
+        if trainer.info.is_main:
+            again = f"alexnet train --resume {trainer.run_dir}"
+            if trainer.info.enabled:
+                again = f"the same torchrun command with -m {again}"
+            print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}; continue with: {again}")
         return 0
     if trainer.info.is_main:
         finish_run(trainer, test=not args.no_test)

@@ -68,9 +68,43 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     device = resolve_device(device_name, info)
+    global _FLAG_GROUP
     if info.enabled and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # flags agreed every step go host to host, never through (and waiting for) the GPU
+        _FLAG_GROUP = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
     return info, device
+
+
+_FLAG_GROUP = None  # a Gloo group beside NCCL's; None: the default group (already Gloo)
+
+
+def any_process(flag: bool, info: DistInfo) -> bool:
+    """Whether `flag` is true on any process: one 8-byte host collective, which every
+    process must reach at the same point."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([float(flag)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_FLAG_GROUP)
+    return t.item() > 0
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """`obj` of every process, in rank order (every process must call this)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj, group=_FLAG_GROUP)
+    return out
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's `obj`, on every process (every process must call this)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_FLAG_GROUP)
+    return box[0]
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -86,5 +120,7 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def shutdown(info: DistInfo) -> None:
+    global _FLAG_GROUP
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        _FLAG_GROUP = None

@@ -37,10 +37,11 @@ import torch.nn.functional as F
 
 from alexnet.augment import DeferredTrainTransform, RawBatch, TrainTransform, to_device
 from alexnet.checkpoint import CheckpointError, load_model_file, load_state, save_model, save_state
-from alexnet.fileio import atomic_write_text, make_dir
+from alexnet.fileio import OutputError, atomic_write_text, make_dir
 from alexnet.config import ConfigError, RunConfig, from_dict, to_dict
 from alexnet.dataset import ImageDataset, SubsetDataset
-from alexnet.distributed import all_reduce_sum, init_distributed, resolve_augment, resolve_workers, shutdown
+from alexnet.distributed import (all_reduce_sum, any_process, broadcast_object, gather_objects, init_distributed,
+                                 resolve_augment, resolve_workers, shutdown)
 from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
 from alexnet.loader import BatchLoader, LoaderWorkerError
 from alexnet.model import AlexNet
@@ -86,6 +87,14 @@ class Data:
     val: ImageDataset
     test: ImageDataset | None  # a separate test split (Fashion-MNIST's 10,000), if the source has one
     stats: object  # DataStats of the training images
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of process `rank`: `seed` itself for rank 0 (a single process draws
+    what it always drew), one derived from (seed, rank) for the others."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
 
 
 def holdout_split(n: int, holdout: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +277,8 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.manual_seed(t.seed)
+        # dropout masks of their own on every process (DDP gives them rank 0's initial weights)
+        torch.manual_seed(rank_seed(t.seed, self.info.rank))
         self.amp, self.channels_last = resolve_numerics(cfg, self.device)
         self.num_workers = resolve_workers(cfg.data.num_workers, self.device)
         self.augment_on = resolve_augment(cfg.data.augment_on, self.device)
@@ -308,8 +318,20 @@ class Trainer:
                            "pixel_scale": cfg.data.pixel_scale, "mean": "mean_image"}
         if resume:
             self._load_last()
-        elif self.info.is_main:
-            self._start_run_dir()
+        else:  # rank 0 makes the folder; every process stops with the same line if it cannot
+            error = None
+            if self.info.is_main:
+                try:
+                    self._start_run_dir()
+                except (ConfigError, OutputError, OSError) as e:
+                    error = e
+            # the folder is rank 0's (a default name from the clock may differ by a second)
+            reason, folder = broadcast_object((error and str(error), str(self.run_dir)), self.info)
+            self.run_dir = Path(folder)
+            if error is not None:
+                raise error
+            if reason is not None:
+                raise ConfigError(reason)
 
     # --- run folder -----------------------------------------------------------------
 
@@ -355,15 +377,23 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------
 
-    def _state(self) -> dict:
+    def _rng(self) -> dict:
+        r = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            r["cuda"] = torch.cuda.get_rng_state(self.device)
+        return r
+
+    def _state(self, epoch_loss: list, rngs: list[dict]) -> dict:
+        """`epoch_loss`: the epoch's loss over all processes; `rngs`: every process's
+        generators, in rank order (rank 0's also as rng_cpu/rng_cuda, as before DDP kept them)."""
         s = {
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
             "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(), "epoch_loss": list(self.epoch_loss),
-            "best_err": self.best_err, "rng_cpu": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict(), "epoch_loss": epoch_loss,
+            "best_err": self.best_err, "rng_cpu": rngs[0]["cpu"], "rng_ranks": rngs,
         }
-        if self.device.type == "cuda":
-            s["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        if "cuda" in rngs[0]:
+            s["rng_cuda"] = rngs[0]["cuda"]
         return s
 
     def save_checkpoint(self) -> Path:
@@ -374,6 +404,10 @@ class Trainer:
         ck = self.run_dir / "checkpoints"
         name = f"step-{self.step:08d}"
         final = ck / name
+        # what is not the same on every process: each one's share of the epoch's loss, and
+        # its generators (its own dropout masks)
+        loss, count = all_reduce_sum(torch.tensor(self.epoch_loss, dtype=torch.float64), self.info).tolist()
+        rngs = gather_objects(self._rng(), self.info)
         if self.info.is_main:
             same_step = [p for p in ck.glob(f"{name}*") if p.is_dir() and p.name.split(".")[0] == name]
             n = 0
@@ -389,7 +423,7 @@ class Trainer:
                     save_model(tmp / "model.safetensors", self.model, self.classes, self.data.stats,
                                self.preprocess, {"epoch": self.epoch, "step": self.step,
                                                  "class_names": self.class_names})
-                    save_state(tmp / "state.pt", self._state())
+                    save_state(tmp / "state.pt", self._state([loss, int(count)], rngs))
                     os.replace(tmp, final)
                     atomic_write_text(ck / "last.json", json.dumps(
                         {"dir": name, "step": self.step, "epoch": self.epoch,
@@ -427,12 +461,19 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
-        self.epoch_loss = list(state["epoch_loss"])
+        # the sum over all processes: rank 0 carries it on, the others add from zero
+        self.epoch_loss = list(state["epoch_loss"]) if self.info.is_main else [0.0, 0]
         self.best_err = state["best_err"]
         self._saved = (self._position(), folder)
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        rngs = state.get("rng_ranks") or []
+        own = rngs[self.info.rank] if len(rngs) == self.info.world_size else \
+            {"cpu": state["rng_cpu"], **({"cuda": state["rng_cuda"]} if "rng_cuda" in state else {})}
+        torch.set_rng_state(own["cpu"])
+        if "cuda" in own and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda"], self.device)
+        if len(rngs) != self.info.world_size and self.info.rank:
+            # saved by another number of processes: fresh masks of its own, not rank 0's again
+            torch.manual_seed(rank_seed(self.cfg.train.seed + self.step, self.info.rank))
         self.history = [r for r in self._read_log() if r["epoch"] <= self.epoch]
         if self.info.is_main:  # drop log lines of epochs after the checkpoint
             self._remove_stale_temp()
@@ -484,22 +525,21 @@ class Trainer:
         self.scaler.update()
         return loss.detach()
 
-    def _sync(self) -> bool:
+    def _sync(self) -> None:
         """Read back the losses of the steps since the last call (one copy from the device),
         raise `TrainingError` naming the first step whose loss was not finite on any
-        process, add them to the epoch's loss, and return whether any process was asked to
-        stop (one collective under DDP, which every process reaches at the same step). A
-        non-finite step's update has been applied in memory, but no checkpoint is written
-        before this check, so the newest checkpoint stays the last good one."""
+        process (one collective under DDP, which every process reaches at the same step),
+        and add them to the epoch's loss. A non-finite step's update has been applied in
+        memory, but no checkpoint is written before this check, so the newest checkpoint
+        stays the last good one."""
         steps, losses, sizes = zip(*self._pending)
         self._pending = []
         values = torch.stack(losses).float().cpu()
         finite = torch.isfinite(values)
         # per step: how many processes saw a non-finite loss, and the sum of those losses
-        # (the value itself where one process did); then the stop requests
+        # (the value itself where one process did)
         n = len(values)
-        flags = torch.cat([(~finite).double(), torch.where(finite, 0.0, values).double(),
-                           torch.tensor([float(self.stop_requested)], dtype=torch.float64)])
+        flags = torch.cat([(~finite).double(), torch.where(finite, 0.0, values).double()])
         all_reduce_sum(flags, self.info)
         bad = flags[:n].nonzero()
         if len(bad):
@@ -509,14 +549,15 @@ class Trainer:
             self.epoch_loss[0] += v * size
             self.epoch_loss[1] += size
         self._last_loss = float(values[-1])
-        return bool(flags[-1] > 0)
 
     def _validate(self) -> Metrics:
         d = self.cfg.data
         loader = eval_loader(self.data.val, self.data.stats, self.crop, self.per_rank_batch, d.ten_crop,
                              d.pixel_scale, self.num_workers, self.info,
                              on_device=self.augment_on == "device")
-        prog = Progress(len(self.data.val), f"validate {self.epoch + 1}", enabled=not self.quiet)
+        # rank 0 shows its own share (every W-th image): the others' go at its pace
+        share = len(range(self.info.rank, len(self.data.val), self.info.world_size))
+        prog = Progress(share, f"validate {self.epoch + 1}", enabled=not self.quiet)
         m = evaluate_model(self.net, loader, self.cfg.model.num_classes, self.device, self.amp,
                            self.channels_last, self.info, prog)
         prog.close()
@@ -565,8 +606,8 @@ class Trainer:
                   f"augmentation in the {self.augment_on}"
                   f"{f', {self.info.world_size} processes' if self.info.enabled else ''}", flush=True)
         while self.epoch < t.epochs and self.step < self.total_steps:
-            if self._agreed_stop():  # asked during validation: the epoch's checkpoint is written
-                return self._stop()
+            if any_process(self.stop_requested, self.info):  # asked during validation: the
+                return self._stop()                         # epoch's checkpoint is written
             self.net.train()
             loader = self._train_loader(self.epoch, self.batch_in_epoch)
             steps_left = min(self.steps_per_epoch - self.batch_in_epoch, self.total_steps - self.step)
@@ -580,11 +621,11 @@ class Trainer:
                 self._pending.append((self.step, loss, len(y)))
                 checkpoint = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0
                 last = self.step >= self.total_steps or self.batch_in_epoch >= self.steps_per_epoch
-                # the same steps on every process under DDP; alone, a stop request is read at once
-                stop = False
-                if (checkpoint or last or len(self._pending) >= t.log_every
-                        or (self.stop_requested and not self.info.enabled)):
-                    stop = self._sync()
+                # a stop request is read after every step; under DDP every process learns
+                # of any one's (8 bytes host to host) and all stop after the same step
+                stop = any_process(self.stop_requested, self.info)
+                if checkpoint or last or stop or len(self._pending) >= t.log_every:
+                    self._sync()
                 figures = {} if self._last_loss is None else {"loss": self._last_loss}
                 prog.update(len(y) * self.info.world_size, **figures, lr=lr)
                 if checkpoint:
@@ -601,12 +642,6 @@ class Trainer:
             self._end_epoch(speed, train_time)
         return {"stopped": False, "step": self.step, "epochs": self.epoch,
                 "best": str(self.run_dir / "best.safetensors"), "best_top1_err": self.best_err}
-
-    def _agreed_stop(self) -> bool:
-        """Whether any process was asked to stop; every process gets the same answer, so
-        all of them stop after the same step."""
-        flag = torch.tensor([float(self.stop_requested)])
-        return all_reduce_sum(flag, self.info).item() > 0
 
     def _stop(self) -> dict:
         # nothing has run since a checkpoint of this very position (a stop asked during the

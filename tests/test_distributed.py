@@ -74,3 +74,94 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     assert log_a["val_top1_err"] == pytest.approx(log_b["val_top1_err"])
     assert log_a["step"] == log_b["step"] == 3
     assert log_a["train_loss"] == pytest.approx(log_b["train_loss"], rel=1e-4)
+
+
+# --- stopping, resuming and the run folder under DDP ----------------------------------------
+
+
+def _run_worker(rank, world, port, cfg, out, resume, stop_rank, stop_step, report):
+    """One process of a 2-process run: with `stop_rank`, that process alone is asked to stop
+    during step `stop_step`; writes what it saw to report-RANK.json."""
+    import os
+
+    from alexnet.train import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    seen = {}
+    try:
+        t = Trainer(None, out, resume=True, quiet=True) if resume else Trainer(cfg, out, quiet=True)
+    except Exception as e:
+        seen["error"] = f"{type(e).__name__}: {e}"
+    else:
+        if not resume:  # (a draw between a resume and its first step would shift the masks)
+            seen["first_draw"] = torch.rand(1).item()  # the generator dropout draws from
+        if rank == stop_rank:
+            inner = t._train_step
+
+            def step(x, y):
+                loss = inner(x, y)
+                if t.step + 1 == stop_step:
+                    t.stop_requested = True
+                return loss
+
+            t._train_step = step
+        try:
+            seen.update(t.fit())
+        finally:
+            t.close()
+    (report / f"report-{rank}.json").write_text(json.dumps(seen))
+
+
+def _two_processes(cfg, out, report, resume=False, stop_rank=None, stop_step=0):
+    report.mkdir(exist_ok=True)
+    mp.spawn(_run_worker, args=(2, _free_port(), cfg, out, resume, stop_rank, stop_step, report), nprocs=2,
+             join=True)
+    return [json.loads((report / f"report-{r}.json").read_text()) for r in range(2)]
+
+
+def _dropout_config(data, **train):
+    return run_config("paper", {
+        "data": {"path": str(data), "num_workers": 0, "image_size": 227},
+        "model": {"dropout": 0.5},
+        "train": {"batch_size": 8, "epochs": 1, "max_steps": 4, "lr": 0.001, "checkpoint_every": 0,
+                  "deterministic": True, "amp": "off", "log_every": 100, **train},
+    })
+
+
+def test_one_process_asked_to_stop_stops_all_after_that_step(tmp_path):
+    """Stop requests are agreed after every step, not at the next loss read-back (here 100
+    steps away): a SIGTERM from torchrun is answered within one step, inside its grace time."""
+    data = write_idx(tmp_path / "idx")
+    seen = _two_processes(_dropout_config(data), tmp_path / "r", tmp_path / "rep", stop_rank=1, stop_step=2)
+    assert [s["stopped"] for s in seen] == [True, True] and [s["step"] for s in seen] == [2, 2]
+    assert json.loads((tmp_path / "r" / "checkpoints" / "last.json").read_text())["step"] == 2
+    assert (tmp_path / "r" / "stopped").read_text() == "stopped at step 2\n"
+    assert seen[0]["first_draw"] != seen[1]["first_draw"]  # each process draws its own dropout masks
+
+
+def test_a_run_folder_in_use_is_one_line_on_every_process(tmp_path):
+    data = write_idx(tmp_path / "idx")
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoints" / "last.json").write_text("{}")
+    seen = _two_processes(_dropout_config(data), tmp_path / "r", tmp_path / "rep")
+    for s in seen:
+        assert s["error"].startswith("ConfigError: ") and "already holds a run" in s["error"], s
+
+
+def test_a_stopped_and_resumed_ddp_run_equals_a_straight_one(tmp_path):
+    """Weights, momentum and the logged training loss (every process's share of it), with
+    dropout on: each process's generator is saved and restored."""
+    data = write_idx(tmp_path / "idx")
+    cfg = _dropout_config(data)
+    _two_processes(cfg, tmp_path / "straight", tmp_path / "rep1")
+    seen = _two_processes(cfg, tmp_path / "r", tmp_path / "rep2", stop_rank=0, stop_step=2)
+    assert [s["step"] for s in seen] == [2, 2]
+    _two_processes(cfg, tmp_path / "r", tmp_path / "rep3", resume=True)
+    a, b = _last_weights(tmp_path / "straight"), _last_weights(tmp_path / "r")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log_a = json.loads((tmp_path / "straight" / "log.jsonl").read_text().splitlines()[0])
+    log_b = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
+    assert log_a["train_loss"] == log_b["train_loss"] and log_a["val_top1_err"] == log_b["val_top1_err"]
