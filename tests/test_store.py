@@ -189,7 +189,7 @@ def test_prepare_stats_match_numpy(messy):
 def test_prepare_again_on_a_complete_store_is_a_no_op(messy):
     root, good, broken, _ = messy
     before = (root / "store" / "images.u8").stat().st_mtime_ns
-    again = prepare(root / "src", root / "store", workers=1, size=S, progress=False)
+    again = prepare(root / "src", root / "store", workers=1, size=S, max_pixels=10_000_000, progress=False)
     assert again.complete and again.written == len(good) and again.skipped == len(broken)
     assert (root / "store" / "images.u8").stat().st_mtime_ns == before
     with pytest.raises(DataSourceError, match="another image_size"):
@@ -335,6 +335,25 @@ def test_resume_refuses_a_different_source(tmp_path):
     (tmp_path / "notempty" / "x").write_text("mine")
     with pytest.raises(DataSourceError, match="not an empty folder"):
         prepare(tmp_path / "src", tmp_path / "notempty", size=32, progress=False)
+
+
+def test_resume_refuses_another_labels_file_or_pixel_limit(tmp_path):
+    (tmp_path / "val").mkdir()
+    for k in range(6):
+        Image.fromarray(rgb_array(20, 20 + k, k)).save(tmp_path / "val" / f"{k}.png")
+    (tmp_path / "A.txt").write_text("".join(f"{k}.png {'ab'[k % 2]}\n" for k in range(6)))
+    (tmp_path / "B.txt").write_text("".join(f"{k}.png {'ba'[k % 2]}\n" for k in range(6)))
+    prepare(tmp_path / "val", tmp_path / "s", split="val", labels=tmp_path / "A.txt", workers=1, size=16,
+            progress=False, commit_every=1, _stop_after=3)
+    with pytest.raises(DataSourceError, match="another labels file"):
+        prepare(tmp_path / "val", tmp_path / "s", split="val", labels=tmp_path / "B.txt", workers=1, size=16,
+                progress=False)
+    with pytest.raises(DataSourceError, match="another --max-pixels"):
+        prepare(tmp_path / "val", tmp_path / "s", split="val", labels=tmp_path / "A.txt", workers=1, size=16,
+                progress=False, max_pixels=10_000)
+    done = prepare(tmp_path / "val", tmp_path / "s", split="val", labels=tmp_path / "A.txt", workers=1, size=16,
+                   progress=False)
+    assert done.complete and open_store(tmp_path / "s").labels.tolist() == [0, 1, 0, 1, 0, 1]
 
 
 def test_all_files_broken_is_an_error_with_report(tmp_path):

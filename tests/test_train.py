@@ -360,3 +360,18 @@ def test_a_stop_at_a_checkpoint_step_writes_it_once_and_resumes_exactly(data, tm
     assert done.fit()["stopped"] is False
     for k, v in weights(tmp_path / "straight").items():
         assert torch.equal(v, weights(tmp_path / "r")[k]), k
+
+
+def test_the_report_keeps_classes_whose_readable_names_repeat(tmp_path):
+    """ImageNet-1k has two "missile" classes (n03773504, n04008634): keyed by name, the
+    second would overwrite the first in eval.json."""
+    from alexnet.evaluate import Metrics, write_report
+
+    conf = np.array([[2, 0, 0], [1, 1, 0], [0, 0, 0]])
+    m = Metrics(count=4, loss=1.0, top1_err=0.25, top5_err=0.0, confusion=conf)
+    doc = write_report(m, ["n03773504", "n04008634", "n01440764"], ["missile", "missile", "tench"], tmp_path,
+                       title="t")
+    on_disk = json.loads((tmp_path / "eval.json").read_text())
+    assert on_disk["per_class_accuracy"] == {"n03773504": 1.0, "n04008634": 0.5, "n01440764": None}
+    assert on_disk["class_names"] == {"n03773504": "missile", "n04008634": "missile", "n01440764": "tench"}
+    assert doc["per_class_accuracy"] == on_disk["per_class_accuracy"]
