@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from alexnet.config import ConfigError
 from alexnet.model import AlexNet, build_model
 from alexnet.reference import plain_alexnet
 from alexnet.summary import layer_table
@@ -68,6 +69,10 @@ def contenders(device: torch.device, ablation: bool = False, compile: bool = Fal
                dtype: str = "auto") -> list[Contender]:
     if dtype == "auto":
         amp = torch.bfloat16 if native_bf16(device) else None
+    elif dtype == "fp16" and device.type != "cuda":
+        # as train refuses it: CPU float16 matmuls run at a fraction of a GFLOP/s, and timing
+        # the peak alone would take minutes
+        raise ConfigError("--dtype fp16 needs a CUDA device; use bf16 on a CPU")
     else:
         amp = None if dtype == "fp32" else DTYPES[dtype]
     best = Contender("paper (ours)", "paper", True, channels_last=True, fused_sgd=True, amp=amp, compile=compile)

@@ -183,6 +183,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from alexnet.distributed import DistInfo, resolve_device
 
     device = resolve_device(args.device, DistInfo())
+    bench.contenders(device, args.ablation, args.compile, args.dtype)  # a dtype the device lacks: before output
     print(f"alexnet bench on {bench.machine(device)}, torch {__import__('torch').__version__}", flush=True)
     print(bench.HEADER, flush=True)
     report = bench.run(args.batch, args.modes, args.steps, device, num_classes=args.num_classes,

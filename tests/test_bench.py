@@ -116,6 +116,7 @@ def test_the_command_writes_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--modes", "fly"], ["--steps", "x"], ["--device", "gpu"],
+                                  ["--dtype", "fp16", "--device", "cpu"],
                                   *([["--device", "cuda"]] if not torch.cuda.is_available() else [])])
 def test_bad_arguments_are_one_line_errors(argv, capsys):
     try:
@@ -123,5 +124,6 @@ def test_bad_arguments_are_one_line_errors(argv, capsys):
     except SystemExit as e:
         code = e.code
     assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error" in err
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err and out.out == ""  # before any table
