@@ -37,6 +37,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 import time
@@ -64,11 +65,21 @@ LOCK = ".lock"
 
 # ---------------------------------------------------------------------------- small file helpers
 
+_TSV_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_TSV_UNESCAPES = {v: k for k, v in _TSV_ESCAPES.items()}
+
+
 def _report_line(path: str, reason: str) -> bytes:
     """One skipped.tsv row. A file name that is not UTF-8 (a str with surrogate escapes, as
-    os.listdir gives it) is written as its own bytes, as `ls` would show them."""
-    path = str(path).replace("\t", " ").replace("\n", " ").replace("\r", " ")
+    os.listdir gives it) is written as its own bytes, as `ls` would show them; a backslash,
+    tab, newline or carriage return in a name as \\\\, \\t, \\n, \\r (`_report_name` reads them)."""
+    path = "".join(_TSV_ESCAPES.get(c, c) for c in str(path))
     return f"{path}\t{' '.join(str(reason).split())}\n".encode("utf-8", "surrogateescape")
+
+
+def _report_name(field: str) -> str:
+    """The file name of a skipped.tsv row's first field."""
+    return re.sub(r"\\[\\tnr]", lambda m: _TSV_UNESCAPES[m.group(0)], field)
 
 
 # ---------------------------------------------------------------------------- decoding work
@@ -242,6 +253,9 @@ def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = 
         raise DataSourceError(f"{source.path} is already a prepared store")
     if out.exists() and os.path.realpath(out) == os.path.realpath(source.path):
         raise DataSourceError("the store folder must not be the source folder")
+    if source.listing is not None and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(source.path)):
+        raise DataSourceError(f"the store folder {out} must not be inside the source folder {source.path} "
+                              f"(its files would be listed as images of the source)")
     listing = source.listing
     if listing is not None:
         root = listing.root
@@ -256,12 +270,12 @@ def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = 
         classes, class_names = idx_ds.classes, idx_ds.class_names
         pre_skipped, ignored = [], 0
     meta = _params(source, listing, split, size, max_pixels)
-    meta.update(classes=classes, class_names=class_names, source_root=root)
+    meta.update(classes=classes, class_names=class_names, source_root=os.path.realpath(root))
 
     if out.exists() and not out.is_dir():
         raise DataSourceError(f"{out} exists and is not a folder")
     if (out / INDEX).is_file():
-        index = json.loads((out / INDEX).read_text(encoding="utf-8"))
+        index = _read_json(out / INDEX)
         _check_same(out, index, meta)
     elif out.exists() and not (out / PROGRESS).is_file() and any(p.name != LOCK for p in out.iterdir()):
         raise DataSourceError(f"{out} exists and is not an empty folder or a store")
@@ -299,13 +313,13 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
                     _stop_after: int | None) -> PrepareResult:
     # the output folder: new, complete, or an unfinished prepare to continue
     if (out / INDEX).is_file():
-        index = json.loads((out / INDEX).read_text(encoding="utf-8"))
+        index = _read_json(out / INDEX)
         _check_same(out, index, meta)
         _cleanup(out)
         return PrepareResult(str(out), index["count"], index["skipped"], index.get("ignored", 0),
                              str(out / REPORT), True)
     if (out / PROGRESS).is_file():
-        saved = json.loads((out / PROGRESS).read_text(encoding="utf-8"))
+        saved = _read_json(out / PROGRESS)
         _check_same(out, saved, meta)
         state = saved["state"]
         acc = _load_accum(out, state, size)
@@ -372,6 +386,16 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
     return _finalize(out, meta, state, acc, pre_skipped, ignored)
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataSourceError(f"{path} is damaged ({e}); delete {path.parent} and prepare again") from None
+    if not isinstance(doc, dict):
+        raise DataSourceError(f"{path} is damaged (not a JSON object); delete {path.parent} and prepare again")
+    return doc
+
+
 def _check_same(out: Path, saved: dict, meta: dict) -> None:
     if saved.get("format") != FORMAT:
         raise DataSourceError(f"{out} is not an alexnet store")
@@ -418,7 +442,7 @@ def _done_sources(out: Path, state: dict) -> set[str]:
             done.add(json.loads(line))
     with open(out / REPORT_PARTIAL, "rb") as f:
         for line in f:
-            done.add(line.decode("utf-8", "surrogateescape").split("\t", 1)[0])
+            done.add(_report_name(line.decode("utf-8", "surrogateescape").split("\t", 1)[0]))
     return done
 
 
@@ -553,10 +577,10 @@ class StoreDataset(ImageDataset):
     def skipped(self) -> list[tuple[str, str]]:
         """(source file, reason) of every file left out when preparing."""
         out = []
-        with open(self.path / self.index["report"], encoding="utf-8") as f:
+        with open(self.path / self.index["report"], encoding="utf-8", errors="surrogateescape", newline="\n") as f:
             for line in f:
                 path, _, reason = line.rstrip("\n").partition("\t")
-                out.append((path, reason))
+                out.append((_report_name(path), reason))
         return out
 
 

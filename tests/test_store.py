@@ -356,6 +356,41 @@ def test_resume_refuses_another_labels_file_or_pixel_limit(tmp_path):
     assert done.complete and open_store(tmp_path / "s").labels.tolist() == [0, 1, 0, 1, 0, 1]
 
 
+def test_odd_names_of_skipped_files_survive_the_report_and_a_resume(tmp_path):
+    """A tab, a newline, a backslash or bytes that are not UTF-8 in a broken file's name:
+    the report gives each name back exactly, and a resume does not do them again."""
+    import os
+
+    root = tmp_path / "src"
+    make_plain_tree(root)  # its own two broken files, in class1 and class2
+    odd = ["bad\tone.png", "bad\ntwo.png", "back\\slash.png", os.fsdecode(b"\xffbad.png")]
+    for name in odd:
+        (root / "class0" / name).write_bytes(b"not a png")
+    part = prepare(root, tmp_path / "s", workers=1, size=16, progress=False, commit_every=1, _stop_after=20)
+    assert not part.complete
+    done = prepare(root, tmp_path / "s", workers=1, size=16, progress=False)
+    assert done.complete and done.skipped == len(odd) + 2
+    names = [p for p, _ in open_store(tmp_path / "s").skipped()]
+    assert sorted(names) == sorted(["class0/" + n for n in odd] + ["class1/03_bad.png", "class2/zz_empty.png"])
+
+
+@pytest.mark.parametrize("name", ["index.json", "progress.json"])
+def test_a_damaged_store_file_is_one_line(tmp_path, name):
+    make_plain_tree(tmp_path / "src")
+    prepare(tmp_path / "src", tmp_path / "s", workers=1, size=16, progress=False, _stop_after=None if
+            name == "index.json" else 3)
+    (tmp_path / "s" / name).write_text('{"format": "alexnet-store", "vers')
+    with pytest.raises(DataSourceError, match=f"{name} is damaged .*; delete .* and prepare again"):
+        prepare(tmp_path / "src", tmp_path / "s", workers=1, size=16, progress=False)
+
+
+def test_a_store_inside_its_source_folder_is_refused(tmp_path):
+    make_plain_tree(tmp_path / "src")
+    with pytest.raises(DataSourceError, match="must not be inside the source folder"):
+        prepare(tmp_path / "src", tmp_path / "src" / "store", workers=1, size=16, progress=False)
+    assert not (tmp_path / "src" / "store").exists()
+
+
 def test_all_files_broken_is_an_error_with_report(tmp_path):
     (tmp_path / "src" / "a").mkdir(parents=True)
     (tmp_path / "src" / "a" / "x.jpg").write_bytes(b"")
