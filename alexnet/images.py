@@ -7,8 +7,8 @@
 * Grey ("1", "L"), palette ("P"), CMYK, YCbCr, HSV and 32-bit int/float modes are
   converted with Pillow. 16-bit grey ("I;16*", and "I" holding values above 255) is
   scaled to 8 bits with round(v / 257), not clipped. (48-bit RGB and 16-bit grey with
-  alpha PNGs reach us as Pillow's 8-bit RGB and RGBA: their high bytes, not rounded.) Float ("F") images with values in
-  0..1 are scaled by 255, others clipped to 0..255.
+  alpha PNGs reach us as Pillow's 8-bit RGB and RGBA: their high bytes, not rounded.)
+  Float ("F") images with values in 0..1 are scaled by 255, others clipped to 0..255.
 * Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited over a
   WHITE background: transparent pixels of web images (logos, product shots) are meant to
   sit on a white page.
