@@ -542,9 +542,12 @@ def list_flat_folder(folder: str | os.PathLike, labels: str | os.PathLike | None
         else:
             classes = strings
     index = {c: i for i, c in enumerate(classes)}
+    by_stem: dict[str, str] = {}  # a listed name's stem, for a file of another extension
+    for listed, label in by_name.items():
+        by_stem.setdefault(os.path.splitext(listed)[0], label)
     paths, label_list, skipped, extra = [], [], [], collections.Counter()
     for name in files:
-        token = _label_of(by_name, name)
+        token = _label_of(by_name, by_stem, name)
         if token is None:
             skipped.append((name, f"no label in {where}"))
             continue
@@ -564,11 +567,15 @@ def list_flat_folder(folder: str | os.PathLike, labels: str | os.PathLike | None
                    str(gt) if gt is not None else None, sorted(extra), sum(extra.values()))
 
 
-def _label_of(by_name: dict[str, str], name: str) -> str | None:
-    """The label of file `name`: listed under its own name, else under its stem (the
-    devkit's and Kaggle's lists name ILSVRC2012_val_00000001 without its .JPEG)."""
-    label = by_name.get(name)
-    return label if label is not None else by_name.get(os.path.splitext(name)[0])
+def _label_of(by_name: dict[str, str], by_stem: dict[str, str], name: str) -> str | None:
+    """The label of file `name`: listed under its own name; else under its stem (the
+    devkit's and Kaggle's lists name ILSVRC2012_val_00000001 without its .JPEG); else
+    that of a listed name with the same stem (val.txt's .JPEG for a file made a .png)."""
+    stem = os.path.splitext(name)[0]
+    for label in (by_name.get(name), by_name.get(stem), by_stem.get(stem)):
+        if label is not None:
+            return label
+    return None
 
 
 # ---------------------------------------------------------------------------- resolving a path

@@ -368,10 +368,12 @@ def test_flat_folder_names_with_spaces_and_shared_stems(tmp_path):
     (tmp_path / "pics").mkdir()
     for n in ("a.jpg", "a.png", "my cat.png", "b.png"):
         Image.fromarray(rgb_array(10, 10)).save(tmp_path / "pics" / n)
-    (tmp_path / "gt.txt").write_text("a.jpg cat\na.png dog\nmy cat.png\tcat\nb dog\n")
+    Image.fromarray(rgb_array(10, 10)).save(tmp_path / "pics" / "c.png")
+    (tmp_path / "gt.txt").write_text("a.jpg cat\na.png dog\nmy cat.png\tcat\nb dog\nc.JPEG cat\n")
     ds = open_dataset(tmp_path / "pics", labels=tmp_path / "gt.txt", image_size=16)
     assert ds.classes == ["cat", "dog"]
-    assert dict(zip(ds.sources, ds.labels.tolist())) == {"a.jpg": 0, "a.png": 1, "b.png": 1, "my cat.png": 0}
+    assert dict(zip(ds.sources, ds.labels.tolist())) == {"a.jpg": 0, "a.png": 1, "b.png": 1, "c.png": 0,
+                                                         "my cat.png": 0}
 
 
 def test_a_flat_folder_with_classes_the_training_set_lacks_is_refused(tmp_path):
