@@ -150,6 +150,7 @@ def test_a_run_folder_in_use_is_one_line_on_every_process(tmp_path):
         assert s["error"].startswith("ConfigError: ") and "already holds a run" in s["error"], s
 
 
+@pytest.mark.slow  # 35 s: three 2-process runs
 def test_a_stopped_and_resumed_ddp_run_equals_a_straight_one(tmp_path):
     """Weights, momentum and the logged training loss (every process's share of it), with
     dropout on: each process's generator is saved and restored."""
