@@ -14,7 +14,7 @@ import warnings
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import INPUT_SIZES, RECIPES, VARIANTS, ConfigError
 from alexnet.export import ExportError
-from alexnet.fileio import OutputError, WriteError
+from alexnet.fileio import OutputError, WriteError, check_writable
 from alexnet.sources import ClassMismatchError
 
 
@@ -184,6 +184,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device, DistInfo())
     bench.contenders(device, args.ablation, args.compile, args.dtype)  # a dtype the device lacks: before output
+    if args.json:
+        check_writable(args.json)  # before minutes of timing, not after
     print(f"alexnet bench on {bench.machine(device)}, torch {__import__('torch').__version__}", flush=True)
     print(bench.HEADER, flush=True)
     report = bench.run(args.batch, args.modes, args.steps, device, num_classes=args.num_classes,

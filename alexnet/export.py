@@ -24,7 +24,6 @@ import argparse
 import copy
 import io
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -177,24 +176,12 @@ def compare(model: AlexNet, data: bytes, fmt: str = "onnx", pixel_scale: float =
     return float((logits - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
-def _check_writable(out: Path) -> None:
-    from alexnet.cli import UserError
-
-    if out.is_dir():
-        raise UserError(f"{out} is a folder; give a file name such as {out / 'model.onnx'}")
-    folder = out.parent
-    while not folder.exists():  # atomic_write creates the missing folders
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write {out}: {folder} is not a writable folder")
-
-
 def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx") -> float:
     """Write `checkpoint` to `out` as `fmt`; returns the relative difference measured by
     `compare`. Nothing is written unless it is within REL_TOLERANCE."""
     from alexnet.checkpoint import load_model_file
     from alexnet.cli import UserError
-    from alexnet.fileio import atomic_write, refuse_overwriting
+    from alexnet.fileio import atomic_write, check_writable, refuse_overwriting
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -206,7 +193,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
             raise UserError(f"export to onnx needs onnx and onnxruntime ({e.name} is missing): "
                             "pip install 'alexnet[export]'") from None
     out = Path(out)
-    _check_writable(out)
+    check_writable(out, example="model.onnx")
     refuse_overwriting(out, checkpoint)
     ck = load_model_file(checkpoint)
     model = ck.build_model().eval()

@@ -59,6 +59,19 @@ def refuse_overwriting(out: str | Path, *inputs: str | Path | None) -> None:
             raise OutputError(f"{out} is the input {src} itself; give another output name")
 
 
+def check_writable(out: str | Path, example: str = "out.json") -> None:
+    """An OutputError, before any work, if file `out` cannot be written: a folder in its
+    place, or no writable folder where it would go (missing folders are made later)."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"{out} is a folder; give a file name such as {out / example}")
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write {out}: {folder} is not a writable folder")
+
+
 def make_dir(folder: str | Path) -> Path:
     """`mkdir -p folder`, or an OutputError naming the part of the path that is a file."""
     folder = Path(folder)

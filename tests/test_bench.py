@@ -116,7 +116,8 @@ def test_the_command_writes_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--modes", "fly"], ["--steps", "x"], ["--device", "gpu"],
-                                  ["--dtype", "fp16", "--device", "cpu"],
+                                  ["--dtype", "fp16", "--device", "cpu"], ["--json", "/proc/self/no/bench.json"],
+                                  ["--json", "/"],
                                   *([["--device", "cuda"]] if not torch.cuda.is_available() else [])])
 def test_bad_arguments_are_one_line_errors(argv, capsys):
     try:

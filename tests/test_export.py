@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alexnet.checkpoint import CheckpointError
-from alexnet.cli import UserError
+from alexnet.fileio import OutputError
 from tests.helpers import model_file_with_statistics, run_command
 
 onnx = pytest.importorskip("onnx")
@@ -107,10 +107,10 @@ def test_unwritable_output_folder(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"the folder is checked before the checkpoint is read")
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
-    with pytest.raises(UserError, match="not a writable folder") as e:
+    with pytest.raises(OutputError, match="not a writable folder") as e:
         run_command("export", str(tmp_path / "model.safetensors"), str(blocker / "out" / "model.onnx"))
     assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match="is a folder"):
+    with pytest.raises(OutputError, match="is a folder"):
         run_command("export", str(tmp_path / "model.safetensors"), str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model.safetensors"]
 
