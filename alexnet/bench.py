@@ -65,16 +65,20 @@ class Contender:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp]
 
 
+def amp_for(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
+    """Our contender's autocast dtype for `--dtype` on `device` (None: float32). fp16 on
+    a CPU is a ConfigError, as in train: CPU float16 matmuls run at a fraction of a
+    GFLOP/s, and timing the peak alone would take minutes."""
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    if dtype == "fp16" and device.type != "cuda":
+        raise ConfigError("--dtype fp16 needs a CUDA device; use bf16 on a CPU")
+    return None if dtype == "fp32" else DTYPES[dtype]
+
+
 def contenders(device: torch.device, ablation: bool = False, compile: bool = False,
                dtype: str = "auto") -> list[Contender]:
-    if dtype == "auto":
-        amp = torch.bfloat16 if native_bf16(device) else None
-    elif dtype == "fp16" and device.type != "cuda":
-        # as train refuses it: CPU float16 matmuls run at a fraction of a GFLOP/s, and timing
-        # the peak alone would take minutes
-        raise ConfigError("--dtype fp16 needs a CUDA device; use bf16 on a CPU")
-    else:
-        amp = None if dtype == "fp32" else DTYPES[dtype]
+    amp = amp_for(device, dtype)
     best = Contender("paper (ours)", "paper", True, channels_last=True, fused_sgd=True, amp=amp, compile=compile)
     out = [best, Contender("paper (plain)", "paper", False), Contender("owt (plain)", "owt", False)]
     if ablation:

@@ -183,7 +183,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from alexnet.distributed import DistInfo, resolve_device
 
     device = resolve_device(args.device, DistInfo())
-    bench.contenders(device, args.ablation, args.compile, args.dtype)  # a dtype the device lacks: before output
+    bench.amp_for(device, args.dtype)  # a dtype the device lacks: refused before any output
     if args.json:
         check_writable(args.json)  # before minutes of timing, not after
     print(f"alexnet bench on {bench.machine(device)}, torch {__import__('torch').__version__}", flush=True)

@@ -43,6 +43,11 @@ class WriteError(OSError):
     """An OSError while writing a file with `atomic_write`: `filename` is the file asked
     for (not its temporary), `strerror` the system's reason, `errno` its number."""
 
+    @classmethod
+    def of(cls, e: OSError, path: str | Path) -> "WriteError":
+        """`e`, raised while writing `path`, as a WriteError naming `path`."""
+        return cls(e.errno, e.strerror or str(e), str(path))
+
     def __str__(self) -> str:
         return f"cannot write {self.filename}: {self.strerror}"
 
@@ -81,7 +86,7 @@ def make_dir(folder: str | Path) -> Path:
         blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
         raise OutputError(f"cannot make the folder {folder}: {blocker} is a file") from None
     except OSError as e:
-        raise WriteError(e.errno, e.strerror or str(e), str(folder)) from e
+        raise WriteError.of(e, folder) from e
     return folder
 
 
@@ -105,7 +110,7 @@ def atomic_write(path: str | Path, write: Callable[[object], None]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
+        raise WriteError.of(e, path) from e
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
@@ -119,7 +124,7 @@ def atomic_write(path: str | Path, write: Callable[[object], None]) -> None:
         except FileNotFoundError:
             pass
         if isinstance(e, OSError) and not isinstance(e, WriteError):
-            raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
+            raise WriteError.of(e, path) from e
         raise
     fsync_dir(path.parent)
 

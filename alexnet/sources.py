@@ -554,14 +554,14 @@ def list_flat_folder(folder: str | os.PathLike, labels: str | os.PathLike | None
         i = int(token) if token.isdigit() else index.get(token)
         if i is None or not 0 <= i < len(classes):
             skipped.append((name, f"class {token!r} is not among the {len(classes)} classes"))
-            extra[token] += given and not token.isdigit()  # a class the training set lacks
+            if given and not token.isdigit():  # a class the training set lacks
+                extra[token] += 1
             continue
         paths.append(name)
         label_list.append(i)
     if not paths:
         raise DataSourceError(f"none of the {len(files)} images in {root} has a usable label "
                               f"({where})")
-    extra = {c: n for c, n in extra.items() if n}
     return Listing(str(root), paths, np.array(label_list, np.int64), list(classes),
                    readable_names(list(classes)), "flat", skipped, ignored,
                    str(gt) if gt is not None else None, sorted(extra), sum(extra.values()))
