@@ -13,6 +13,7 @@ the previous file whole.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,9 +115,7 @@ def load_model_file(path: str | Path) -> Checkpoint:
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, json.JSONDecodeError, ConfigError) as e:
         raise CheckpointError(f"{path} has broken metadata: {e}") from None
-    if not isinstance(classes, list) or len(classes) != cfg.num_classes:
-        raise CheckpointError(f"{path} lists {len(classes) if isinstance(classes, list) else '?'} class names "
-                              f"for a {cfg.num_classes}-class network")
+    _check_metadata(path, cfg.num_classes, classes, preprocess, extra)
     broken = non_finite(tensors)
     if broken:
         raise CheckpointError(f"{path}: {broken}; the file is broken or its training diverged")
@@ -131,6 +130,31 @@ def load_model_file(path: str | Path) -> Checkpoint:
         if not v.is_floating_point() and not k.endswith("num_batches_tracked"):
             raise CheckpointError(f"{path}: tensor {k} has dtype {v.dtype}, expected floating point")
     return Checkpoint(cfg, weights, classes, stats, preprocess, extra)
+
+
+def _check_metadata(path: Path, num_classes: int, classes, preprocess, extra) -> None:
+    """A CheckpointError unless the metadata has the types the readers take for granted:
+    hand-edited or foreign files otherwise fail later with a traceback."""
+    def names(value) -> bool:
+        return isinstance(value, list) and len(value) == num_classes and all(isinstance(c, str) for c in value)
+
+    if not isinstance(classes, list) or len(classes) != num_classes:
+        raise CheckpointError(f"{path} lists {len(classes) if isinstance(classes, list) else '?'} class names "
+                              f"for a {num_classes}-class network")
+    if not names(classes):
+        raise CheckpointError(f"{path} has broken metadata: its class list holds entries that are not strings")
+    if not isinstance(preprocess, dict) or not isinstance(extra, dict):
+        raise CheckpointError(f"{path} has broken metadata: 'preprocess' and 'extra' must be JSON objects")
+    for key in ("image_size", "crop"):
+        value = preprocess.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise CheckpointError(f"{path} has broken metadata: preprocess {key} {value!r} is not a positive integer")
+    scale = preprocess.get("pixel_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise CheckpointError(f"{path} has broken metadata: pixel_scale {scale!r} is not a positive number")
+    shown = extra.get("class_names")
+    if shown is not None and not names(shown):
+        raise CheckpointError(f"{path} has broken metadata: its class_names are not {num_classes} strings")
 
 
 def upgrade_v1(model_dict: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
@@ -359,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alexnet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as a SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush has nowhere to go
+        return 141
 
 
 if __name__ == "__main__":

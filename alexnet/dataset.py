@@ -130,5 +130,9 @@ class SubsetDataset(ImageDataset):
         if hasattr(base, "class_names"):
             self.class_names = base.class_names
 
+    def read(self, idx: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # the base's labels as it reads them: -1 marks a left-out unreadable file (evaluation)
+        return self.base.read(self.indices[np.asarray(idx, dtype=np.int64)])
+
     def _read(self, idx: np.ndarray) -> torch.Tensor:
         return self.base._read(self.indices[idx])

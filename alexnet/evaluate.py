@@ -151,6 +151,7 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     from alexnet.checkpoint import CheckpointError, load_model_file
     from alexnet.distributed import resolve_augment, resolve_device, resolve_workers
     from alexnet.progress import Progress
+    from alexnet.sources import check_classes
 
     ck = load_model_file(checkpoint)
     if ck.stats is None:
@@ -170,9 +171,7 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
         else:
             dataset = open_dataset(data_path, split, size, classes=ck.classes)
     split = split or "test"
-    if list(dataset.classes) != list(ck.classes):
-        raise CheckpointError(f"the data has {len(dataset.classes)} classes {dataset.classes[:3]}... but the "
-                              f"checkpoint was trained on {len(ck.classes)} {ck.classes[:3]}...")
+    check_classes(dataset.classes, ck.classes)
     dev = resolve_device(device, DistInfo())
     workers = resolve_workers(workers, dev)
     model = ck.build_model().to(dev).to(memory_format=torch.channels_last)

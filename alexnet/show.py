@@ -172,9 +172,16 @@ def _classifier(path: str, device: str = "cpu"):
         raise UserError(str(e)) from None
 
 
-def _beside(checkpoint: str, suffix: str) -> Path:
-    p = Path(checkpoint)
-    return p.with_name(f"{p.stem}-{suffix}.png")
+def _output(args: argparse.Namespace, suffix: str, *inputs: str | None) -> Path:
+    """The picture's path (`--out`, or beside the checkpoint), refused before any work if
+    it cannot be written or is one of the command's inputs."""
+    from alexnet.fileio import check_writable, refuse_overwriting
+
+    p = Path(args.checkpoint)
+    out = Path(args.out) if args.out else p.with_name(f"{p.stem}-{suffix}.png")
+    check_writable(out, "picture.png")
+    refuse_overwriting(out, args.checkpoint, *inputs)
+    return out
 
 
 def _prepare(clf, path: str) -> torch.Tensor:
@@ -190,9 +197,9 @@ def _prepare(clf, path: str) -> torch.Tensor:
 def _cmd_filters(args: argparse.Namespace) -> int:
     from alexnet.plots import filter_grid, save_rgb
 
+    out = _output(args, "filters")
     clf = _classifier(args.checkpoint)
     groups = clf.model.layer("conv2").groups  # conv1 kernels feeding each GPU's half of conv2
-    out = args.out or _beside(args.checkpoint, "filters")
     save_rgb(filter_grid(clf.model.layer("conv1").weight, groups=groups), out)
     print(f"wrote {out} ({clf.model.layer('conv1').out_channels} kernels, {groups} group(s))")
     return 0
@@ -203,15 +210,15 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
     from alexnet.cli import UserError
     from alexnet.dataset import SubsetDataset
     from alexnet.loader import BatchLoader
-    from alexnet.sources import open_dataset
+    from alexnet.sources import check_classes, open_dataset
 
+    out = _output(args, "neighbours", *(args.images or ()))
     clf = _classifier(args.checkpoint, args.device)
     classes = clf.class_names
     ck_classes = _checkpoint_classes(args.checkpoint)
     train = open_dataset(args.data, args.split, clf.image_size, classes=ck_classes)
-    if list(train.classes) != ck_classes:
-        raise UserError(f"the data has {len(train.classes)} classes but the checkpoint was trained on "
-                        f"{len(ck_classes)}")
+    check_classes(train.classes, ck_classes)
+    train.drop_unreadable = True  # an unreadable file is left out (label -1), not stood in for
     # an evenly spread subset, so a class-sorted folder still gives every class
     searched = np.arange(len(train)) if args.limit is None or args.limit >= len(train) else \
         np.arange(args.limit) * len(train) // args.limit
@@ -221,8 +228,13 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
         labels = list(args.images)
     else:
         queries = open_dataset(args.data, args.query_split, clf.image_size, classes=ck_classes)
+        queries.drop_unreadable = True
         qidx = np.unique(np.linspace(0, len(queries) - 1, min(args.queries, len(queries))).round().astype(np.int64))
         images, qlab = queries.read(qidx)
+        readable = qlab >= 0
+        if not readable.any():
+            raise UserError(f"none of the {len(qidx)} query images of the {args.query_split} split can be decoded")
+        images, qlab, qidx = images[readable], qlab[readable], qidx[readable.numpy()]
         titles = [f"query: {classes[y]}" for y in qlab.tolist()]
         # the record's own name too: for IDX data "val" is the t10k file, not a training hold-out
         names = queries.sources
@@ -232,7 +244,23 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
                                             for i in range(0, len(images), args.batch_size)), clf.device)))
     loader = BatchLoader(SubsetDataset(train, searched), args.batch_size, transform, shuffle=False, seed=0,
                          drop_last=False)
-    dist, pos = nearest_in_batches(q, features(clf.model, (x for x, _ in loader), clf.device), args.k)
+    labels_seen: list[torch.Tensor] = []
+
+    def batches() -> Iterator[torch.Tensor]:
+        for x, y in loader:
+            labels_seen.append(y)
+            yield x
+
+    def rows() -> Iterator[torch.Tensor]:  # an unreadable file's row at +inf: never a neighbour
+        for f in features(clf.model, batches(), clf.device):
+            yield f.masked_fill((labels_seen[-1] < 0)[:, None], math.inf)
+
+    dist, pos = nearest_in_batches(q, rows(), args.k)
+    unreadable = int(sum(int((y < 0).sum()) for y in labels_seen))
+    if unreadable == len(searched):
+        raise UserError(f"none of the {len(searched)} searched {args.split} images can be decoded")
+    finite = torch.isfinite(dist[0])  # fewer readable images than --k: the +inf rows come last
+    dist, pos = dist[:, finite], pos[:, finite]
     idx = searched[pos.numpy()]  # (Q, k) indices into the training split
     found, found_labels = train.read(idx.reshape(-1))
     found_labels = found_labels.view(idx.shape).tolist()
@@ -240,12 +268,12 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
         print(f"{label}: " + ", ".join(f"{args.split} #{i} {classes[y]} {d:.4g}"
                                        for i, y, d in zip(idx[r], found_labels[r], dist[r].tolist())))
     crop = clf.model.cfg.input_size
-    out = args.out or _beside(args.checkpoint, "neighbours")
     plot_neighbours(center_crop(images, crop).numpy(), titles,
                     center_crop(found, crop).view(*idx.shape, 3, crop, crop).numpy(),
                     [[classes[y] for y in row] for row in found_labels], out)
-    print(f"wrote {out} ({len(labels)} queries, {idx.shape[1]} nearest of {len(searched)} {args.split} "
-          f"images by fc7 distance)")
+    left_out = f", {unreadable} unreadable left out" if unreadable else ""
+    print(f"wrote {out} ({len(labels)} queries, {idx.shape[1]} nearest of {len(searched) - unreadable} "
+          f"{args.split} images by fc7 distance{left_out})")
     return 0
 
 
@@ -263,6 +291,7 @@ def _checkpoint_classes(path: str) -> list[str]:
 def _cmd_activations(args: argparse.Namespace) -> int:
     from alexnet.cli import UserError
 
+    out = _output(args, f"{args.layer}-{Path(args.image).stem}", args.image)
     clf = _classifier(args.checkpoint)
     conv_part = [n for n, _ in clf.model.named_layers()][:len(clf.model.features)]
     if args.layer not in conv_part:
@@ -272,7 +301,6 @@ def _cmd_activations(args: argparse.Namespace) -> int:
     shown = maps[:args.max_maps]
     title = (f"{args.layer} {tuple(maps.shape)} of {Path(args.image).name}"
              + (f": first {len(shown)} of {len(maps)} maps" if len(shown) < len(maps) else ""))
-    out = args.out or _beside(args.checkpoint, f"{args.layer}-{Path(args.image).stem}")
     plot_maps(shown, title, out)
     print(f"wrote {out} ({title})")
     return 0

@@ -721,6 +721,18 @@ def open_dataset(path: str | os.PathLike | None, split: str = "train", image_siz
     return FolderDataset(src.listing, image_size, max_pixels=max_pixels)
 
 
+def check_classes(found: list[str], expected: list[str], what: str = "the data") -> None:
+    """A ClassMismatchError unless a dataset's class list is `expected` (a checkpoint's),
+    in order: the labels would mean other classes. Names the first place they differ."""
+    found, expected = list(found), list(expected)
+    if found == expected:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(found, expected)) if a != b), min(len(found), len(expected)))
+    at = (f"class #{i} is {found[i]!r} there and {expected[i]!r} in the checkpoint"
+          if i < min(len(found), len(expected)) else f"they agree up to class #{i}")
+    raise ClassMismatchError(f"{what} has {len(found)} classes and the checkpoint {len(expected)}; {at}")
+
+
 # ---------------------------------------------------------------------------- on-the-fly folders
 
 class FolderDataset(ImageDataset):
@@ -776,8 +788,9 @@ class FolderDataset(ImageDataset):
             with self._lock:
                 if i not in self.bad:
                     self.bad[i] = str(e)
-                    warnings.warn(f"unreadable image {self.sources[i]} ({e}); using the next "
-                                  f"readable one", RuntimeWarning, stacklevel=3)
+                    instead = "left out" if self.drop_unreadable else "using the next readable one"
+                    warnings.warn(f"unreadable image {self.sources[i]} ({e}); {instead}", RuntimeWarning,
+                                  stacklevel=3)
             return None
 
     def _map(self, idx: np.ndarray) -> list[np.ndarray | None]:

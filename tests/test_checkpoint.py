@@ -69,3 +69,35 @@ def test_a_model_file_with_non_finite_weights_is_refused(tmp_path, value):
     save_model(tmp_path / "m.safetensors", model, ["a", "b", "c"], None, {})
     with pytest.raises(CheckpointError, match=r"classifier.3.weight holds 1 NaN or infinite value; the file is broken"):
         load_model_file(tmp_path / "m.safetensors")
+
+
+def test_metadata_of_the_wrong_types_is_refused_with_one_line(tmp_path):
+    """Hand-edited or foreign files: each reader takes these types for granted, and got a
+    traceback (AttributeError, TypeError, IndexError) before the check."""
+    from safetensors import safe_open
+
+    from alexnet.checkpoint import CheckpointError
+
+    good = tmp_path / "good.safetensors"
+    save_model(good, build_model("owt", num_classes=3), ["a", "b", "c"], None,
+               {"image_size": 256, "crop": 224, "pixel_scale": 1.0}, {"class_names": ["A", "B", "C"]})
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert load_model_file(good).extra["class_names"] == ["A", "B", "C"]
+    cases = [
+        ("preprocess", "[]", "'preprocess' and 'extra' must be JSON objects"),
+        ("extra", "[1]", "'preprocess' and 'extra' must be JSON objects"),
+        ("classes", "[0, 1, 2]", "its class list holds entries that are not strings"),
+        ("classes", '["a", "b"]', "lists 2 class names for a 3-class network"),
+        ("preprocess", '{"image_size": 256, "crop": 224, "pixel_scale": "x"}', "pixel_scale 'x' is not a positive"),
+        ("preprocess", '{"image_size": 256, "crop": 224, "pixel_scale": 0}', "pixel_scale 0 is not a positive"),
+        ("preprocess", '{"image_size": "256", "crop": 224}', "image_size '256' is not a positive integer"),
+        ("preprocess", '{"image_size": 256, "crop": true}', "crop True is not a positive integer"),
+        ("extra", '{"class_names": ["A", "B"]}', "its class_names are not 3 strings"),
+    ]
+    for key, value, message in cases:
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, str(bad), metadata={**meta, key: value})
+        with pytest.raises(CheckpointError) as e:
+            load_model_file(bad)
+        assert message in str(e.value) and "\n" not in str(e.value), (key, value, str(e.value))

@@ -79,6 +79,15 @@ def test_python_dash_m_works():
     assert "61,100,840" in r.stdout
 
 
+def test_a_reader_that_leaves_early_stops_the_command_quietly():
+    """`alexnet summary | true`: stdout's reader is gone before the table is written."""
+    p = subprocess.Popen([sys.executable, "-m", "alexnet", "summary"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == "", err  # 128 + SIGPIPE, as a shell reports it
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--set", "train.lrr=1"], "unknown key train.lrr"),
     (["train", "--set", "train.lr=fast"], "train.lr must be a number"),

@@ -23,11 +23,11 @@ from alexnet.sources import open_dataset
 COPIES = {0: 5, 2: 13, 4: 22}  # test image -> the training image it is an exact copy of
 
 
-def make_checkpoint(path, variant="paper", seed=0, scale=1.0):
+def make_checkpoint(path, variant="paper", seed=0, scale=1.0, classes=("0", "1", "2")):
     torch.manual_seed(seed)
     model = build_model(variant, num_classes=3, init="kaiming")
     stats = DataStats(100 + 50 * torch.rand(3, 256, 256), torch.ones(3), torch.eye(3))
-    save_model(path, model, ["0", "1", "2"], stats, {"image_size": 256, "crop": 227, "pixel_scale": scale})
+    save_model(path, model, list(classes), stats, {"image_size": 256, "crop": 227, "pixel_scale": scale})
     return path
 
 
@@ -297,3 +297,55 @@ def test_bad_inputs_are_one_line_errors(capsys, ck, data, photo, tmp_path):
         rc, out, err = run(capsys, *argv)
         assert rc == 2, (argv, err)
         assert err.startswith("alexnet: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_no_picture_replaces_an_input_and_a_bad_output_is_refused_before_any_work(capsys, ck, data, photo,
+                                                                                    tmp_path):
+    model, image = tmp_path / "net.safetensors", tmp_path / "photo.png"
+    model.write_bytes(ck.read_bytes())
+    image.write_bytes(photo.read_bytes())
+    before = model.read_bytes(), image.read_bytes()
+    nowhere = tmp_path / "nowhere"  # were the data opened first, this would be the error
+    cases = [
+        (("filters", model, "--out", model), "is the input"),
+        (("activations", model, image, "--out", image), "is the input"),
+        (("neighbours", model, "--data", data, "--images", image, "--out", image, "--device", "cpu"),
+         "is the input"),
+        (("neighbours", model, "--data", nowhere, "--out", tmp_path, "--device", "cpu"), "is a folder"),
+        (("neighbours", model, "--data", nowhere, "--out", image / "x.png", "--device", "cpu"),
+         "is not a writable folder"),
+        (("filters", nowhere / "none.safetensors", "--out", tmp_path), "is a folder"),
+    ]
+    for argv, message in cases:
+        rc, out, err = run(capsys, *argv)
+        assert rc == 2 and message in err and err.count("\n") == 1, (argv, err)
+    assert (model.read_bytes(), image.read_bytes()) == before
+
+
+def test_a_class_list_other_than_the_checkpoints_names_where_they_differ(capsys, data, tmp_path):
+    ck = make_checkpoint(tmp_path / "abc.safetensors", classes=("0", "x", "2"))
+    rc, _, err = run(capsys, "neighbours", ck, "--data", data, "--device", "cpu", "--out", tmp_path / "n.png")
+    assert rc == 2 and "class #1 is '1' there and 'x' in the checkpoint" in err and err.count("\n") == 1, err
+
+
+def test_unreadable_files_are_neither_neighbours_nor_queries(capsys, ck, tmp_path):
+    """An ImageFolder with a file that does not decode in the searched split and in the
+    query split: it is left out of both (the loader would otherwise stand its neighbour
+    in for it, under its own index and label)."""
+    rng = np.random.default_rng(5)
+    for split in ("train", "test"):
+        for c in range(3):
+            folder = tmp_path / "tree" / split / str(c)
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (tmp_path / "tree" / split / "1" / "bad.png").write_text("not an image")  # index 6 of 10
+    rc, text, err = run(capsys, "neighbours", ck, "--data", tmp_path / "tree", "--queries", 10, "--k", 20,
+                        "--device", "cpu", "--out", tmp_path / "nn.png")
+    assert rc == 0, err
+    rows = [line for line in text.splitlines() if line.startswith("test #")]
+    assert [int(r.split()[1][1:]) for r in rows] == [0, 1, 2, 3, 4, 5, 7, 8, 9], rows
+    for row in rows:
+        assert sorted(neighbour_indices(row)) == [0, 1, 2, 3, 4, 5, 7, 8, 9], row
+    assert "9 nearest of 9 train images by fc7 distance, 1 unreadable left out" in text
+    assert read_png(tmp_path / "nn.png").shape == (9 * 190, 10 * 160, 3)
