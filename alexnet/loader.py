@@ -243,7 +243,10 @@ def _pooled(loader: BatchLoader, batches: range) -> Iterator[tuple[torch.Tensor,
 def _worker_main(wid: int, dataset: ImageDataset, transform: Transform | None, tasks: mpc.Connection,
                  results: mpc.Connection, parent: int, inherited: list[mpc.Connection], nice: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's "stop after this step"
+    # a SIGTERM to the whole process group (Slurm's preemption, systemd's stop) is the main
+    # process's "stop after this step", and the validation under way still needs its workers:
+    # the pool ends them (SIGKILL when they do not return), the parent check if it dies
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for c in inherited:  # the other ends, and other workers' pipes, inherited by fork
         c.close()
     torch.set_num_threads(1)
@@ -452,10 +455,7 @@ class _WorkerPool:
             c.close()
         for p in self.workers:
             p.join(timeout=2.0)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=2.0)
-            if p.is_alive():
+            if p.is_alive():  # SIGKILL: a worker ignores SIGTERM
                 p.kill()
                 p.join()
         for c in self.results:
