@@ -605,12 +605,14 @@ class Trainer:
                   f"{self.device}, amp {self.amp or 'off'}, channels-last {'on' if self.channels_last else 'off'}, "
                   f"augmentation in the {self.augment_on}"
                   f"{f', {self.info.world_size} processes' if self.info.enabled else ''}", flush=True)
-        while self.epoch < t.epochs and self.step < self.total_steps:
+        # an epoch with steps done is not over until its validation: a checkpoint of the last
+        # step (checkpoint_every, or a stop at it) resumes into the validation alone
+        while self.epoch < t.epochs and (self.step < self.total_steps or self.batch_in_epoch):
             if any_process(self.stop_requested, self.info):  # asked during validation: the
                 return self._stop()                         # epoch's checkpoint is written
             self.net.train()
-            loader = self._train_loader(self.epoch, self.batch_in_epoch)
             steps_left = min(self.steps_per_epoch - self.batch_in_epoch, self.total_steps - self.step)
+            loader = self._train_loader(self.epoch, self.batch_in_epoch) if steps_left else ()
             prog = Progress(steps_left * t.batch_size, f"epoch {self.epoch + 1}/{t.epochs}", enabled=not self.quiet)
             t0 = time.perf_counter()
             for x, y in loader:
@@ -637,9 +639,11 @@ class Trainer:
                     break
             if self._pending:  # (an epoch always ends on a read-back; this is for a short loader)
                 self._sync()
-            speed = prog.close()
+            speed = prog.close() if steps_left else None  # its steps ran before the resume
             train_time = time.perf_counter() - t0
             self._end_epoch(speed, train_time)
+        if any_process(self.stop_requested, self.info):  # asked during the last validation: a
+            return self._stop()                          # stop, not on to the test set
         return {"stopped": False, "step": self.step, "epochs": self.epoch,
                 "best": str(self.run_dir / "best.safetensors"), "best_top1_err": self.best_err}
 
@@ -653,7 +657,7 @@ class Trainer:
                 atomic_write_text(self.run_dir / "stopped", f"stopped at step {self.step}\n")
         return {"stopped": True, "step": self.step, "checkpoint": str(path)}
 
-    def _end_epoch(self, speed: float, train_time: float) -> None:
+    def _end_epoch(self, speed: float | None, train_time: float) -> None:
         m = self._validate()
         loss_sum = torch.tensor(self.epoch_loss, dtype=torch.float64)
         all_reduce_sum(loss_sum, self.info)

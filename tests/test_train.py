@@ -361,6 +361,29 @@ def test_a_stop_at_a_checkpoint_step_writes_it_once_and_resumes_exactly(data, tm
     for k, v in weights(tmp_path / "straight").items():
         assert torch.equal(v, weights(tmp_path / "r")[k]), k
 
+    # a stop at the run's last step: its checkpoint precedes the validation, which the
+    # resume runs (it used to call the run finished, with no log row and no best model)
+    t = Trainer(cfg, tmp_path / "last", quiet=True)
+    stop_at(t, 5)
+    assert t.fit()["stopped"] and not (tmp_path / "last" / "best.safetensors").exists()
+    # a stop asked during that validation, the run's last: a stop, not on to the test set
+    again = Trainer(None, tmp_path / "last", resume=True, quiet=True)
+    validate = again._validate
+    again._validate = lambda: (setattr(again, "stop_requested", True), validate())[1]
+    r = again.fit()
+    assert r["stopped"] and r["step"] == 5 and again.epoch == 1
+    done = Trainer(None, tmp_path / "last", resume=True, quiet=True)
+    saves = counting_saves(done)
+    assert done.fit()["stopped"] is False and saves == [] and done.epoch == 1
+    rows = [json.loads(x) for x in (tmp_path / "last" / "log.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["val_top1_err"], r["val_loss"]) for r in rows] == \
+        [(r["epoch"], r["val_top1_err"], r["val_loss"]) for r in want]
+    assert rows[0]["train_img_s"] is None  # its steps ran before the resume
+    best = load_model_file(tmp_path / "last" / "best.safetensors").state_dict
+    for k, v in load_model_file(tmp_path / "straight" / "best.safetensors").state_dict.items():
+        assert torch.equal(v, best[k]), k
+
 
 def test_the_report_keeps_classes_whose_readable_names_repeat(tmp_path):
     """ImageNet-1k has two "missile" classes (n03773504, n04008634): keyed by name, the
