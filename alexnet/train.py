@@ -251,6 +251,18 @@ class LRSchedule:
 STEP_DIR = re.compile(r"step-\d{8,}(\.\d+)?")  # checkpoints/step-00000012, step-00000012.1
 
 
+def _step_key(name: str) -> tuple[int, int]:
+    """A step folder's place in the run: step-00000012.1 -> (12, 1)."""
+    step, _, again = name[len("step-"):].partition(".")
+    return int(step), int(again or 0)
+
+
+def _step_folders(ck: Path) -> list[Path]:
+    """The run's step folders, oldest first."""
+    return sorted((p for p in ck.glob("step-*") if p.is_dir() and STEP_DIR.fullmatch(p.name)),
+                  key=lambda p: _step_key(p.name))
+
+
 def _first_difference(a, b) -> str:
     """`key (value in a vs value in b)` for the first field where two model configs differ."""
     k = next(f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name))
@@ -429,10 +441,14 @@ class Trainer:
                         {"dir": name, "step": self.step, "epoch": self.epoch,
                          "batch_in_epoch": self.batch_in_epoch}) + "\n")
             except RunWriteError:
-                shutil.rmtree(tmp, ignore_errors=True)  # give back the space a half checkpoint took
+                # give back the space of a half checkpoint, or of a whole one last.json does not name
+                shutil.rmtree(tmp, ignore_errors=True)
+                if final.exists():
+                    _discard(final)
                 raise
-            kept = sorted(p for p in ck.glob("step-*") if p.is_dir() and p not in same_step)
-            for old in [*same_step, *kept[:-self.cfg.train.keep_checkpoints]]:  # same_step: superseded
+            older = [p for p in _step_folders(ck) if p != final and p not in same_step]
+            # same_step: superseded; never `final`, which last.json names now
+            for old in [*same_step, *older[:max(len(older) - self.cfg.train.keep_checkpoints + 1, 0)]]:
                 _discard(old)
         self._saved = (self._position(), final)
         return final
@@ -477,6 +493,9 @@ class Trainer:
         self.history = [r for r in self._read_log() if r["epoch"] <= self.epoch]
         if self.info.is_main:  # drop log lines of epochs after the checkpoint
             self._remove_stale_temp()
+            for p in _step_folders(ck):  # written, but a kill came before last.json named them
+                if _step_key(p.name) > _step_key(name):
+                    _discard(p)
             self._write_log()
             for f in ("stopped", "diverged"):
                 (self.run_dir / f).unlink(missing_ok=True)

@@ -360,6 +360,8 @@ def test_a_write_error_stops_with_one_line_and_keeps_the_checkpoint(data, tmp_pa
     last = assert_run_folder_whole(run)
     assert last["step"] == (2 if where == "best.safetensors" else 1)
     assert not temp_files(run), temp_files(run)  # the half-written file is gone, its space given back
+    # and so is a whole step folder that last.json could not be made to name
+    assert max(int(p.name[5:13]) for p in (run / "checkpoints").glob("step-*")) == last["step"]
     monkeypatch.undo()
     # resumed, the run ends where the uninterrupted one did, bit for bit
     t = Trainer(None, run, resume=True, quiet=True)

@@ -385,6 +385,41 @@ def test_a_stop_at_a_checkpoint_step_writes_it_once_and_resumes_exactly(data, tm
         assert torch.equal(v, best[k]), k
 
 
+class Killed(BaseException):
+    """A kill -9 stand-in: no handler of the trainer's runs."""
+
+
+def test_a_step_folder_a_kill_left_unnamed_never_costs_the_checkpoint_resumed_from(data, tmp_path, monkeypatch):
+    """Killed between a step folder's rename and the last.json naming it: the resume
+    goes on from the step before, and the leftover folder (newer than any it writes for a
+    while) once made the rotation remove the checkpoint last.json had just named."""
+    import alexnet.train as train_mod
+
+    cfg = tiny_config(data, epochs=1, checkpoint_every=2, keep_checkpoints=1)
+    straight = Trainer(cfg, tmp_path / "straight", quiet=True)
+    straight.fit()
+    write = train_mod.atomic_write_text
+
+    def killed_naming_step_4(path, text):
+        if path.name == "last.json" and '"step": 4,' in text:
+            raise Killed
+        return write(path, text)
+
+    monkeypatch.setattr(train_mod, "atomic_write_text", killed_naming_step_4)
+    run = tmp_path / "r"
+    with pytest.raises(Killed):
+        Trainer(cfg, run, quiet=True).fit()
+    monkeypatch.undo()
+    assert step_folders(run) == ["step-00000002", "step-00000004"]
+    t = Trainer(None, run, resume=True, quiet=True)
+    assert t.step == 2 and step_folders(run) == ["step-00000002"]
+    stop_at(t, 3)
+    assert t.fit()["stopped"] and step_folders(run) == ["step-00000003"]
+    assert Trainer(None, run, resume=True, quiet=True).fit()["stopped"] is False
+    for k, v in weights(tmp_path / "straight").items():
+        assert torch.equal(v, weights(run)[k]), k
+
+
 def test_the_report_keeps_classes_whose_readable_names_repeat(tmp_path):
     """ImageNet-1k has two "missile" classes (n03773504, n04008634): keyed by name, the
     second would overwrite the first in eval.json."""
