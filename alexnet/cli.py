@@ -137,9 +137,6 @@ def _train_config(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
     from alexnet.train import Trainer, TrainingError, finish_run
 
     if args.resume:
@@ -147,17 +144,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  if k not in ("resume", "func", "command", "set", "no_test") and v not in (None, False)]
         if given or args.set:
             raise UserError(f"--resume continues a run with its saved config; drop {', '.join(given or ['--set'])}")
-        trainer = Trainer(None, args.resume, resume=True)
-    else:
-        cfg = _train_config(args)
-        out = args.out or str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.recipe}")
-        trainer = Trainer(cfg, out)
-    try:
+    cfg = None if args.resume else _train_config(args)
+    trainer = None
+    try:  # a resume rewrites the log: a full or read-only disk is a TrainingError there too
+        trainer = Trainer(None, args.resume, resume=True) if args.resume else Trainer(cfg, args.out)
         result = trainer.fit()
     except TrainingError as e:
         raise UserError(str(e)) from None
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
     if result["stopped"]:
         if trainer.info.is_main:
             again = f"alexnet train --resume {trainer.run_dir}"

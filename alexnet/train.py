@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from alexnet.augment import DeferredTrainTransform, RawBatch, TrainTransform, to_device
 from alexnet.checkpoint import CheckpointError, load_model_file, load_state, save_model, save_state
-from alexnet.fileio import OutputError, atomic_write_text, make_dir
+from alexnet.fileio import OutputError, WriteError, atomic_write_text, make_dir
 from alexnet.config import ConfigError, RunConfig, from_dict, to_dict
 from alexnet.dataset import ImageDataset, SubsetDataset
 from alexnet.distributed import (all_reduce_sum, any_process, broadcast_object, gather_objects, init_distributed,
@@ -270,8 +270,12 @@ def _first_difference(a, b) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, quiet: bool = False):
-        self.run_dir = Path(run_dir)
+    def __init__(self, cfg: RunConfig | None, run_dir: str | Path | None, resume: bool = False,
+                 quiet: bool = False):
+        """`run_dir` None: a new folder runs/DATE-TIME-RECIPE (with -2, -3, ... if that is taken)."""
+        self._named = run_dir is not None
+        self.run_dir = Path(run_dir) if self._named else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.recipe}"
+        self._lock_fd: int | None = None
         if resume:
             cfg = self._read_config()
         self.info, self.device = init_distributed(cfg.train.device)
@@ -329,21 +333,46 @@ class Trainer:
         self.preprocess = {"image_size": cfg.data.image_size, "crop": self.crop,
                            "pixel_scale": cfg.data.pixel_scale, "mean": "mean_image"}
         if resume:
+            self._on_main_first(self._lock)
             self._load_last()
-        else:  # rank 0 makes the folder; every process stops with the same line if it cannot
-            error = None
-            if self.info.is_main:
-                try:
-                    self._start_run_dir()
-                except (ConfigError, OutputError, OSError) as e:
-                    error = e
-            # the folder is rank 0's (a default name from the clock may differ by a second)
-            reason, folder = broadcast_object((error and str(error), str(self.run_dir)), self.info)
-            self.run_dir = Path(folder)
-            if error is not None:
-                raise error
-            if reason is not None:
-                raise ConfigError(reason)
+        else:
+            self._on_main_first(self._start_run_dir)
+
+    # --- run folder -----------------------------------------------------------------
+
+    def _on_main_first(self, work) -> None:
+        """`work()` on rank 0 alone; every process then stops with its error, if any, as one
+        line. The run folder is rank 0's (a default name from the clock may differ)."""
+        error = None
+        if self.info.is_main:
+            try:
+                work()
+            except (ConfigError, OutputError, OSError) as e:
+                error = e
+        reason, folder = broadcast_object((error and str(error), str(self.run_dir)), self.info)
+        self.run_dir = Path(folder)
+        if error is not None:
+            raise error
+        if reason is not None:
+            raise ConfigError(reason)
+
+    def _lock(self) -> None:
+        """Hold RUN/.lock (a POSIX record lock, given up when the process ends, however it
+        ends) so that a second trainer cannot write into a run under way."""
+        import fcntl
+
+        fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: held by another process
+            holder = os.pread(fd, 20, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise ConfigError(f"{self.run_dir} is in use by another alexnet train"
+                              f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to end "
+                              f"or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     # --- run folder -----------------------------------------------------------------
 
@@ -361,10 +390,23 @@ class Trainer:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
     def _start_run_dir(self) -> None:
+        if not self._named:  # a folder of its own, even for two runs begun in the same second
+            make_dir(self.run_dir.parent)
+            base, n = self.run_dir, 1
+            while True:
+                try:
+                    self.run_dir.mkdir()
+                    break
+                except FileExistsError:
+                    n += 1
+                    self.run_dir = base.with_name(f"{base.name}-{n}")
+                except OSError as e:
+                    raise WriteError.of(e, self.run_dir) from e
+        make_dir(self.run_dir)
+        self._lock()
         if (self.run_dir / "checkpoints" / "last.json").exists():
             raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
                               f"or choose another --out")
-        make_dir(self.run_dir)
         self._remove_stale_temp()
         atomic_write_text(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2) + "\n")
         (self.run_dir / "log.jsonl").unlink(missing_ok=True)
@@ -713,6 +755,9 @@ class Trainer:
         self.save_checkpoint()
 
     def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # gives the lock up
+            self._lock_fd = None
         shutdown(self.info)
 
 

@@ -372,6 +372,21 @@ def test_a_write_error_stops_with_one_line_and_keeps_the_checkpoint(data, tmp_pa
     assert a["step"] == b["step"] == 2 and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_resume_that_cannot_rewrite_the_log_is_one_line(data, tmp_path, monkeypatch, capsys):
+    """The resume rewrites log.jsonl (dropping epochs after its checkpoint) while the
+    trainer is built: a read-only disk there was a traceback."""
+    from alexnet.cli import main
+
+    run = tmp_path / "run"
+    t = Trainer(tiny_config(data, batch_size=4, epochs=1), run, quiet=True)
+    t.stop_requested = True  # stops before its first step, with a checkpoint
+    assert t.fit()["stopped"]
+    t.close()
+    inject_write_error(monkeypatch, lambda p: p.name == "log.jsonl", errno.EROFS)
+    assert main(["train", "--resume", str(run)]) == 2
+    one_line_error(capsys.readouterr().err, "cannot write", "log.jsonl", "Read-only file system")
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """A real, small file system of our own (needs the right to mount: root here)."""

@@ -7,13 +7,14 @@ import struct
 import time
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from alexnet.checkpoint import load_model_file
-from alexnet.config import run_config
+from alexnet.config import ConfigError, run_config
 from alexnet.train import LRSchedule, Trainer, TrainingError, holdout_split
 
 
@@ -213,6 +214,42 @@ def test_a_non_finite_loss_on_another_process_is_reported_with_its_value(data, t
     t._pending = [(7, torch.tensor(2.25), 8), (8, torch.tensor(1.5), 8)]
     with pytest.raises(TrainingError, match=r"the loss became nan at step 8 \(epoch 1\)"):
         t._sync()
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(data, tmp_path, monkeypatch):
+    """A second trainer (another process) on a run under way: refused with the holder's
+    pid, for a new run and for a resume; free again once the holder has ended."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "r"
+    first = Trainer(tiny_config(data, epochs=1), run, quiet=True)
+    first.stop_requested = True
+    first.fit()
+    first.close()
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, os, sys, time
+fd = os.open({str(run / '.lock')!r}, os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.ftruncate(fd, 0); os.pwrite(fd, b"%d\\n" % os.getpid(), 0)
+print("held", flush=True); time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for make in (lambda: Trainer(None, run, resume=True, quiet=True),
+                     lambda: Trainer(tiny_config(data, epochs=1), run, quiet=True)):
+            with pytest.raises(ConfigError, match=rf"r is in use by another alexnet train \(pid {holder.pid}\)"):
+                make()
+    finally:
+        holder.kill()
+        holder.wait()
+    Trainer(None, run, resume=True, quiet=True).close()
+    # default folders: two runs begun in the same second get one each
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20260101-000000")
+    a = Trainer(tiny_config(data, epochs=1), None, quiet=True)
+    b = Trainer(tiny_config(data, epochs=1), None, quiet=True)
+    assert (a.run_dir, b.run_dir) == (Path("runs/20260101-000000-paper"), Path("runs/20260101-000000-paper-2"))
 
 
 def test_a_second_run_in_the_same_folder_is_refused(data, tmp_path):
