@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -546,12 +547,18 @@ class Trainer:
         path = self.run_dir / "log.jsonl"
         if not path.exists():
             return []
+        lines = path.read_text(errors="replace").splitlines()
         rows = []
-        for line in path.read_text().splitlines():
+        for n, line in enumerate(lines, 1):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                break  # a torn last line
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+                rows.append(row)
+            elif line.strip() and n < len(lines):  # (a torn last line goes without a word)
+                # one damaged line costs itself, not the rows after it: the resume rewrites the log
+                warnings.warn(f"{path} line {n} is not a log row; left out", RuntimeWarning, stacklevel=2)
         return rows
 
     def _write_log(self) -> None:

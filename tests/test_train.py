@@ -252,6 +252,23 @@ print("held", flush=True); time.sleep(60)
     assert (a.run_dir, b.run_dir) == (Path("runs/20260101-000000-paper"), Path("runs/20260101-000000-paper-2"))
 
 
+def test_a_damaged_log_line_costs_only_itself(tmp_path):
+    """The resume reads log.jsonl back and rewrites it: a damaged line in the middle used
+    to end the reading there (the rows after it were lost) or raise (a row that is not an
+    object, one without an epoch, bytes that are not UTF-8)."""
+    from types import SimpleNamespace
+
+    rows = [{"epoch": e, "val_top1_err": 0.5 / e} for e in (1, 2, 3, 4)]
+    line = [json.dumps(r).encode() for r in rows]
+    (tmp_path / "log.jsonl").write_bytes(b"\n".join([line[0], b"", b"[1]", line[1], b'{"step": 9}', line[2],
+                                                     b"\xff\xfe", line[3], b'{"epoch": 5, "val']))
+    with pytest.warns(RuntimeWarning) as rec:
+        got = Trainer._read_log(SimpleNamespace(run_dir=tmp_path))
+    assert got == rows  # the torn last line is dropped too, without a warning
+    assert sorted(str(w.message).split(" line ")[1] for w in rec) == \
+        ["3 is not a log row; left out", "5 is not a log row; left out", "7 is not a log row; left out"]
+
+
 def test_a_second_run_in_the_same_folder_is_refused(data, tmp_path):
     Trainer(tiny_config(data, max_steps=1, epochs=1), tmp_path / "r", quiet=True).fit()
     with pytest.raises(Exception, match="already holds a run"):
