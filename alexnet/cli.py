@@ -133,6 +133,8 @@ def _train_config(args: argparse.Namespace):
             over = merge_overrides(over, {section: {key: value}})
     for item in args.set:
         over = merge_overrides(over, parse_override(item))
+    if "recipe" in over and (args.recipe is None or over["recipe"] == args.recipe):
+        recipe = over.pop("recipe")  # --set recipe=NAME: the recipe, as --recipe NAME is
     return run_config(recipe, over)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 VARIANTS = ("paper", "paper-ungrouped", "owt", "bn")
 INPUT_SIZES = (224, 227)
+WEIGHTED_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 LRN_FORMS = ("paper", "caffe")
 DROPOUT_FORMS = ("paper", "inverted")
 
@@ -97,6 +98,10 @@ class ModelConfig:
             raise ConfigError(f"dropout_form must be one of {', '.join(DROPOUT_FORMS)}, not {self.dropout_form!r}")
         if self.init_std <= 0:
             raise ConfigError(f"init_std must be positive, not {self.init_std}")
+        unknown = [n for n in self.init_bias_one if n not in WEIGHTED_LAYERS]
+        if unknown:
+            raise ConfigError(f"model.init_bias_one names {', '.join(map(repr, unknown))}; "
+                              f"layers with biases: {', '.join(WEIGHTED_LAYERS)}")
 
     @property
     def conv1_padding(self) -> int:
@@ -134,8 +139,9 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in set(data) - names)
     if unknown:
+        shown = [where + k if k.isprintable() else repr(where + k) for k in unknown]  # one line: a "\n" as \n
         raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}"
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(shown)}"
             f"; known: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
@@ -266,10 +272,10 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "log_every", "keep_checkpoints"):
+        for name in ("epochs", "batch_size", "log_every", "keep_checkpoints", "plateau_patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, not {getattr(self, name)}")
-        for name in ("max_steps", "checkpoint_every", "warmup_steps", "max_lr_drops", "plateau_patience"):
+        for name in ("max_steps", "checkpoint_every", "warmup_steps", "max_lr_drops"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, not {getattr(self, name)}")
         if not 0 <= self.seed < 2**63:
@@ -296,6 +302,11 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.image_size < self.model.input_size:
+            raise ConfigError(f"data.image_size {self.data.image_size} is smaller than the network's "
+                              f"{self.model.input_size}px crop (model.input_size)")
 
 
 # Named presets: overrides of the defaults above, never a second copy of them.
@@ -329,8 +340,10 @@ RECIPES["demo"] = merge_overrides(RECIPES["fast"], {"data": {"val_holdout": 1000
 
 def run_config(recipe: str = "paper", overrides: dict | None = None) -> RunConfig:
     """The recipe's preset, then `overrides` (nested dicts: {"train": {"lr": 0.02}})."""
-    if recipe not in RECIPES:
+    if not isinstance(recipe, str) or recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if (overrides or {}).get("recipe", recipe) != recipe:
+        raise ConfigError(f"two recipes given: {recipe!r} and {overrides['recipe']!r}")
     data = merge_overrides(RECIPES[recipe], overrides or {})
     data["recipe"] = recipe
     return from_dict(RunConfig, data)

@@ -317,9 +317,10 @@ class Trainer:
         if t.compile:
             self.net = torch.compile(self.net)
         self.per_rank_batch = t.batch_size // self.info.world_size
+        if len(self.data.train) < t.batch_size:
+            raise ConfigError(f"{len(self.data.train)} training images make no batch of {t.batch_size}; "
+                              f"lower train.batch_size")
         self.steps_per_epoch = len(self._train_loader(0, 0))
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"{len(self.data.train)} training images make no batch of {t.batch_size}")
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.schedule = LRSchedule(cfg, self.total_steps)
@@ -387,8 +388,10 @@ class Trainer:
                 # a run begun before model.dropout_form existed trained with inverted dropout
                 data["model"].setdefault("dropout_form", "inverted")
             return from_dict(RunConfig, data)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def _start_run_dir(self) -> None:
         if not self._named:  # a folder of its own, even for two runs begun in the same second
@@ -446,6 +449,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch_loss": epoch_loss,
             "best_err": self.best_err, "rng_cpu": rngs[0]["cpu"], "rng_ranks": rngs,
+            "train_images": len(self.data.train),
         }
         if "cuda" in rngs[0]:
             s["rng_cuda"] = rngs[0]["cuda"]
@@ -504,7 +508,7 @@ class Trainer:
         try:
             last = json.loads((ck / "last.json").read_text())
             name = last["dir"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):  # ValueError: bad JSON, bytes that are not UTF-8
             raise CheckpointError(f"{self.run_dir} has no readable checkpoints/last.json to resume from") from None
         if not isinstance(name, str) or not STEP_DIR.fullmatch(name):
             # only this run's own step folders: never another run's, never a path out of it
@@ -515,6 +519,11 @@ class Trainer:
         if model_file.model_config != self.cfg.model:
             raise CheckpointError(f"{folder / 'model.safetensors'} and {self.run_dir / 'config.json'} disagree on "
                                   f"{_first_difference(model_file.model_config, self.cfg.model)}")
+        saved_n = state.get("train_images")  # (not in checkpoints before it was kept)
+        if saved_n is not None and saved_n != len(self.data.train):
+            raise CheckpointError(f"{folder} was saved with {saved_n} training images and the data now has "
+                                  f"{len(self.data.train)}: the epochs' order would not be the run's; "
+                                  f"start a new run")
         self.model.load_state_dict(model_file.state_dict)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -658,7 +667,7 @@ class Trainer:
     def _resume_hint(self) -> str:
         try:
             last = json.loads((self.run_dir / "checkpoints" / "last.json").read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             return "no checkpoint was written yet"
         return (f"the checkpoint of step {last.get('step')} is intact; continue with: "
                 f"alexnet train --resume {self.run_dir}")

@@ -377,6 +377,10 @@ def test_serve_refuses_bad_uploads_and_keeps_serving(corpus, client, name):
     (["--batch-size", "0"], ["must be >= 1"]),
     (["--input", "300"], ["224 or 227"]),
     (["--epochs", "x"], ["not an integer"]),
+    (["--set", "data.image_size=100"], ["data.image_size 100 is smaller than the network's 227px crop"]),
+    (["--set", "train.plateau_patience=0"], ["train.plateau_patience must be >= 1"]),
+    (["--set", 'model.init_bias_one=["nonsense"]'], ["model.init_bias_one names 'nonsense'"]),
+    (["--recipe", "fast", "--set", "recipe=paper"], ["two recipes given: 'fast' and 'paper'"]),
 ])
 def test_bad_train_arguments_are_one_line(capsys, tmp_path, argv, words):
     rc, out, err = main(capsys, "train", "--data", "fashion-mnist", "--out", tmp_path / "r", *argv)
@@ -393,6 +397,7 @@ def test_bad_train_arguments_are_one_line(capsys, tmp_path, argv, words):
     ("c.toml", '[data]\nimage_size = "big"\n', ["data.image_size must be an integer"]),
     ("c.toml", '[model\n', ["cannot parse"]),
     ("c.json", b'{"train": {"lr": 0.1}} \xff\xfe', ["cannot parse"]),  # not UTF-8
+    ("c.json", '{"recipe": ["fast"]}', ["unknown recipe ['fast']"]),
 ])
 def test_bad_config_files_are_one_line(capsys, tmp_path, name, text, words):
     p = tmp_path / name
@@ -484,6 +489,9 @@ def finished_run(tmp_path_factory):
     ("last.json-escape", "not a step folder of this run"),
     ("last.json-other-run", "not a step folder of this run"),
     ("config.json", "disagree on model.variant (paper vs owt)"),
+    ("config.json-key", "config.json: unknown key extra"),
+    ("config.json-bytes", "config.json is not valid JSON"),  # not UTF-8
+    ("last.json-bytes", "no readable checkpoints/last.json"),
 ])
 def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(capsys, tmp_path, finished_run, damage, words):
     import shutil
@@ -492,7 +500,7 @@ def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(capsys, tmp_path, 
     shutil.copytree(finished_run, run, copy_function=os.link)  # hard links: the damaged file is replaced below
     last = run / "checkpoints" / "last.json"
     newest = run / "checkpoints" / json.loads(last.read_text())["dir"]
-    target = (last if damage.startswith("last.json") else run / damage if damage == "config.json"
+    target = (last if damage.startswith("last.json") else run / "config.json" if damage.startswith("config.json")
               else newest / damage)
     data = target.read_bytes()
     target.unlink()  # not the fixture's file
@@ -504,12 +512,19 @@ def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(capsys, tmp_path, 
         target.write_text(json.dumps({"dir": str(finished_run / "checkpoints" / newest.name), "step": 2}))
     elif damage == "config.json":  # hand-edited to another network
         target.write_text(json.dumps({"model": {"variant": "owt"}}))
+    elif damage == "config.json-key":
+        target.write_text(json.dumps({"extra": 1}))
+    elif damage.endswith("-bytes"):
+        target.write_bytes(data[:5] + b"\xff\xfe" + data[5:])
     else:
         target.write_bytes(data[: len(data) // 3])
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    def files():  # (the resume takes RUN/.lock first: not one of the run's files)
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
     rc, out, err = main(capsys, "train", "--resume", run, "--no-test")
     one_line_error(rc, err, words)
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+    assert files() == before  # nothing touched
 
 
 def test_convert_refuses_garbage(capsys, tmp_path):

@@ -121,6 +121,9 @@ def test_train_config_file_and_overrides(tmp_path):
     assert cfg.recipe == "fast" and cfg.model.variant == "bn"  # from the recipe
     assert cfg.train.lr == 0.3 and cfg.data.lighting_std == 0.0  # from the file
     assert cfg.train.epochs == 5 and cfg.train.seed == 7  # flags and --set win
+    # --set recipe=NAME is the recipe, as --recipe NAME is (it was silently dropped)
+    cfg = _train_config(build_parser().parse_args(["train", "--data", "x", "--set", "recipe=fast"]))
+    assert cfg.recipe == "fast" and cfg.model.variant == "bn"
     f.write_text('[train]\nlearning_rate = 0.3\n')
     with pytest.raises(Exception, match="unknown key train.learning_rate"):
         _train_config(build_parser().parse_args(["train", "--config", str(f)]))

@@ -269,6 +269,20 @@ def test_a_damaged_log_line_costs_only_itself(tmp_path):
         ["3 is not a log row; left out", "5 is not a log row; left out", "7 is not a log row; left out"]
 
 
+def test_a_batch_bigger_than_the_data_and_data_changed_since_the_checkpoint_are_refused(tmp_path):
+    from alexnet.checkpoint import CheckpointError
+
+    data = write_idx(tmp_path / "idx")
+    with pytest.raises(ConfigError, match="40 training images make no batch of 48; lower train.batch_size"):
+        Trainer(tiny_config(data, batch_size=48), tmp_path / "big", quiet=True)
+    t = Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True)
+    t.stop_requested = True
+    assert t.fit()["stopped"]
+    write_idx(tmp_path / "idx", train_n=36)  # 33 training images now (3 held out): other epochs
+    with pytest.raises(CheckpointError, match="saved with 40 training images and the data now has 33"):
+        Trainer(None, tmp_path / "r", resume=True, quiet=True)
+
+
 def test_a_second_run_in_the_same_folder_is_refused(data, tmp_path):
     Trainer(tiny_config(data, max_steps=1, epochs=1), tmp_path / "r", quiet=True).fit()
     with pytest.raises(Exception, match="already holds a run"):
