@@ -668,6 +668,8 @@ class Trainer:
         try:
             last = json.loads((self.run_dir / "checkpoints" / "last.json").read_text())
         except (OSError, ValueError):
+            last = None
+        if not isinstance(last, dict):
             return "no checkpoint was written yet"
         return (f"the checkpoint of step {last.get('step')} is intact; continue with: "
                 f"alexnet train --resume {self.run_dir}")
