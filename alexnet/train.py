@@ -359,24 +359,35 @@ class Trainer:
             raise ConfigError(reason)
 
     def _lock(self) -> None:
-        """Hold RUN/.lock (a POSIX record lock, given up when the process ends, however it
-        ends) so that a second trainer cannot write into a run under way."""
+        """Hold an flock on RUN/.lock (given up when the process ends, however it ends) so
+        that a second trainer cannot write into a run under way. The file is held open
+        read-only: an open file for writing would keep its file system from being remounted."""
         import fcntl
 
-        fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.run_dir / ".lock"
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EACCES or EAGAIN: held by another process
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise WriteError.of(e, path) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EWOULDBLOCK: held by another process
             holder = os.pread(fd, 20, 0).decode(errors="replace").strip()
             os.close(fd)
             raise ConfigError(f"{self.run_dir} is in use by another alexnet train"
                               f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to end "
                               f"or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        try:
+            path.write_text(f"{os.getpid()}\n")  # for the message above: another descriptor keeps the lock
+        except OSError as e:
+            self._unlock()
+            raise WriteError.of(e, path) from e
 
-    # --- run folder -----------------------------------------------------------------
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # gives the lock up
+            self._lock_fd = None
 
     def _read_config(self) -> RunConfig:
         path = self.run_dir / "config.json"
@@ -661,6 +672,7 @@ class Trainer:
                     atomic_write_text(self.run_dir / "diverged", str(e) + "\n")
             raise TrainingError(f"{e}; the last good checkpoint is in {self.run_dir / 'checkpoints'}") from None
         finally:
+            self._unlock()  # the run's files are all written: another trainer may take the folder
             for s, h in old.items():
                 signal.signal(s, h)
 
@@ -692,7 +704,8 @@ class Trainer:
             self.net.train()
             steps_left = min(self.steps_per_epoch - self.batch_in_epoch, self.total_steps - self.step)
             loader = self._train_loader(self.epoch, self.batch_in_epoch) if steps_left else ()
-            prog = Progress(steps_left * t.batch_size, f"epoch {self.epoch + 1}/{t.epochs}", enabled=not self.quiet)
+            prog = Progress(steps_left * t.batch_size, f"epoch {self.epoch + 1}/{t.epochs}",
+                            enabled=not self.quiet and steps_left > 0)
             t0 = time.perf_counter()
             for x, y in loader:
                 lr = self._set_lr()
@@ -773,9 +786,7 @@ class Trainer:
         self.save_checkpoint()
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # gives the lock up
-            self._lock_fd = None
+        self._unlock()
         shutdown(self.info)
 
 

@@ -228,12 +228,12 @@ def test_a_run_folder_in_use_by_another_process_is_refused(data, tmp_path, monke
     first.fit()
     first.close()
     holder = subprocess.Popen([sys.executable, "-c", f"""
-import fcntl, os, sys, time
-fd = os.open({str(run / '.lock')!r}, os.O_RDWR)
-fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-os.ftruncate(fd, 0); os.pwrite(fd, b"%d\\n" % os.getpid(), 0)
-print("held", flush=True); time.sleep(60)
-"""], stdout=subprocess.PIPE, text=True)
+import time
+from alexnet.train import Trainer
+t = Trainer(None, {str(run)!r}, resume=True, quiet=True)  # holds the folder until it ends
+print("held", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
     try:
         assert holder.stdout.readline().strip() == "held"
         for make in (lambda: Trainer(None, run, resume=True, quiet=True),
