@@ -334,11 +334,15 @@ class Trainer:
         self._last_loss: float | None = None
         self.preprocess = {"image_size": cfg.data.image_size, "crop": self.crop,
                            "pixel_scale": cfg.data.pixel_scale, "mean": "mean_image"}
-        if resume:
-            self._on_main_first(self._lock)
-            self._load_last()
-        else:
-            self._on_main_first(self._start_run_dir)
+        try:
+            if resume:
+                self._on_main_first(self._lock)
+                self._load_last()
+            else:
+                self._on_main_first(self._start_run_dir)
+        except BaseException:  # no trainer to close: the folder is free again at once
+            self._unlock()
+            raise
 
     # --- run folder -----------------------------------------------------------------
 

@@ -243,7 +243,9 @@ time.sleep(60)
     finally:
         holder.kill()
         holder.wait()
-    Trainer(None, run, resume=True, quiet=True).close()
+    with pytest.raises(ConfigError, match="already holds a run"):  # took the lock, then refused
+        Trainer(tiny_config(data, epochs=1), run, quiet=True)
+    Trainer(None, run, resume=True, quiet=True).close()  # so the refusal gave the folder up
     # default folders: two runs begun in the same second get one each
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda fmt: "20260101-000000")
