@@ -197,8 +197,8 @@ def kill_train_repeatedly(data, tmp_path: Path, kills: int, epochs: int, seed: i
 
 
 def test_train_killed_at_random_points_resumes_to_the_same_weights(data, tmp_path):
-    phases = kill_train_repeatedly(data, tmp_path, kills=6, epochs=3, seed=1)
-    assert sum(phases.values()) >= 5
+    phases = kill_train_repeatedly(data, tmp_path, kills=4, epochs=3, seed=1)
+    assert sum(phases.values()) >= 3
 
 
 @pytest.mark.slow
@@ -406,6 +406,7 @@ def remount(disk: Path, opts: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{opts}", str(disk)], check=True, capture_output=True)
 
 
+@pytest.mark.slow  # 30 s; the in-process injection above covers the same handling in the default suite
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_a_real_full_or_read_only_disk_stops_the_run_cleanly(data, tmp_path, tmpfs, straight_one_epoch, fault):
     cfg = config_file(data, tmp_path, epochs=1)

@@ -466,8 +466,6 @@ def test_a_step_folder_a_kill_left_unnamed_never_costs_the_checkpoint_resumed_fr
     import alexnet.train as train_mod
 
     cfg = tiny_config(data, epochs=1, checkpoint_every=2, keep_checkpoints=1)
-    straight = Trainer(cfg, tmp_path / "straight", quiet=True)
-    straight.fit()
     write = train_mod.atomic_write_text
 
     def killed_naming_step_4(path, text):
@@ -485,9 +483,8 @@ def test_a_step_folder_a_kill_left_unnamed_never_costs_the_checkpoint_resumed_fr
     assert t.step == 2 and step_folders(run) == ["step-00000002"]
     stop_at(t, 3)
     assert t.fit()["stopped"] and step_folders(run) == ["step-00000003"]
-    assert Trainer(None, run, resume=True, quiet=True).fit()["stopped"] is False
-    for k, v in weights(tmp_path / "straight").items():
-        assert torch.equal(v, weights(run)[k]), k
+    done = Trainer(None, run, resume=True, quiet=True)  # (exact resume itself is tested above)
+    assert done.fit()["stopped"] is False and done.step == 5 and step_folders(run) == ["step-00000005"]
 
 
 def test_the_report_keeps_classes_whose_readable_names_repeat(tmp_path):
