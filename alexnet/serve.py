@@ -115,9 +115,12 @@ class BodyLimit:
     parser has spooled more than that to disk."""
 
     def __init__(self, app, path: str, limit: int, detail: str):
+        from starlette.datastructures import Headers
         from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
 
         self.app, self.path, self.limit = app, path, limit
+        self._headers, self._refusal = Headers, JSONResponse({"detail": detail}, status_code=413)
         # an HTTPException, so that FastAPI's body parsing hands it on as it is (any
         # other error there becomes a 400) and the app's handler answers it
         self.error = HTTPException(413, detail)
@@ -125,12 +128,9 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != self.path:
             return await self.app(scope, receive, send)
-        from starlette.datastructures import Headers
-        from starlette.responses import JSONResponse
-
-        length = Headers(scope=scope).get("content-length", "")
+        length = self._headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.limit:
-            return await JSONResponse({"detail": self.error.detail}, status_code=413)(scope, receive, send)
+            return await self._refusal(scope, receive, send)
         received = 0
 
         async def counted():

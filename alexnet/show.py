@@ -256,7 +256,7 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
             yield f.masked_fill((labels_seen[-1] < 0)[:, None], math.inf)
 
     dist, pos = nearest_in_batches(q, rows(), args.k)
-    unreadable = int(sum(int((y < 0).sum()) for y in labels_seen))
+    unreadable = sum(int((y < 0).sum()) for y in labels_seen)
     if unreadable == len(searched):
         raise UserError(f"none of the {len(searched)} searched {args.split} images can be decoded")
     finite = torch.isfinite(dist[0])  # fewer readable images than --k: the +inf rows come last
