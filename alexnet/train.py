@@ -483,7 +483,7 @@ class Trainer:
         loss, count = all_reduce_sum(torch.tensor(self.epoch_loss, dtype=torch.float64), self.info).tolist()
         rngs = gather_objects(self._rng(), self.info)
         if self.info.is_main:
-            same_step = [p for p in ck.glob(f"{name}*") if p.is_dir() and p.name.split(".")[0] == name]
+            same_step = [p for p in _step_folders(ck) if _step_key(p.name)[0] == self.step]
             n = 0
             while (ck / name).exists():
                 n += 1
