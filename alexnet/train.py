@@ -804,9 +804,13 @@ def finish_run(trainer: Trainer, test: bool = True) -> dict | None:
     best = run / "best.safetensors"
     result = None
     if test and trainer.data.test is not None:
-        result = evaluate_checkpoint(best, dataset=trainer.data.test, out_dir=run / "eval-test",
-                                     device=str(trainer.device), workers=trainer.num_workers,
-                                     label="test", augment_on=trainer.augment_on)
+        trainer._lock()  # eval-test/ is the run's too: no resume of it may write there meanwhile
+        try:
+            result = evaluate_checkpoint(best, dataset=trainer.data.test, out_dir=run / "eval-test",
+                                         device=str(trainer.device), workers=trainer.num_workers,
+                                         label="test", augment_on=trainer.augment_on)
+        finally:
+            trainer._unlock()
     print(f"run folder: {run}")
     print(f"checkpoint: {best}")
     print(f"plots:      {run / 'curves.png'}" + (f", {run / 'eval-test' / 'confusion.png'}" if result else ""))

@@ -254,6 +254,29 @@ time.sleep(60)
     assert (a.run_dir, b.run_dir) == (Path("runs/20260101-000000-paper"), Path("runs/20260101-000000-paper-2"))
 
 
+def test_the_run_folder_stays_held_while_the_test_set_is_evaluated(data, tmp_path, monkeypatch):
+    """finish_run writes eval-test/ into the run folder after fit() has given the lock up:
+    it takes the lock again for that, so a resume begun meanwhile is refused."""
+    import alexnet.evaluate as evaluate_module
+    from alexnet.train import finish_run
+
+    run = tmp_path / "r"
+    t = Trainer(tiny_config(data, epochs=1), run, quiet=True)
+    t.fit()
+    seen = []
+
+    def meanwhile(*args, **kwargs):
+        with pytest.raises(ConfigError, match=rf"r is in use by another alexnet train \(pid {os.getpid()}\)"):
+            Trainer(None, run, resume=True, quiet=True)
+        seen.append(kwargs["out_dir"])
+        return None
+
+    monkeypatch.setattr(evaluate_module, "evaluate_checkpoint", meanwhile)
+    finish_run(t)
+    assert seen == [run / "eval-test"]
+    Trainer(None, run, resume=True, quiet=True).close()  # given up again afterwards
+
+
 def test_a_damaged_log_line_costs_only_itself(tmp_path):
     """The resume reads log.jsonl back and rewrites it: a damaged line in the middle used
     to end the reading there (the rows after it were lost) or raise (a row that is not an
