@@ -791,6 +791,9 @@ class Trainer:
 
     def close(self) -> None:
         self._unlock()
+        # DDP holds the process group: destroy_process_group alone leaves it (and Gloo's
+        # threads) alive until the interpreter's exit, where ending them aborted the process
+        self.net = self.model
         shutdown(self.info)
 
 
