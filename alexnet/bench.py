@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from alexnet.config import ConfigError
-from alexnet.model import AlexNet, build_model
+from alexnet.model import AlexNet, build_model, model_config
 from alexnet.reference import plain_alexnet
 from alexnet.summary import layer_table
 from alexnet.train import native_bf16
@@ -160,8 +160,7 @@ def build(c: Contender, num_classes: int, device: torch.device, state: dict | No
         model: nn.Module = build_model(c.variant, num_classes=num_classes)
         model.fuse = c.fuse_blocks
     else:
-        size = build_model(c.variant, num_classes=num_classes).cfg.input_size
-        model = plain_alexnet(c.variant, num_classes=num_classes, input_size=size)
+        model = plain_alexnet(c.variant, num_classes=num_classes, input_size=model_config(c.variant).input_size)
     if state is not None:
         model.load_state_dict(state)
     model = model.to(device)
@@ -211,16 +210,19 @@ def run(batches: list[int], modes: list[str], steps: int, device: torch.device, 
     for p in peaks.values():
         ways = ", ".join(f"{k} {v:.1f}" for k, v in p["gflops_by_way"].items())
         log(f"matmul peak {p['dtype']}: {p['gflops']:.1f} GFLOP/s (n={p['n']}, via {p['via']}; {ways})")
-    states = {v: build_model(v, num_classes=num_classes).state_dict() for v in {c.variant for c in cs}}
-    flops = {v: training_flops(build_model(v, num_classes=num_classes)) for v in states}
+    # every contender starts from the same weights as the others of its variant; each is built
+    # once (a build costs about a second on a CPU) and stepped through every batch and mode
+    first = {v: build_model(v, num_classes=num_classes) for v in {c.variant for c in cs}}
+    flops = {v: training_flops(m) for v, m in first.items()}
+    models = {c.name: build(c, num_classes, device, first[c.variant].state_dict()) for c in cs}
+    del first
     rows = []
     for batch in batches:
         for mode in modes:
             fns = {}
             for c in cs:
-                model = build(c, num_classes, device, states[c.variant])
-                size = build_model(c.variant, num_classes=num_classes).cfg.input_size
-                fns[c.name] = step_functions(c, model, batch, size, num_classes, device)[mode]
+                size = model_config(c.variant).input_size
+                fns[c.name] = step_functions(c, models[c.name], batch, size, num_classes, device)[mode]
                 fns[c.name]()  # warm-up (and compilation)
                 fns[c.name]()
             times: dict[str, list[float]] = {c.name: [] for c in cs}

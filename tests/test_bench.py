@@ -106,13 +106,16 @@ def test_markdown_table_has_a_row_per_result_and_names_the_machine(report):
     assert report["machine"] in md and "GFLOP/s" in md
 
 
-def test_the_command_writes_json(tmp_path, capsys):
+def test_the_command_writes_json(tmp_path, capsys, monkeypatch):
+    small = bench.matmul_peak
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: small(*a, **{**k, "max_n": 512}))  # the peak has its own test
     out = tmp_path / "bench.json"
     assert main(["bench", "--batch", "1", "--steps", "1", "--modes", "infer", "--num-classes", "3",
                  "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert {r["contender"] for r in doc["results"]} == {"paper (ours)", "paper (plain)", "owt (plain)"}
     assert "contender" in capsys.readouterr().out
+    assert all(p["n"] <= 512 for p in doc["peaks"].values())
 
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--modes", "fly"], ["--steps", "x"], ["--device", "gpu"],
