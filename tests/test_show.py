@@ -340,8 +340,9 @@ def test_unreadable_files_are_neither_neighbours_nor_queries(capsys, ck, tmp_pat
             for i in range(3):
                 Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
         (tmp_path / "tree" / split / "1" / "bad.png").write_text("not an image")  # index 6 of 10
-    rc, text, err = run(capsys, "neighbours", ck, "--data", tmp_path / "tree", "--queries", 10, "--k", 20,
-                        "--device", "cpu", "--out", tmp_path / "nn.png")
+    with pytest.warns(RuntimeWarning, match=r"unreadable image 1/bad.png \(not an image .*\); left out"):
+        rc, text, err = run(capsys, "neighbours", ck, "--data", tmp_path / "tree", "--queries", 10, "--k", 20,
+                            "--device", "cpu", "--out", tmp_path / "nn.png")
     assert rc == 0, err
     rows = [line for line in text.splitlines() if line.startswith("test #")]
     assert [int(r.split()[1][1:]) for r in rows] == [0, 1, 2, 3, 4, 5, 7, 8, 9], rows
