@@ -48,6 +48,25 @@ def test_a_format_1_model_file_loads_with_the_same_outputs(variant, tmp_path):
     again = load_model_file(tmp_path / "v2.safetensors")
     assert again.model_config == ck.model_config
     assert again.state_dict.keys() == new.state_dict().keys()
+    for k, v in new.state_dict().items():  # bit for bit, dtype included (BN's int64 counter too)
+        assert again.state_dict[k].dtype == v.dtype and torch.equal(again.state_dict[k], v), k
+
+
+def test_a_model_file_keeps_weights_statistics_classes_and_preprocessing_exactly(tmp_path):
+    from alexnet.dataset import DataStats
+
+    torch.manual_seed(1)
+    model = build_model("paper", num_classes=4)
+    q, _ = torch.linalg.qr(torch.randn(3, 3))  # an orthonormal basis that is not symmetric
+    stats = DataStats(torch.rand(3, 256, 256) * 255, torch.tensor([900.0, 40.0, 3.0]), q.float())
+    pre = {"image_size": 256, "crop": 227, "pixel_scale": 1.0, "mean": "mean_image"}
+    save_model(tmp_path / "m.safetensors", model, CLASSES, stats, pre, {"epoch": 3, "class_names": CLASSES})
+    ck = load_model_file(tmp_path / "m.safetensors")
+    assert (ck.classes, ck.preprocess, ck.extra["epoch"]) == (CLASSES, pre, 3)
+    for name in ("mean_image", "eigval", "eigvec"):
+        assert torch.equal(getattr(ck.stats, name), getattr(stats, name)), name
+    for k, v in model.state_dict().items():
+        assert ck.state_dict[k].dtype == v.dtype and torch.equal(ck.state_dict[k], v), k
 
 
 def test_a_run_begun_before_dropout_form_resumes_with_inverted_dropout(tmp_path):

@@ -57,10 +57,23 @@ def has_colour(img: np.ndarray, rgb: tuple[int, int, int], tol: int = 8) -> int:
     return int((np.abs(img.astype(np.int16) - np.array(rgb)).max(-1) <= tol).sum())
 
 
-def test_training_curves_picture(tmp_path):
+def test_training_curves_picture(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
     rows = [{"epoch": e, "train_loss": 2.3 / e, "val_loss": 2.4 / e, "val_top1_err": 0.9 / e,
              "val_top5_err": 0.5 / e} for e in range(1, 6)]
+    drawn, plot = [], Axes.plot
+
+    def recording(ax, x, y, *args, **kwargs):
+        drawn.append((kwargs.get("label"), list(x), list(y)))
+        return plot(ax, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recording)
     plot_curves(rows, tmp_path / "curves.png")
+    ep = [1, 2, 3, 4, 5]
+    assert drawn == [("train", ep, [r["train_loss"] for r in rows]), ("validation", ep, [r["val_loss"] for r in rows]),
+                     ("top-1", ep, [100 * r["val_top1_err"] for r in rows]),
+                     ("top-5", ep, [100 * r["val_top5_err"] for r in rows])]
     img = read_picture(tmp_path / "curves.png")
     assert img.shape == (400, 1100, 3)  # figsize 11 x 4 inches at 100 dpi
     # each panel draws two series in matplotlib's first two colours (blue, orange)

@@ -310,7 +310,7 @@ def test_a_batch_bigger_than_the_data_and_data_changed_since_the_checkpoint_are_
 
 def test_a_second_run_in_the_same_folder_is_refused(data, tmp_path):
     Trainer(tiny_config(data, max_steps=1, epochs=1), tmp_path / "r", quiet=True).fit()
-    with pytest.raises(Exception, match="already holds a run"):
+    with pytest.raises(ConfigError, match="already holds a run"):
         Trainer(tiny_config(data), tmp_path / "r", quiet=True)
 
 
@@ -341,6 +341,43 @@ def test_evaluate_matches_a_direct_computation(data, tmp_path, capsys):
     assert (tmp_path / "ev" / "confusion.png").stat().st_size > 1000
 
 
+def test_evaluation_figures_match_a_count_by_hand():
+    """Top-1, top-5 (8 classes, so top-5 is not everything), loss and confusion of
+    evaluate_model against NumPy, with stand-ins for unreadable files (label -1) left out."""
+    from alexnet.evaluate import evaluate_model
+
+    rng = np.random.default_rng(3)
+    n, k = 30, 8
+    table = rng.normal(0, 3, (n, k)).astype(np.float32)  # image i's logits
+    labels = rng.integers(0, k, n)
+    labels[[4, 17, 29]] = -1
+
+    class Lookup(torch.nn.Module):
+        def forward(self, x):
+            return torch.from_numpy(table)[x[:, 0].long()]
+
+    class Batches:
+        transform = None
+
+        def __iter__(self):
+            for i in range(0, n, 7):
+                j = min(i + 7, n)
+                yield torch.arange(i, j, dtype=torch.float32)[:, None], torch.from_numpy(labels[i:j])
+
+    m = evaluate_model(Lookup(), Batches(), k, torch.device("cpu"))
+    keep = labels >= 0
+    t, y = table[keep].astype(np.float64), labels[keep]
+    logp = t - t.max(1, keepdims=True) - np.log(np.exp(t - t.max(1, keepdims=True)).sum(1, keepdims=True))
+    ranks = (t > t[np.arange(len(y)), y][:, None]).sum(1)  # how many classes score above the true one
+    assert (m.count, m.unreadable) == (27, 3)
+    assert m.top1_err == pytest.approx(np.mean(ranks >= 1))
+    assert m.top5_err == pytest.approx(np.mean(ranks >= 5)) and 0 < m.top5_err < m.top1_err
+    assert m.loss == pytest.approx(-logp[np.arange(len(y)), y].mean(), rel=1e-5)
+    expected = np.zeros((k, k), dtype=np.int64)
+    np.add.at(expected, (y, t.argmax(1)), 1)
+    assert np.array_equal(m.confusion, expected)
+
+
 def test_plateau_schedule_divides_by_ten_at_most_three_times():
     s = LRSchedule(run_config("paper"), total_steps=100)
     errs = [0.5, 0.4, 0.4, 0.39, 0.39, 0.39, 0.39, 0.39, 0.39]
@@ -362,6 +399,12 @@ def test_holdout_split_is_fixed_and_disjoint():
     a2, b2 = holdout_split(100, 10)
     assert np.array_equal(a, a2) and np.array_equal(b, b2)
     assert len(b) == 10 and len(set(a) | set(b)) == 100 and not set(a) & set(b)
+    # a random choice, not a block: an image folder lists its images class by class, and the
+    # held-out tenth must draw from all of them
+    _, held = holdout_split(1000, 100)
+    per_tenth = np.bincount(held // 100, minlength=10)
+    assert per_tenth.min() >= 3 and per_tenth.max() <= 20, per_tenth
+    assert not np.array_equal(holdout_split(1000, 100, seed=1)[1], held)
 
 
 def test_ten_crop_evaluation_matches_a_direct_computation(data, tmp_path):
@@ -386,9 +429,14 @@ def test_bf16_autocast_trains_on_the_cpu(data, tmp_path):
     t = Trainer(tiny_config(data, amp="bf16", max_steps=2, epochs=1, deterministic=False), tmp_path / "r",
                 quiet=True)
     assert t.amp is torch.bfloat16
+    dtypes = []
+    t.model.register_forward_hook(lambda module, args, out: dtypes.append((module.training, out.dtype)))
     t.fit()
     row = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
     assert np.isfinite(row["train_loss"]) and row["step"] == 2
+    # the network ran in bf16 in both training steps and in the validation
+    assert dtypes[:2] == [(True, torch.bfloat16)] * 2 and (False, torch.bfloat16) in dtypes
+    assert {d for _, d in dtypes} == {torch.bfloat16}
 
 
 @pytest.mark.slow
