@@ -16,6 +16,24 @@ def test_defaults_are_the_papers():
     assert model_config("owt").input_size == 224
 
 
+def test_training_and_data_defaults_are_section_5s_and_4_1s():
+    import torch
+
+    from alexnet.config import run_config
+    from alexnet.train import make_optimizer
+
+    cfg = run_config("paper")
+    t, d = cfg.train, cfg.data
+    assert (t.batch_size, t.lr, t.momentum, t.weight_decay, t.epochs) == (128, 0.01, 0.9, 5e-4, 90)
+    assert (t.schedule, t.lr_drop, t.max_lr_drops) == ("plateau", 0.1, 3)
+    assert (t.warmup_steps, t.label_smoothing, t.grad_clip) == (0, 0.0, 0.0)  # none of these in the paper
+    assert (d.image_size, d.lighting_std, d.flip) == (256, 0.1, True)
+    # the update of section 5: v <- 0.9 v - 0.0005 lr w - lr grad, so no dampening, no Nesterov
+    group = make_optimizer(torch.nn.Linear(2, 2), t, torch.device("cpu")).param_groups[0]
+    assert {k: group[k] for k in ("lr", "momentum", "weight_decay", "dampening", "nesterov")} == {
+        "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "dampening": 0, "nesterov": False}
+
+
 def test_alpha_of_the_two_lrn_forms():
     assert LRNConfig().alpha_sum == 1e-4
     assert LRNConfig(form="caffe", k=1.0).alpha_sum == pytest.approx(1e-4 / 5)

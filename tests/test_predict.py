@@ -297,3 +297,14 @@ def test_weights_that_do_not_fit_are_a_checkpoint_error(paper):
     ck.state_dict["features.0.weight"] = ck.state_dict["features.0.weight"][:5]
     with pytest.raises(CheckpointError, match="weights do not fit"):
         ck.build_model()
+
+
+def test_float_levels_are_rounded_to_the_nearest_level():
+    """A float image (e.g. the result of a resize in float) becomes uint8 levels by
+    rounding: 12.6 is level 13, not 12."""
+    from alexnet.predict import _to_pil
+
+    levels = np.random.default_rng(0).uniform(0, 255, (4, 5, 3))
+    got = np.asarray(_to_pil(torch.from_numpy(levels), max_pixels=10 ** 6))
+    assert np.array_equal(got, np.rint(levels).astype(np.uint8))
+

@@ -384,6 +384,10 @@ def test_plateau_schedule_divides_by_ten_at_most_three_times():
     assert [s.epoch_end(e) for e in errs] == [False, False, True, False, True, True, False, False, False]
     assert s.drops == 3
     assert s.lr(0) == pytest.approx(0.01 * 0.1 ** 3)
+    # each drop starts the count of epochs without improvement again
+    s = LRSchedule(run_config("paper", {"train": {"plateau_patience": 2}}), total_steps=100)
+    assert [s.epoch_end(e) for e in [0.5, 0.5, 0.5, 0.5, 0.5, 0.4, 0.4]] == [False, False, True, False, True,
+                                                                             False, False]
 
 
 def test_onecycle_rises_then_falls():
