@@ -201,6 +201,10 @@ def test_sharding_for_training_gives_equal_batches_per_rank():
         assert set(step) == set(perm[k * 8:(k + 1) * 8])
     with pytest.raises(ValueError):
         _loader(_dataset(7), world_size=2)  # no full batch for every rank
+    # 3 ranks, 28 images, 4 a batch: 2 full global steps (24 images); a rank with a third
+    # batch would wait for the others at its third step for ever
+    three = [_loader(_dataset(28), rank=r, world_size=3) for r in range(3)]
+    assert [len(s) for s in three] == [2, 2, 2] and [len(s.indices()) for s in three] == [8, 8, 8]
 
 
 def test_uint8_batches_without_transform_and_ten_crops():
