@@ -107,8 +107,8 @@ def test_markdown_table_has_a_row_per_result_and_names_the_machine(report):
 
 
 def test_the_command_writes_json(tmp_path, capsys, monkeypatch):
-    small = bench.matmul_peak
-    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: small(*a, **{**k, "max_n": 512}))  # the peak has its own test
+    small = bench.matmul_peak  # a small peak here: the peak has its own test
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: small(*a, **{**k, "max_n": 512}))
     out = tmp_path / "bench.json"
     assert main(["bench", "--batch", "1", "--steps", "1", "--modes", "infer", "--num-classes", "3",
                  "--json", str(out)]) == 0

@@ -307,4 +307,3 @@ def test_float_levels_are_rounded_to_the_nearest_level():
     levels = np.random.default_rng(0).uniform(0, 255, (4, 5, 3))
     got = np.asarray(_to_pil(torch.from_numpy(levels), max_pixels=10 ** 6))
     assert np.array_equal(got, np.rint(levels).astype(np.uint8))
-
