@@ -150,21 +150,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     trainer = None
     try:  # a resume rewrites the log: a full or read-only disk is a TrainingError there too
         trainer = Trainer(None, args.resume, resume=True) if args.resume else Trainer(cfg, args.out)
-        result = trainer.fit()
+        result = trainer.fit(keep_lock=True)  # held through the test evaluation: close() gives it up
+        if not result["stopped"] and trainer.info.is_main:
+            finish_run(trainer, test=not args.no_test)
     except TrainingError as e:
         raise UserError(str(e)) from None
     finally:
         if trainer is not None:
             trainer.close()
-    if result["stopped"]:
-        if trainer.info.is_main:
-            again = f"alexnet train --resume {trainer.run_dir}"
-            if trainer.info.enabled:
-                again = f"the same torchrun command with -m {again}"
-            print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}; continue with: {again}")
-        return 0
-    if trainer.info.is_main:
-        finish_run(trainer, test=not args.no_test)
+    if result["stopped"] and trainer.info.is_main:
+        again = f"alexnet train --resume {trainer.run_dir}"
+        if trainer.info.enabled:
+            again = f"the same torchrun command with -m {again}"
+        print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}; continue with: {again}")
     return 0
 
 

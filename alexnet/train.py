@@ -660,8 +660,10 @@ class Trainer:
             print(f"\nalexnet: {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
         self.stop_requested = True
 
-    def fit(self) -> dict:
-        """Train to the end (or a stop request); returns a summary dict."""
+    def fit(self, keep_lock: bool = False) -> dict:
+        """Train to the end (or a stop request); returns a summary dict. The run folder's
+        lock is given up at the end, unless `keep_lock` (then `close()` gives it up): for
+        `finish_run`, so that no resume can come in between."""
         old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._fit()
@@ -676,7 +678,8 @@ class Trainer:
                     atomic_write_text(self.run_dir / "diverged", str(e) + "\n")
             raise TrainingError(f"{e}; the last good checkpoint is in {self.run_dir / 'checkpoints'}") from None
         finally:
-            self._unlock()  # the run's files are all written: another trainer may take the folder
+            if not keep_lock:
+                self._unlock()  # the run's files are all written: another trainer may take the folder
             for s, h in old.items():
                 signal.signal(s, h)
 
@@ -807,13 +810,16 @@ def finish_run(trainer: Trainer, test: bool = True) -> dict | None:
     best = run / "best.safetensors"
     result = None
     if test and trainer.data.test is not None:
-        trainer._lock()  # eval-test/ is the run's too: no resume of it may write there meanwhile
+        held = trainer._lock_fd is not None  # still held from fit(keep_lock=True)
+        if not held:
+            trainer._lock()  # eval-test/ is the run's too: no resume of it may write there meanwhile
         try:
             result = evaluate_checkpoint(best, dataset=trainer.data.test, out_dir=run / "eval-test",
                                          device=str(trainer.device), workers=trainer.num_workers,
                                          label="test", augment_on=trainer.augment_on)
         finally:
-            trainer._unlock()
+            if not held:
+                trainer._unlock()
     print(f"run folder: {run}")
     print(f"checkpoint: {best}")
     print(f"plots:      {run / 'curves.png'}" + (f", {run / 'eval-test' / 'confusion.png'}" if result else ""))

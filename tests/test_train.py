@@ -254,19 +254,25 @@ time.sleep(60)
     assert (a.run_dir, b.run_dir) == (Path("runs/20260101-000000-paper"), Path("runs/20260101-000000-paper-2"))
 
 
-def test_the_run_folder_stays_held_while_the_test_set_is_evaluated(data, tmp_path, monkeypatch):
-    """finish_run writes eval-test/ into the run folder after fit() has given the lock up:
-    it takes the lock again for that, so a resume begun meanwhile is refused."""
+@pytest.mark.parametrize("keep_lock", [False, True])
+def test_the_run_folder_stays_held_while_the_test_set_is_evaluated(data, tmp_path, monkeypatch, keep_lock):
+    """finish_run writes eval-test/ into the run folder: after fit() it takes the lock again
+    for that; after fit(keep_lock=True), as `alexnet train` calls it, the lock is never
+    given up in between. Either way a resume begun meanwhile is refused."""
     import alexnet.evaluate as evaluate_module
     from alexnet.train import finish_run
 
     run = tmp_path / "r"
     t = Trainer(tiny_config(data, epochs=1), run, quiet=True)
-    t.fit()
+    t.fit(keep_lock=keep_lock)
+    refused = rf"r is in use by another alexnet train \(pid {os.getpid()}\)"
+    if keep_lock:  # between fit and finish_run
+        with pytest.raises(ConfigError, match=refused):
+            Trainer(None, run, resume=True, quiet=True)
     seen = []
 
     def meanwhile(*args, **kwargs):
-        with pytest.raises(ConfigError, match=rf"r is in use by another alexnet train \(pid {os.getpid()}\)"):
+        with pytest.raises(ConfigError, match=refused):
             Trainer(None, run, resume=True, quiet=True)
         seen.append(kwargs["out_dir"])
         return None
@@ -274,7 +280,32 @@ def test_the_run_folder_stays_held_while_the_test_set_is_evaluated(data, tmp_pat
     monkeypatch.setattr(evaluate_module, "evaluate_checkpoint", meanwhile)
     finish_run(t)
     assert seen == [run / "eval-test"]
+    if keep_lock:  # still held after it, until close()
+        with pytest.raises(ConfigError, match=refused):
+            Trainer(None, run, resume=True, quiet=True)
+        t.close()
     Trainer(None, run, resume=True, quiet=True).close()  # given up again afterwards
+
+
+def test_alexnet_train_holds_the_run_folder_from_training_to_the_end_of_the_test(data, tmp_path, monkeypatch):
+    """`alexnet train` trains and evaluates the test split under one lock: a resume begun
+    when training has ended but the test evaluation has not yet begun is refused too."""
+    import alexnet.train as train_module
+    from alexnet import cli
+    from alexnet.config import to_dict
+
+    (tmp_path / "c.json").write_text(json.dumps(to_dict(tiny_config(data, epochs=1))))
+    run, seen = tmp_path / "r", []
+
+    def finish(trainer, test=True):
+        with pytest.raises(ConfigError, match="is in use by another alexnet train"):
+            Trainer(None, run, resume=True, quiet=True)
+        seen.append(test)
+
+    monkeypatch.setattr(train_module, "finish_run", finish)
+    assert cli.main(["train", "--config", str(tmp_path / "c.json"), "--out", str(run), "--no-test"]) == 0
+    assert seen == [False]
+    Trainer(None, run, resume=True, quiet=True).close()  # given up when the command ends
 
 
 def test_a_damaged_log_line_costs_only_itself(tmp_path):
