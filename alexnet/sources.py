@@ -7,7 +7,10 @@ ILSVRC2012 validation folder, and prepared stores, all as `ImageDataset`s.
   dataset-fashion-mnist). Split "train" has 60,000 images, "test"/"val" 10,000. The
   native 28x28 grey images stay in memory and are resized batch by batch on read
   (`TensorImageDataset`), grey becoming 3 equal channels.
-* A folder with IDX files (train-images-idx3-ubyte[.gz] and friends): the same, from there.
+* A folder with IDX files (train-images-idx3-ubyte[.gz] and friends): the same, from there;
+  class names from a `classes.txt` beside them (one per line), else Fashion-MNIST's when
+  the labels are Fashion-MNIST's own (recognised by content, wherever the files lie),
+  else "0", "1", ...
 * A prepared store (`alexnet prepare`), or a folder whose `<split>/` is one.
 * A folder with a `<split>/` subfolder (train, val, test; "val" also finds validation/
   valid): that subfolder. For val/test the class list is the train folder's, so labels
@@ -58,6 +61,14 @@ from alexnet.images import MAX_PIXELS, ImageError, decode_file
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# SHA-256 of the decoded label arrays of Fashion-MNIST's train and t10k files (computed
+# from Debian's dataset-fashion-mnist): the data is recognised by its labels wherever it
+# lies and however it is compressed, not by its folder's name (MNIST shares the file names)
+FASHION_MNIST_LABELS_SHA256 = frozenset({
+    "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7",  # train, 60,000
+    "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9",  # t10k, 10,000
+})
+IDX_CLASSES_FILE = "classes.txt"
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 SPLITS = ("train", "val", "test")
@@ -335,13 +346,32 @@ def open_idx(folder: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train"
         raise DataSourceError(f"{paths[1]} has {labels.shape} labels for {len(images)} images")
     if len(images) == 0:
         raise DataSourceError(f"{paths[0]} holds no images")
-    n_classes = int(labels.max()) + 1
-    if "fashion" in str(folder.resolve()).lower() and n_classes <= 10:
-        classes = FASHION_MNIST_CLASSES
-    else:
-        classes = [str(i) for i in range(n_classes)]
+    classes = _idx_classes(folder, labels)
     return IdxDataset(torch.from_numpy(images.copy())[:, None], labels.astype(np.int64), classes,
                       image_size, str(folder), (paths[0].name, paths[1].name))
+
+
+def _idx_classes(folder: Path, labels: np.ndarray) -> list[str]:
+    """The class names of an IDX pair: the lines of `classes.txt` beside it if there is
+    one, else Fashion-MNIST's when the labels are Fashion-MNIST's own, else "0", "1", ..."""
+    n_classes = int(labels.max()) + 1
+    path = folder / IDX_CLASSES_FILE
+    if path.exists():
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataSourceError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        while names and not names[-1]:
+            names.pop()
+        if "" in names or len(set(names)) != len(names):
+            raise DataSourceError(f"{path} must hold one distinct, non-empty class name per line")
+        if len(names) < n_classes:
+            raise DataSourceError(f"{path} names {len(names)} classes, but the labels go up to "
+                                  f"{n_classes - 1}")
+        return names
+    if labels.dtype == np.uint8 and hashlib.sha256(labels.tobytes()).hexdigest() in FASHION_MNIST_LABELS_SHA256:
+        return list(FASHION_MNIST_CLASSES)
+    return [str(i) for i in range(n_classes)]
 
 
 # ---------------------------------------------------------------------------- folders

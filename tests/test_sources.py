@@ -412,7 +412,8 @@ def test_idx_folder(tmp_path, gz):
     x, y = make_idx_folder(tmp_path / "fashion", gz=gz)
     ds = open_dataset(tmp_path / "fashion", image_size=56)
     assert isinstance(ds, TensorImageDataset) and ds.images.shape == (12, 1, 28, 28)  # native, not upscaled
-    assert len(ds) == 12 and ds.labels.tolist() == y.tolist() and ds.classes[0] == "T-shirt/top"
+    # not Fashion-MNIST's labels, whatever the folder is called: digits
+    assert len(ds) == 12 and ds.labels.tolist() == y.tolist() and ds.classes == [str(i) for i in range(10)]
     img, lab = ds.read([3])
     assert img.shape == (1, 3, 56, 56) and lab.item() == y[3]
     assert torch.equal(img[0, 0], img[0, 2])
@@ -420,6 +421,48 @@ def test_idx_folder(tmp_path, gz):
     (tmp_path / "fashion" / ("train-labels-idx1-ubyte" + (".gz" if gz else ""))).write_bytes(b"junk")
     with pytest.raises(DataSourceError):
         open_dataset(tmp_path / "fashion")
+
+
+def test_idx_class_names_from_classes_txt(tmp_path):
+    make_idx_folder(tmp_path / "d")
+    names = [f"class {i}" for i in range(10)] + ["never used"]
+    (tmp_path / "d" / "classes.txt").write_text("\n".join(names) + "\n\n", encoding="utf-8")
+    for split in ("train", "test"):
+        ds = open_dataset(tmp_path / "d", split=split)
+        assert ds.classes == ds.class_names == names
+    for text, words in (("a\nb\n", "names 2 classes, but the labels go up to 9"),
+                        ("\n".join("abcdefghij") .replace("c", "", 1), "one distinct, non-empty"),
+                        ("\n".join("abcdefghia"), "one distinct, non-empty")):
+        (tmp_path / "d" / "classes.txt").write_text(text)
+        with pytest.raises(DataSourceError, match=words):
+            open_dataset(tmp_path / "d")
+    (tmp_path / "d" / "classes.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(DataSourceError, match="cannot read"):
+        open_dataset(tmp_path / "d")
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST not installed")
+def test_fashion_mnist_is_known_by_its_labels_wherever_it_lies(tmp_path):
+    """A copy of the built-in data in a folder of any name, decompressed or not, has its
+    class names; the same images with other labels (MNIST's layout) have digits."""
+    import shutil
+
+    from alexnet.sources import FASHION_MNIST_CLASSES, read_idx
+
+    copy = tmp_path / "my-data"
+    copy.mkdir()
+    for f in Path(FASHION_MNIST_DIR).glob("*-labels-*"):
+        write_idx(copy / f.name.removesuffix(".gz"), read_idx(f))  # uncompressed
+    for f in Path(FASHION_MNIST_DIR).glob("*-images-*"):
+        (copy / f.name).symlink_to(f)
+    for split in ("train", "test"):
+        assert open_dataset(copy, split=split).classes == FASHION_MNIST_CLASSES
+    other = tmp_path / "fashion"  # the word in the path no longer decides
+    shutil.copytree(copy, other, symlinks=True)
+    y = read_idx(other / "train-labels-idx1-ubyte").copy()
+    y[0] = (y[0] + 1) % 10
+    write_idx(other / "train-labels-idx1-ubyte", y)
+    assert open_dataset(other).classes == [str(i) for i in range(10)]
 
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST not installed")
