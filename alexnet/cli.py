@@ -60,13 +60,12 @@ def _input_size(text: str) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from alexnet.model import build_model
-    from alexnet.summary import format_table, layer_table
+    from alexnet.summary import format_table, summary_table
 
     overrides = {"num_classes": args.num_classes}
     if args.input is not None:
         overrides["input_size"] = args.input
-    table = layer_table(build_model(args.variant, **overrides))
+    table = summary_table(args.variant, **overrides)
     print(json.dumps(table, indent=2) if args.json else format_table(table))
     return 0
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from alexnet.lrn import LocalResponseNorm
-from alexnet.model import AlexNet
+from alexnet.model import AlexNet, build_model
 
 
 def _describe(m: nn.Module) -> tuple[str, str]:
@@ -43,10 +43,11 @@ def _macs(m: nn.Module, out: torch.Tensor) -> int:
 
 
 def layer_table(model: AlexNet) -> dict:
-    """Rows for every layer of `model` from one forward pass of a single image."""
+    """Rows for every layer of `model` from one forward pass of a single image, on the
+    model's own device (a model on the meta device costs no memory: `summary_table`)."""
     rows: list[dict] = []
     s = model.cfg.input_size
-    x = torch.zeros(1, 3, s, s)
+    x = torch.zeros(1, 3, s, s, device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -75,6 +76,13 @@ def layer_table(model: AlexNet) -> dict:
         "total_params": sum(r["params"] for r in rows),
         "total_macs": sum(r["macs"] for r in rows),
     }
+
+
+def summary_table(variant: str, **overrides) -> dict:
+    """`layer_table` of a network built on the meta device: shapes and counts without
+    its weights' memory or initialisation (any --num-classes, at once)."""
+    with torch.device("meta"):
+        return layer_table(build_model(variant, **overrides))
 
 
 def format_table(table: dict) -> str:

@@ -52,6 +52,26 @@ def test_summary_num_classes(capsys):
     assert t["total_params"] == 60_965_224 - 4_097_000 + 4096 * 10 + 10
 
 
+def test_summary_costs_no_weights(capsys):
+    """The table comes from a network on the meta device: a classifier far larger than
+    memory (4096 x 10^11 weights) is counted, not allocated (it was a MemoryError
+    traceback), and the counts of every variant are those of the real network."""
+    import torch
+
+    from alexnet.config import VARIANTS
+    from alexnet.model import build_model
+    from alexnet.summary import layer_table, summary_table
+
+    code, out, _ = run(capsys, "summary", "--num-classes", str(10 ** 11), "--json")
+    t = json.loads(out)
+    assert code == 0 and t["layers"][-1]["output"] == [10 ** 11]
+    assert t["total_params"] == 60_965_224 - 4_097_000 + 4097 * 10 ** 11
+    for variant in VARIANTS:
+        real = build_model(variant, num_classes=10)
+        assert summary_table(variant, num_classes=10) == layer_table(real)
+        assert next(real.parameters()).device == torch.device("cpu")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["summary", "--variant", "vgg"], "invalid choice: 'vgg'"),
     (["summary", "--input", "225"], "input size must be 224 or 227, not 225"),
