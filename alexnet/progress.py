@@ -7,6 +7,11 @@ import sys
 import time
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 image', '2 images' (nouns whose plural adds an s)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)

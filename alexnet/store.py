@@ -49,7 +49,7 @@ import torch
 
 from alexnet.dataset import DataStats, ImageDataset, load_stats, resize_batch, save_stats
 from alexnet.fileio import WriteError, atomic_write, atomic_write_json, json_bytes, make_dir
-from alexnet.progress import Progress
+from alexnet.progress import Progress, plural
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.sources import (DataSourceError, SourceNotFoundError, StatsAccumulator,
                              open_idx, resolve_source)
@@ -178,7 +178,7 @@ class PrepareResult:
     def summary(self) -> str:
         state = "" if self.complete else " (unfinished: run again to finish)"
         ign = f", {self.ignored} non-image files ignored" if self.ignored else ""
-        return (f"prepared {self.out}: {self.written} images written, {self.skipped} skipped"
+        return (f"prepared {self.out}: {plural(self.written, 'image')} written, {self.skipped} skipped"
                 f"{ign} (report: {self.report}){state}")
 
 

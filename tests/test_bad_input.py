@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -251,7 +252,7 @@ def test_evaluate_a_val_folder_with_a_class_the_training_set_lacks_is_a_one_line
     root, _, info = tree
     ck = checkpoint(tmp_path / "m.safetensors", info["train_classes"])
     rc, out, err = main(capsys, "evaluate", ck, "--data", root, "--split", "val", "--out", tmp_path / "ev")
-    one_line_error(rc, err, "zebra (1 images) not among the 3 training classes")
+    one_line_error(rc, err, "zebra (1 image) not among the 3 training classes")
     assert not (tmp_path / "ev").exists()
 
 
@@ -645,7 +646,6 @@ def test_evaluate_leaves_an_unreadable_file_out_and_counts_it(capsys, tmp_path, 
     """Training replaces an unreadable file by the next readable one; evaluation must not
     count that neighbour twice: the figures equal those of the tree without the file, and
     eval.json says how many were left out."""
-    import warnings
 
     two_class_tree(tmp_path / "tree", per_class=3)
     ck = checkpoint(tmp_path / "m.safetensors", ["a", "b"])
@@ -677,3 +677,74 @@ def test_a_warning_is_one_line_of_the_command(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if "unreadable image" in x or "work_item" in x]
     assert len(lines) == 1 and lines[0].startswith("alexnet: warning: unreadable image "), r.stderr
+
+
+def test_evaluate_on_a_flat_folder_names_its_labels_and_counts_the_unlabelled(capsys, tmp_path):
+    """A flat folder's labels may come from a file found beside it (here a val.txt in the
+    parent folder): evaluate names that file, warns about the images it does not label
+    and counts them in eval.json; --labels gives another file, and a flat folder with
+    nothing to label it is an error that points to --labels."""
+    (tmp_path / "data" / "val").mkdir(parents=True)
+    for i, name in enumerate(("x.png", "y.png", "z.png")):
+        Image.new("RGB", (40, 30), (40 + 90 * i, 20, 20)).save(tmp_path / "data" / "val" / name)
+    (tmp_path / "data" / "val.txt").write_text("x.png a\ny.png b\n")
+    ck = checkpoint(tmp_path / "m.safetensors", ["a", "b"])
+    with pytest.warns(RuntimeWarning, match=r"1 of the 3 images in .* has no usable label in .*val.txt and is left out \(first: z.png: no label in "
+                                            r"ground truth val.txt\)"):
+        rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "data" / "val", "--out", tmp_path / "ev")
+    assert rc == 0, err
+    assert f"labels: {tmp_path / 'data' / 'val.txt'} (1 image without a usable label left out)" in out
+    doc = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert doc["images"] == 2 and doc["unlabelled"] == 1 and doc["labels_file"] == str(tmp_path / "data" / "val.txt")
+
+    (tmp_path / "all.txt").write_text("x.png a\ny.png b\nz.png a\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "data" / "val", "--labels",
+                            tmp_path / "all.txt", "--out", tmp_path / "ev2")
+    assert rc == 0, err
+    assert not [w for w in caught if "left out" in str(w.message)]
+    assert f"labels: {tmp_path / 'all.txt'}\n" in out
+    doc = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert doc["images"] == 3 and doc["unlabelled"] == 0
+
+    (tmp_path / "pics").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "pics" / "x.png")
+    rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "pics", "--out", tmp_path / "ev3")
+    one_line_error(rc, err, "no 'test' split", "give its labels file (--labels)")
+    rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "pics", "--labels", tmp_path / "all.txt",
+                        "--out", tmp_path / "ev3")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "ev3" / "eval.json").read_text())["images"] == 1
+
+
+def test_accuracy_and_error_are_counted_not_subtracted():
+    """9 hits of 10 are 0.9 and 0.1 exactly as floats go, not 1 - 0.9 = 0.09999999999999998."""
+    from alexnet.evaluate import Metrics
+
+    m = Metrics(count=10, loss=0.0, top1_hits=9, top5_hits=10, confusion=np.eye(2, dtype=np.int64))
+    assert (m.top1_acc, m.top1_err, m.top5_acc, m.top5_err) == (0.9, 0.1, 1.0, 0.0)
+    assert Metrics(count=0, loss=0.0, top1_hits=0, top5_hits=0, confusion=np.zeros((2, 2))).top1_err == 1.0
+
+
+def test_a_run_folder_or_foreign_weights_given_as_the_model_say_what_to_give(capsys, tmp_path):
+    """A run folder points to its best.safetensors; PyTorch or Caffe weights point to
+    `alexnet convert`; a file that is neither gets no such hint."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rc, out, err = main(capsys, "evaluate", run)
+    one_line_error(rc, err, f"{run} is a folder, not a model file")
+    assert "best" not in err
+    checkpoint(run / "best.safetensors", ["a", "b"])
+    rc, out, err = main(capsys, "evaluate", run)
+    one_line_error(rc, err, f"the run's best model is {run / 'best.safetensors'}")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "w.pth")
+    (tmp_path / "bvlc.caffemodel").write_bytes(b"\x0a\x07AlexNet")
+    (tmp_path / "junk.bin").write_bytes(b"junk junk junk")
+    for command in ("evaluate", "export"):
+        extra = [tmp_path / "out.onnx"] if command == "export" else []
+        for name, kind in (("w.pth", "torchvision"), ("bvlc.caffemodel", "caffe"), ("junk.bin", None)):
+            rc, out, err = main(capsys, command, tmp_path / name, *extra)
+            one_line_error(rc, err, "is not a readable safetensors file")
+            hint = f"convert them first: alexnet convert {kind} {tmp_path / name} OUT.safetensors"
+            assert (hint in err) == (kind is not None), err

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from alexnet.checkpoint import load_model_file
-from alexnet.config import ConfigError, run_config
+from alexnet.config import ConfigError, run_config, to_dict
 from alexnet.train import LRSchedule, Trainer, TrainingError, holdout_split
 
 
@@ -292,7 +292,6 @@ def test_alexnet_train_holds_the_run_folder_from_training_to_the_end_of_the_test
     when training has ended but the test evaluation has not yet begun is refused too."""
     import alexnet.train as train_module
     from alexnet import cli
-    from alexnet.config import to_dict
 
     (tmp_path / "c.json").write_text(json.dumps(to_dict(tiny_config(data, epochs=1))))
     run, seen = tmp_path / "r", []
@@ -306,6 +305,23 @@ def test_alexnet_train_holds_the_run_folder_from_training_to_the_end_of_the_test
     assert cli.main(["train", "--config", str(tmp_path / "c.json"), "--out", str(run), "--no-test"]) == 0
     assert seen == [False]
     Trainer(None, run, resume=True, quiet=True).close()  # given up when the command ends
+
+
+def test_no_test_is_remembered_by_a_resumed_run(data, tmp_path, monkeypatch):
+    """`--no-test` is the run's train.test = false: a run started with it and resumed
+    without it still skips the test evaluation; one started without it does not."""
+    import alexnet.train as train_module
+    from alexnet import cli
+
+    seen = []
+    monkeypatch.setattr(train_module, "finish_run", lambda trainer, test=True: seen.append(test))
+    for started_with in (["--no-test"], []):
+        run = tmp_path / f"r{len(started_with)}"
+        (tmp_path / "c.json").write_text(json.dumps(to_dict(tiny_config(data, epochs=1, max_steps=1))))
+        assert cli.main(["train", "--config", str(tmp_path / "c.json"), "--out", str(run), *started_with]) == 0
+        assert json.loads((run / "config.json").read_text())["train"]["test"] is not bool(started_with)
+        assert cli.main(["train", "--resume", str(run)]) == 0  # a finished run: straight to the end
+    assert seen == [False, False, True, True]
 
 
 def test_a_damaged_log_line_costs_only_itself(tmp_path):
@@ -599,7 +615,7 @@ def test_the_report_keeps_classes_whose_readable_names_repeat(tmp_path):
     from alexnet.evaluate import Metrics, write_report
 
     conf = np.array([[2, 0, 0], [1, 1, 0], [0, 0, 0]])
-    m = Metrics(count=4, loss=1.0, top1_err=0.25, top5_err=0.0, confusion=conf)
+    m = Metrics(count=4, loss=1.0, top1_hits=3, top5_hits=4, confusion=conf)
     doc = write_report(m, ["n03773504", "n04008634", "n01440764"], ["missile", "missile", "tench"], tmp_path,
                        title="t")
     on_disk = json.loads((tmp_path / "eval.json").read_text())
