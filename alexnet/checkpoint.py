@@ -59,7 +59,7 @@ class Checkpoint:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
-            raise CheckpointError(f"weights do not fit a {self.model_config.variant} network: "
+            raise CheckpointError(f"weights do not fit the {self.model_config.variant} network: "
                                   f"{' '.join(s.strip() for s in first[:3])}") from None
         return model
 
@@ -95,6 +95,10 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
 def load_model_file(path: str | Path) -> Checkpoint:
     """Read and check a model file; any problem is a CheckpointError with one line."""
     path = Path(path)
+    if path.is_dir():
+        best = path / "best.safetensors"
+        raise CheckpointError(f"{path} is a folder, not a model file"
+                              + (f"; the run's best model is {best}" if best.is_file() else ""))
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
@@ -102,7 +106,8 @@ def load_model_file(path: str | Path) -> Checkpoint:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})"
+                              f"{_convert_hint(path)}") from None
     if meta.get("format") not in (FORMAT, FORMAT_V1):
         raise CheckpointError(f"{path} is not an alexnet checkpoint (format {meta.get('format')!r})")
     try:
@@ -130,6 +135,22 @@ def load_model_file(path: str | Path) -> Checkpoint:
         if not v.is_floating_point() and not k.endswith("num_batches_tracked"):
             raise CheckpointError(f"{path}: tensor {k} has dtype {v.dtype}, expected floating point")
     return Checkpoint(cfg, weights, classes, stats, preprocess, extra)
+
+
+def _convert_hint(path: Path) -> str:
+    """For weights of another framework: how to make them a model file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return ""
+    if path.suffix.lower() == ".caffemodel":
+        kind = "caffe"
+    elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix.lower() in (".pth", ".pt"):
+        kind = "torchvision"
+    else:
+        return ""
+    return f"; to use these weights, convert them first: alexnet convert {kind} {path} OUT.safetensors"
 
 
 def _check_metadata(path: Path, num_classes: int, classes, preprocess, extra) -> None:

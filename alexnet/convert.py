@@ -22,7 +22,10 @@ identity.
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -31,7 +34,7 @@ from alexnet.caffe_proto import Layer, ProtoError, blob, net_layers
 from alexnet.checkpoint import CheckpointError, non_finite, save_model
 from alexnet.config import ConfigError, LRNConfig
 from alexnet.dataset import DataStats
-from alexnet.fileio import refuse_overwriting
+from alexnet.fileio import refuse_overwriting, require_suffix
 from alexnet.model import AlexNet, build_model
 
 # The per-channel mean of ILSVRC2012's training images (ilsvrc_2012_mean.npy averaged over
@@ -160,6 +163,7 @@ def convert_caffe(src: str | Path, out: str | Path, mean: str | Path | None = No
     """BVLC AlexNet's caffemodel as a `paper` model file at `out`; returns the network."""
     src = Path(src)
     refuse_overwriting(out, src, mean)
+    require_suffix(out, "a safetensors model file", ".safetensors")
     if mean is None:
         mean_image, mean_source = _constant_mean(CAFFE_MEAN_BGR[::-1]), f"per-channel BGR {CAFFE_MEAN_BGR}"
     else:
@@ -198,18 +202,59 @@ def _why_refused(e: Exception) -> str:
     found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
     if found:
         return f"it would build the Python object {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if found:
+        return found.group(1).strip().rstrip(".")
     first = (text.strip().splitlines() or [type(e).__name__])[0]
     return first.split(". ")[0].rstrip(".")
+
+
+def _check_pth_container(path: Path) -> None:
+    """A CheckpointError saying what `path` is, unless it looks like a file of torch.save:
+    a zip archive holding a data.pkl, or a legacy pickle. Damage and foreign files are
+    told apart from refused pickles, whose message is about code that would run."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if not head:
+        raise CheckpointError(f"{path} is empty")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{path} is a damaged zip archive ({e})") from None
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            raise CheckpointError(f"{path} is a TorchScript archive, not a state dict; save the scripted "
+                                  f"module's state_dict() with torch.save and convert that")
+        if not any(n.endswith("data.pkl") for n in names):
+            raise CheckpointError(f"{path} is a zip archive but not a PyTorch file (it has no data.pkl)")
+    elif head.startswith(b"PK"):
+        raise CheckpointError(f"{path} is truncated or damaged (a zip archive without its central directory)")
+    elif head[0] != 0x80:  # every pickle protocol >= 2 starts with PROTO
+        raise CheckpointError(f"{path} is not a PyTorch file (neither a zip archive nor a pickle)")
 
 
 def _load_pth(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no .pth file at {path}")
+    _check_pth_container(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refusals come in many types; all mean "refused"
-        raise CheckpointError(f"refused to load {path} (only plain tensors are accepted, nothing that runs "
-                              f"code): {_why_refused(e)}") from None
+        with warnings.catch_warnings():  # torch's advice about pickle protocols: its error says enough
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = _why_refused(e)
+        if isinstance(e, pickle.UnpicklingError) or why.startswith("it would build"):
+            if "torch.nn.modules." in why:
+                why += " (a whole pickled model: torch.save its state_dict() instead)"
+            raise CheckpointError(f"refused to load {path} (only plain tensors are accepted, nothing that runs "
+                                  f"code): {why}") from None
+        # the rest is damage past a well-formed start (EOFError, torch's RuntimeErrors, ...)
+        why = "it ends early" if isinstance(e, EOFError) else why
+        raise CheckpointError(f"{path} is truncated or damaged ({why})") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -217,13 +262,24 @@ def _load_pth(path: Path) -> dict:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return obj
+    return _without_parallel_prefixes(obj)
+
+
+def _without_parallel_prefixes(state: dict) -> dict:
+    """Keys as the bare network has them. A network saved inside nn.DataParallel or DDP
+    has every key under "module."; torchvision's ImageNet training script wraps only
+    AlexNet's features, so theirs are "features.module.N"."""
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return {("features." + k[len("features.module."):] if k.startswith("features.module.") else k): v
+            for k, v in state.items()}
 
 
 def convert_torchvision(src: str | Path, out: str | Path) -> AlexNet:
     """torchvision's AlexNet weights as an `owt` model file at `out`; returns the network."""
     src = Path(src)
     refuse_overwriting(out, src)
+    require_suffix(out, "a safetensors model file", ".safetensors")
     state = _load_pth(src)
     model = _uninitialised("owt", dropout_form="inverted")  # torchvision trained with nn.Dropout
     want = model.state_dict()

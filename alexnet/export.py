@@ -181,7 +181,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
     `compare`. Nothing is written unless it is within REL_TOLERANCE."""
     from alexnet.checkpoint import load_model_file
     from alexnet.cli import UserError
-    from alexnet.fileio import atomic_write, check_writable, refuse_overwriting
+    from alexnet.fileio import atomic_write, check_writable, refuse_overwriting, require_suffix
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -195,6 +195,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
     out = Path(out)
     check_writable(out, example="model.onnx")
     refuse_overwriting(out, checkpoint)
+    require_suffix(out, {"onnx": "an ONNX graph", "pt2": "a torch.export program"}[fmt], f".{fmt}")
     ck = load_model_file(checkpoint)
     model = ck.build_model().eval()
     data = to_onnx(ck, model) if fmt == "onnx" else to_pt2(ck, model)

@@ -64,6 +64,13 @@ def refuse_overwriting(out: str | Path, *inputs: str | Path | None) -> None:
             raise OutputError(f"{out} is the input {src} itself; give another output name")
 
 
+def require_suffix(out: str | Path, what: str, *suffixes: str) -> None:
+    """An OutputError unless file `out` ends in one of `suffixes`: `what` (e.g. "a PNG
+    picture") under another extension would mislead whatever opens it by its name."""
+    if Path(out).suffix.lower() not in suffixes:
+        raise OutputError(f"{out}: this writes {what}; give a name ending in {' or '.join(suffixes)}")
+
+
 def check_writable(out: str | Path, example: str = "out.json") -> None:
     """An OutputError, before any work, if file `out` cannot be written: a folder in its
     place, or no writable folder where it would go (missing folders are made later)."""

@@ -104,13 +104,22 @@ class Classifier:
         """The stored form of one image: uint8 (3, image_size, image_size)."""
         return torch.from_numpy(resize_center_crop(_to_pil(image, self.max_pixels), self.image_size))
 
+    def _prepare_named(self, image: ImageInput, k: int) -> torch.Tensor:
+        """`prepare`, its error naming the image: its path, else its place in the list."""
+        try:
+            return self.prepare(image)
+        except ValueError as e:  # ImageError included, which keeps its type
+            where = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"image {k}"
+            raise type(e)(f"{where}: {e}") from None
+
     @torch.inference_mode()
     def probabilities(self, images: list[ImageInput], ten_crop: bool = False, batch_size: int = 64) -> torch.Tensor:
         """Softmax outputs (N, num_classes) on the CPU, float32; with `ten_crop` the mean of
         the softmax over the paper's ten patches. Runs `batch_size` images at a time."""
         out = []
         for i in range(0, len(images), batch_size):
-            batch = torch.stack([self.prepare(im) for im in images[i:i + batch_size]])  # (B, 3, S, S) uint8
+            batch = torch.stack([self._prepare_named(im, i + k)
+                                 for k, im in enumerate(images[i:i + batch_size])])  # (B, 3, S, S) uint8
             x = self.transforms[ten_crop](batch)  # (B, 3, c, c) or (B, 10, 3, c, c)
             b = x.shape[0]
             x = x.flatten(0, 1) if ten_crop else x

@@ -165,8 +165,8 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
         app.state.batcher.close()
 
     app = FastAPI(title="AlexNet", version="0.1.0", lifespan=lifespan,
-                  description=f"Classify images with a {clf.model.cfg.variant} AlexNet checkpoint "
-                              f"({clf.num_classes} classes). Uploads up to {max_upload_bytes / MB:g} MB.")
+                  description=f"Classify images with an AlexNet checkpoint ({clf.model.cfg.variant} variant, "
+                              f"{clf.num_classes} classes). Uploads up to {max_upload_bytes / MB:g} MB.")
 
     app.add_middleware(BodyLimit, path="/api/predict", limit=max_upload_bytes + 64 * 1024,  # + multipart framing
                        detail=f"upload too large: more than {max_upload_bytes} bytes")

@@ -175,12 +175,13 @@ def _classifier(path: str, device: str = "cpu"):
 def _output(args: argparse.Namespace, suffix: str, *inputs: str | None) -> Path:
     """The picture's path (`--out`, or beside the checkpoint), refused before any work if
     it cannot be written or is one of the command's inputs."""
-    from alexnet.fileio import check_writable, refuse_overwriting
+    from alexnet.fileio import check_writable, refuse_overwriting, require_suffix
 
     p = Path(args.checkpoint)
     out = Path(args.out) if args.out else p.with_name(f"{p.stem}-{suffix}.png")
     check_writable(out, "picture.png")
     refuse_overwriting(out, args.checkpoint, *inputs)
+    require_suffix(out, "a PNG picture", ".png")
     return out
 
 

@@ -4,6 +4,7 @@ file says, gives the logits that the original numbers give under the source's ow
 preprocessing (computed here independently, op by op); bad files must be refused in one line."""
 
 import os
+import pickle
 import struct
 import zipfile
 
@@ -209,7 +210,7 @@ def test_caffe_new_format_default_mean(tmp_path, caffe_weights, image):
 
 def test_caffe_v1_format_unpacked_floats_and_binaryproto_mean(tmp_path, caffe_weights, image):
     lrn = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0}
-    src, mean_file, out = tmp_path / "bvlc.caffemodel", tmp_path / "mean.binaryproto", tmp_path / "out.st"
+    src, mean_file, out = tmp_path / "bvlc.caffemodel", tmp_path / "mean.binaryproto", tmp_path / "out.safetensors"
     src.write_bytes(_caffemodel(caffe_weights, v1=True, lrn=lrn))
     rng = np.random.default_rng(2)
     mean_bgr = (np.array([104, 117, 123], np.float32).reshape(3, 1, 1)
@@ -236,9 +237,9 @@ def _refused(tmp_path, data: bytes, *extra: str) -> str:
     src = tmp_path / "bad.caffemodel"
     src.write_bytes(data)
     with pytest.raises(CheckpointError) as e:
-        run_command("convert", "caffe", str(src), str(tmp_path / "out.st"), *extra)
+        run_command("convert", "caffe", str(src), str(tmp_path / "out.safetensors"), *extra)
     message = str(e.value)
-    assert "\n" not in message and not (tmp_path / "out.st").exists()
+    assert "\n" not in message and not (tmp_path / "out.safetensors").exists()
     return message
 
 
@@ -274,7 +275,7 @@ def test_truncated_and_random_caffemodels_are_refused(tmp_path):
         _refused(tmp_path, rng.bytes(int(rng.integers(1, 2000))))
     assert "no layers" in _refused(tmp_path, b"")
     with pytest.raises(CheckpointError, match="no caffemodel at"):
-        run_command("convert", "caffe", str(tmp_path / "absent.caffemodel"), str(tmp_path / "o.st"))
+        run_command("convert", "caffe", str(tmp_path / "absent.caffemodel"), str(tmp_path / "o.safetensors"))
 
 
 def test_bad_mean_file_is_refused(tmp_path):
@@ -311,6 +312,25 @@ def test_torchvision(tmp_path, image):
     _assert_logits_equal(_converted_logits(out, image), want)
 
 
+@pytest.mark.parametrize("wrap", ["module.", "features.module."])
+def test_torchvision_weights_saved_inside_data_parallel(tmp_path, wrap):
+    """DataParallel / DDP put every key under "module."; torchvision's training script
+    wraps only the features, giving "features.module.N". Both convert as the bare dict."""
+    state = plain_alexnet("owt", input_size=224).state_dict()
+    if wrap == "module.":
+        wrapped = {f"module.{k}": v for k, v in state.items()}
+    else:
+        wrapped = {k.replace("features.", "features.module.", 1): v for k, v in state.items()}
+    assert set(wrapped) != set(state)
+    torch.save(state, tmp_path / "bare.pth")
+    torch.save(wrapped, tmp_path / "wrapped.pth")
+    for name in ("bare", "wrapped"):
+        assert run_command("convert", "torchvision", str(tmp_path / f"{name}.pth"),
+                           str(tmp_path / f"{name}.safetensors")) == 0
+    a, b = (load_model_file(tmp_path / f"{n}.safetensors").state_dict for n in ("bare", "wrapped"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("key", ["state_dict", "model"])
 def test_torchvision_state_dict_inside_a_training_checkpoint(tmp_path, key):
     from alexnet.convert import _load_pth
@@ -324,8 +344,8 @@ def _tv_refused(tmp_path, obj) -> str:
     src = tmp_path / "bad.pth"
     torch.save(obj, src)
     with pytest.raises(CheckpointError) as e:
-        run_command("convert", "torchvision", str(src), str(tmp_path / "out.st"))
-    assert "\n" not in str(e.value) and not (tmp_path / "out.st").exists()
+        run_command("convert", "torchvision", str(src), str(tmp_path / "out.safetensors"))
+    assert "\n" not in str(e.value) and not (tmp_path / "out.safetensors").exists()
     return str(e.value)
 
 
@@ -348,6 +368,17 @@ def test_convert_never_writes_over_its_source(tmp_path, capsys):
     (tmp_path / "model.caffemodel").write_bytes(b"x")
     assert cli.main(["convert", "caffe", str(tmp_path / "model.caffemodel"), str(src), "--mean", str(src)]) == 2
     assert src.read_bytes() == before
+
+
+def test_convert_writes_only_to_a_safetensors_name(tmp_path, capsys):
+    src = tmp_path / "alexnet.pth"
+    torch.save(plain_alexnet("owt").state_dict(), src)
+    for out in ("owt.pth", "owt", "owt.st"):
+        assert cli.main(["convert", "torchvision", str(src), str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"alexnet: error: {tmp_path / out}: this writes a safetensors model file; give a name "
+                       f"ending in .safetensors\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alexnet.pth"]
 
 
 def test_a_write_failure_is_one_line(tmp_path, capsys):
@@ -387,12 +418,62 @@ def test_torchvision_pickle_payload_never_runs(tmp_path):
     assert b"system" in pickled
     with pytest.raises(CheckpointError, match="refused to load .*nothing that runs code.*: it would build the "
                                               "Python object (posix|os).system$") as e:
-        run_command("convert", "torchvision", str(src), str(tmp_path / "out.st"))
+        run_command("convert", "torchvision", str(src), str(tmp_path / "out.safetensors"))
     assert "\x1b" not in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()
-    assert not (tmp_path / "out.st").exists()
+    assert not (tmp_path / "out.safetensors").exists()
 
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match="refused to load"):
-        run_command("convert", "torchvision", str(garbage), str(tmp_path / "out.st"))
+
+
+def _pth_variants(tmp_path) -> dict:
+    """Files named .pth that are not state dicts, by what convert should call them."""
+    good = tmp_path / "good.pth"
+    torch.save({"features.0.weight": torch.zeros(4)}, good)
+    data = good.read_bytes()
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"features.0.weight": torch.zeros(4)}, legacy, _use_new_zipfile_serialization=False)
+    foreign = tmp_path / "foreign.pth"
+    with zipfile.ZipFile(foreign, "w") as z:
+        z.writestr("notes/readme.txt", "hello")
+    script = tmp_path / "script.pth"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(script))
+    files = {"empty": b"", "text": b"not a torch file", "truncated zip": data[:len(data) // 2],
+             "truncated pickle": legacy.read_bytes()[:-10], "cut pickle": legacy.read_bytes()[:40]}
+    out = {}
+    for what, content in files.items():
+        out[what] = tmp_path / f"{what.replace(' ', '-')}.pth"
+        out[what].write_bytes(content)
+    return {**out, "foreign zip": foreign, "TorchScript": script}
+
+
+def test_damaged_and_foreign_pth_files_are_named_as_such(tmp_path, capsys):
+    """Damage is not a refused pickle: each gets one line saying what the file is, and no
+    warning of torch's before it."""
+    words = {"empty": "is empty", "text": "is not a PyTorch file (neither a zip archive nor a pickle)",
+             "truncated zip": "is truncated or damaged (a zip archive without its central directory)",
+             "truncated pickle": "is truncated or damaged (unexpected EOF",
+             "cut pickle": "is truncated or damaged (it ends early)",
+             "foreign zip": "is a zip archive but not a PyTorch file",
+             "TorchScript": "is a TorchScript archive, not a state dict"}
+    files = _pth_variants(tmp_path)
+    assert set(files) == set(words)
+    for what, path in files.items():
+        assert cli.main(["convert", "torchvision", str(path), str(tmp_path / "out.safetensors")]) == 2, what
+        err = capsys.readouterr().err
+        assert err.startswith(f"alexnet: error: {path} {words[what]}"), (what, err)
+        assert err.count("\n") == 1 and "nothing that runs code" not in err, (what, err)
+        assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_protocol_4_pickle_is_refused_without_torchs_warning(tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+    src = tmp_path / "evil4.pth"
+    src.write_bytes(pickle.dumps(_Payload(marker), protocol=4))
+    assert cli.main(["convert", "torchvision", str(src), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refused to load" in err and "nothing that runs code" in err, err
+    assert not marker.exists()
+    torch.save(nn.Linear(2, 2), tmp_path / "whole.pth")
+    assert cli.main(["convert", "torchvision", str(tmp_path / "whole.pth"), str(tmp_path / "out.safetensors")]) == 2
+    assert capsys.readouterr().err.endswith("torch.nn.modules.linear.Linear (a whole pickled model: torch.save "
+                                            "its state_dict() instead)\n")

@@ -144,3 +144,20 @@ def test_the_format_follows_the_file_name_unless_given():
     assert format_for("alexnet.onnx", None) == "onnx"
     assert format_for("alexnet.bin", None) == "onnx"
     assert format_for("alexnet.pt2", "onnx") == "onnx"
+
+
+@pytest.mark.parametrize("name, flags, words", [
+    ("model.bin", [], "this writes an ONNX graph; give a name ending in .onnx"),
+    ("model.pt", [], "this writes an ONNX graph; give a name ending in .onnx"),
+    ("model.pt2", ["--format", "onnx"], "this writes an ONNX graph; give a name ending in .onnx"),
+    ("model.onnx", ["--format", "pt2"], "this writes a torch.export program; give a name ending in .pt2"),
+])
+def test_an_output_name_of_another_format_is_refused(tmp_path, capsys, name, flags, words):
+    """An ONNX graph written as model.pt would be opened as the wrong thing later."""
+    from alexnet import cli
+
+    make_checkpoint(tmp_path / "model.safetensors", "bn")
+    assert cli.main(["export", str(tmp_path / "model.safetensors"), str(tmp_path / name), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"alexnet: error: {tmp_path / name}: {words}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

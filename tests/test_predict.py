@@ -307,3 +307,15 @@ def test_float_levels_are_rounded_to_the_nearest_level():
     levels = np.random.default_rng(0).uniform(0, 255, (4, 5, 3))
     got = np.asarray(_to_pil(torch.from_numpy(levels), max_pixels=10 ** 6))
     assert np.array_equal(got, np.rint(levels).astype(np.uint8))
+
+
+def test_an_error_of_the_python_api_names_the_image(clf, imgs, tmp_path):
+    """A batch of many paths failing on one must say which: the path, or for an array
+    its place in the list."""
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    with pytest.raises(ImageError, match=re.escape(f"{tmp_path / 'zero.jpg'}: ")):
+        clf(str(tmp_path / "zero.jpg"))
+    with pytest.raises(ImageError, match=re.escape(f"{tmp_path / 'zero.jpg'}: ")):
+        clf.predict_batch([imgs[0], tmp_path / "zero.jpg"])
+    with pytest.raises(ValueError, match=r"^image 1: the image has NaN"):
+        clf.probabilities([imgs[0], np.full((20, 20, 3), np.nan)])

@@ -315,6 +315,9 @@ def test_no_picture_replaces_an_input_and_a_bad_output_is_refused_before_any_wor
         (("neighbours", model, "--data", nowhere, "--out", image / "x.png", "--device", "cpu"),
          "is not a writable folder"),
         (("filters", nowhere / "none.safetensors", "--out", tmp_path), "is a folder"),
+        (("filters", model, "--out", tmp_path / "f.jpg"), "this writes a PNG picture; give a name ending in "
+                                                          ".png"),
+        (("activations", model, image, "--out", tmp_path / "a"), "ending in .png"),
     ]
     for argv, message in cases:
         rc, out, err = run(capsys, *argv)
