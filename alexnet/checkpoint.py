@@ -138,7 +138,11 @@ def load_model_file(path: str | Path) -> Checkpoint:
 
 
 def _convert_hint(path: Path) -> str:
-    """For weights of another framework: how to make them a model file."""
+    """For a run's training state, where its model file is; for weights of another
+    framework, how to make them one."""
+    beside = path.with_name("model.safetensors")
+    if path.name == "state.pt" and beside.is_file():
+        return f"; this is a run's training state, and the model file beside it is {beside}"
     try:
         with open(path, "rb") as f:
             head = f.read(4)

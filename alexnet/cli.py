@@ -24,10 +24,12 @@ class UserError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the usage itself is in --help)."""
+    """argparse, but a usage error is one line (the usage itself is in --help), with the
+    prefix every other error has and the subcommand after it."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"alexnet: error: {command}{message}\n")
 
 
 def _int(text: str) -> int:

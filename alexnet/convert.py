@@ -92,7 +92,10 @@ def _read(path: str | Path, what: str) -> bytes:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no {what} at {path}")
-    return path.read_bytes()
+    data = path.read_bytes()
+    if not data:
+        raise CheckpointError(f"{path} is empty")
+    return data
 
 
 # --------------------------------------------------------------------------------- Caffe
@@ -242,11 +245,17 @@ def _load_pth(path: Path) -> dict:
         raise CheckpointError(f"no .pth file at {path}")
     _check_pth_container(path)
     try:
-        with warnings.catch_warnings():  # torch's advice about pickle protocols: its error says enough
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(record=True) as said:  # torch's warnings: told in our own line
+            warnings.simplefilter("always")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         why = _why_refused(e)
+        protocol = next((m.group(1) for w in said
+                         if (m := re.search(r"Detected pickle protocol (\d+)", str(w.message)))), None)
+        if protocol is not None and why.startswith("Unsupported operand"):
+            raise CheckpointError(f"refused to load {path}: its pickle is protocol {protocol}, which torch's "
+                                  f"safe loader (weights_only) cannot read; if you trust the file, load it with "
+                                  f"weights_only=False and torch.save its state dict again (default protocol)") from None
         if isinstance(e, pickle.UnpicklingError) or why.startswith("it would build"):
             if "torch.nn.modules." in why:
                 why += " (a whole pickled model: torch.save its state_dict() instead)"

@@ -195,6 +195,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
     out = Path(out)
     check_writable(out, example="model.onnx")
     refuse_overwriting(out, checkpoint)
+    require_suffix(out, "an ONNX graph (.onnx) or a torch.export program (.pt2)", ".onnx", ".pt2")
     require_suffix(out, {"onnx": "an ONNX graph", "pt2": "a torch.export program"}[fmt], f".{fmt}")
     ck = load_model_file(checkpoint)
     model = ck.build_model().eval()
@@ -208,7 +209,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
 
 
 def format_for(out: str | Path, fmt: str | None) -> str:
-    """The export format: `fmt`, else from OUT's suffix (.pt2: pt2), else onnx."""
+    """The export format: `fmt`, else from OUT's suffix (.pt2: pt2), else onnx (and
+    `export_checkpoint` refuses an OUT that does not end in the format's suffix)."""
     return fmt or ("pt2" if Path(out).suffix.lower() == ".pt2" else "onnx")
 
 

@@ -478,9 +478,10 @@ def read_ground_truth(path: str | os.PathLike) -> tuple[dict[str, str], bool]:
     Accepted formats (blank lines and lines starting with # are ignored):
     * the devkit's ILSVRC2012_validation_ground_truth.txt: one integer per line, line k
       labels ILSVRC2012_val_000000k; the integers are devkit ILSVRC2012_IDs (1..1000);
-    * "name label" per line (spaces, tabs or a comma between; the label is the last
-      field, so a name may hold spaces): label a WordNet id, a class name, or an integer
-      index into the class list (Caffe's val.txt);
+    * "name label" per line: label a WordNet id, a class name, or an integer index into
+      the class list (Caffe's val.txt). Between them a comma (the label is the field
+      after the first comma), else a tab (after the last tab), else spaces (the last
+      word). So a name may hold spaces, and a label too with a comma or a tab between;
     * Kaggle's LOC_val_solution.csv (header ImageId,PredictionString; the first word of
       PredictionString is the label).
     """
@@ -495,16 +496,23 @@ def read_ground_truth(path: str | os.PathLike) -> tuple[dict[str, str], bool]:
     if all(re.fullmatch(r"\d+", r) for r in rows):
         return {_val_name(k): r for k, r in enumerate(rows, 1)}, True
     table: dict[str, str] = {}
+    kaggle = False  # PredictionString: "wnid x y w h wnid ...", the first word the label
     for n, row in enumerate(rows):
-        parts = [p.strip() for p in row.split(",")] if "," in row else row.rsplit(None, 1)
+        if "," in row:
+            parts = [p.strip() for p in row.split(",")]
+        elif "\t" in row:
+            parts = [p.strip() for p in row.rsplit("\t", 1)]
+        else:
+            parts = row.rsplit(None, 1)
         if len(parts) < 2 or not parts[1].split():
             if n == 0:
                 continue
             raise DataSourceError(f"ground-truth file {path}: line {n + 1} is not 'name label': {row[:80]!r}")
-        name, label = parts[0], parts[1].split()[0]
+        name, label = parts[0], " ".join(parts[1].split())
         if n == 0 and name.lower() in ("imageid", "image", "file", "filename", "name"):
+            kaggle = label.lower() == "predictionstring"
             continue  # a header
-        table[os.path.basename(name)] = label
+        table[os.path.basename(name)] = label.split()[0] if kaggle else label
     if not table:
         raise DataSourceError(f"ground-truth file {path} has no 'name label' lines")
     return table, False
@@ -544,6 +552,8 @@ def list_flat_folder(folder: str | os.PathLike, labels: str | os.PathLike | None
         raise DataSourceError(f"no images in {root}")
     gt = Path(labels) if labels is not None else find_ground_truth(root)
     if labels is not None and not gt.is_file():
+        if gt.is_dir():
+            raise DataSourceError(f"the ground-truth file {labels} is a folder")
         raise SourceNotFoundError(f"ground-truth file not found: {labels}")
     by_name: dict[str, str] = {}
     if gt is not None:
@@ -636,6 +646,15 @@ def resolve_source(path: str | os.PathLike | None, split: str = "train",
                    labels: str | os.PathLike | None = None,
                    classes: list[str] | None = None) -> Source:
     """Look at `path` and say what it is (see the module docstring); folders are listed."""
+    src = _resolve_source(path, split, labels, classes)
+    if labels is not None and src.kind != "folder":  # it would be ignored
+        what = "a prepared store (its labels are stored)" if src.kind == "store" else "IDX data (labels included)"
+        raise DataSourceError(f"a ground-truth file (--labels) applies to a flat folder of images; {src.path} is "
+                              f"{what}")
+    return src
+
+
+def _resolve_source(path, split: str, labels, classes) -> Source:
     _check_split(split)
     if path is None or str(path) == "fashion-mnist":
         if not Path(FASHION_MNIST_DIR).is_dir():
@@ -666,7 +685,7 @@ def resolve_source(path: str | os.PathLike | None, split: str = "train",
     split_names = {n for names in _SPLIT_DIRS.values() for n in names}
     if dirs and set(dirs) <= split_names and not files:
         raise MissingSplitError(f"no {split!r} split in {p} (it has {', '.join(dirs)})")
-    if split != "train" and not _looks_like(p, split, files, labels):
+    if split != "train" and not _looks_like(p, split, files, dirs, labels):
         # a tree without split folders is a training set; never hand it out as val/test
         hint = "; for a flat folder of images, give its labels file (--labels)" if files and not dirs else ""
         raise MissingSplitError(f"no {split!r} split in {p}: it has no "
@@ -674,13 +693,18 @@ def resolve_source(path: str | os.PathLike | None, split: str = "train",
     return _resolve_folder(p, split, labels, classes)
 
 
-def _looks_like(p: Path, split: str, files: list[str], labels) -> bool:
+def _looks_like(p: Path, split: str, files: list[str], dirs: list[str], labels) -> bool:
     """Whether folder `p` (no split subfolders) is itself evidently of `split`: its name
-    has the split's word (val, validation, valid, test) in it, it holds ILSVRC2012
-    validation files, or a ground-truth file comes with it."""
+    has the split's word (val, validation, valid, test) in it; or, named for no split,
+    it holds ILSVRC2012 validation files (val) or a ground-truth file comes with it,
+    given or (for a flat folder) found beside it."""
     words = set(re.split(r"[^a-z0-9]+", p.resolve().name.lower()))
-    return (bool(words & set(_SPLIT_DIRS[split])) or labels is not None
-            or (split == "val" and any(f.startswith("ILSVRC2012_val_") for f in files)))
+    named = [s for s in ("val", "test") if words & set(_SPLIT_DIRS[s])]
+    if named:
+        return split in named
+    if split == "val" and any(f.startswith("ILSVRC2012_val_") for f in files):
+        return True
+    return labels is not None or (bool(files) and not dirs and find_ground_truth(p) is not None)
 
 
 def _check_store_split(store: Path, split: str) -> None:

@@ -748,3 +748,47 @@ def test_a_run_folder_or_foreign_weights_given_as_the_model_say_what_to_give(cap
             one_line_error(rc, err, "is not a readable safetensors file")
             hint = f"convert them first: alexnet convert {kind} {tmp_path / name} OUT.safetensors"
             assert (hint in err) == (kind is not None), err
+    # a run's training state is no weights to convert: the model file is beside it
+    step = run / "checkpoints" / "step-00000003"
+    step.mkdir(parents=True)
+    torch.save({"step": 3}, step / "state.pt")
+    rc, out, err = main(capsys, "evaluate", step / "state.pt")
+    one_line_error(rc, err, "is not a readable safetensors file")
+    assert "convert" in err and "model file beside it" not in err  # no model.safetensors there yet
+    checkpoint(step / "model.safetensors", ["a", "b"])
+    rc, out, err = main(capsys, "evaluate", step / "state.pt")
+    one_line_error(rc, err, f"this is a run's training state, and the model file beside it is "
+                            f"{step / 'model.safetensors'}")
+    assert "convert" not in err
+
+
+def test_a_labels_file_beside_a_flat_folder_of_any_name_labels_it(capsys, tmp_path):
+    """Found beside the folder, a ground-truth file labels it whatever the folder is
+    called (not only val/ or test/); a folder named for a split is that split only; and
+    --labels with data that has its own labels is an error, not ignored."""
+    (tmp_path / "p" / "imgs").mkdir(parents=True)
+    for i, name in enumerate(("x.png", "y.png")):
+        Image.new("RGB", (40, 30), (40 + 90 * i, 20, 20)).save(tmp_path / "p" / "imgs" / name)
+    (tmp_path / "p" / "val.txt").write_text("x.png a\ny.png b\n")
+    ck = checkpoint(tmp_path / "m.safetensors", ["a", "b"])
+    for split, out in ((None, "ev"), ("val", "ev-val")):
+        flags = ["--split", split] if split else []
+        rc, _, err = main(capsys, "evaluate", ck, "--data", tmp_path / "p" / "imgs", *flags, "--out", tmp_path / out)
+        assert rc == 0, err
+        doc = json.loads((tmp_path / out / "eval.json").read_text())
+        assert doc["images"] == 2 and doc["labels_file"] == str(tmp_path / "p" / "val.txt")
+        assert doc["split"] == (split or "test")
+    (tmp_path / "p" / "imgs").rename(tmp_path / "p" / "val")  # named val: not a test split, with --labels too
+    rc, _, err = main(capsys, "evaluate", ck, "--data", tmp_path / "p" / "val", "--labels", tmp_path / "p" / "val.txt",
+                      "--out", tmp_path / "ev-named")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "ev-named" / "eval.json").read_text())["split"] == "val"
+    rc, _, err = main(capsys, "evaluate", ck, "--data", tmp_path / "p" / "val", "--split", "test",
+                      "--out", tmp_path / "ev-test")
+    one_line_error(rc, err, "no 'test' split")
+    rc, _, err = main(capsys, "evaluate", ck, "--labels", tmp_path / "p" / "val.txt", "--out", tmp_path / "ev-fm")
+    one_line_error(rc, err, "applies to a flat folder of images", "is IDX data")
+    rc, _, err = main(capsys, "evaluate", ck, "--data", tmp_path / "p" / "val", "--labels", tmp_path / "p",
+                      "--out", tmp_path / "ev-dir")
+    one_line_error(rc, err, f"the ground-truth file {tmp_path / 'p'} is a folder")
+    assert not (tmp_path / "ev-fm").exists() and not (tmp_path / "ev-dir").exists()

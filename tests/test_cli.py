@@ -128,6 +128,18 @@ def test_train_and_evaluate_argument_errors(capsys, argv, message):
     code, out, err = run(capsys, *argv)
     assert code == 2, err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert err.startswith("alexnet: error: "), err
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["train", "--epochs", "-1"], "alexnet: error: train: argument --epochs: must be >= 1, not -1"),
+    (["show", "filters"], "alexnet: error: show filters: the following arguments are required: checkpoint"),
+    (["bogus"], "alexnet: error: argument COMMAND: invalid choice: 'bogus'"),
+])
+def test_usage_errors_have_the_prefix_of_every_other_error(capsys, argv, line):
+    """argparse's own errors start as the commands' do, the (sub)command after it."""
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err.startswith(line) and err.count("\n") == 1, err
 
 
 def test_train_config_file_and_overrides(tmp_path):

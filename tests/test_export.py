@@ -142,13 +142,15 @@ def test_the_format_follows_the_file_name_unless_given():
     assert format_for("a/alexnet.pt2", None) == "pt2"
     assert format_for("alexnet.PT2", None) == "pt2"
     assert format_for("alexnet.onnx", None) == "onnx"
-    assert format_for("alexnet.bin", None) == "onnx"
+    assert format_for("alexnet.bin", None) == "onnx"  # and then refused (below)
     assert format_for("alexnet.pt2", "onnx") == "onnx"
 
 
 @pytest.mark.parametrize("name, flags, words", [
-    ("model.bin", [], "this writes an ONNX graph; give a name ending in .onnx"),
-    ("model.pt", [], "this writes an ONNX graph; give a name ending in .onnx"),
+    ("model.bin", [], "this writes an ONNX graph (.onnx) or a torch.export program (.pt2); give a name ending in "
+                      ".onnx or .pt2"),
+    ("model.pt", ["--format", "onnx"], "this writes an ONNX graph (.onnx) or a torch.export program (.pt2); give a "
+                                       "name ending in .onnx or .pt2"),
     ("model.pt2", ["--format", "onnx"], "this writes an ONNX graph; give a name ending in .onnx"),
     ("model.onnx", ["--format", "pt2"], "this writes a torch.export program; give a name ending in .pt2"),
 ])

@@ -283,7 +283,7 @@ def test_cli_usage_errors_exit_2(capsys, paper, imgs, tmp_path):
                  [paper, tmp_path / "nothing-*.jpg"]):
         rc, out, err = run(capsys, *argv)
         assert rc == 2 and out == "", argv
-        assert len(err.splitlines()) == 1 and err.startswith(("alexnet: error: ", "alexnet predict: error: ")), argv
+        assert len(err.splitlines()) == 1 and err.startswith("alexnet: error: "), argv
 
 
 def test_weights_that_do_not_fit_are_a_checkpoint_error(paper):

@@ -350,6 +350,11 @@ def test_ground_truth_formats(tmp_path):
     p.write_text("a.jpg 3\nbroken\n")
     with pytest.raises(DataSourceError, match="line 2"):
         read_ground_truth(p)
+    # a label with spaces (Fashion-MNIST's "Ankle boot"): after a comma or a tab
+    p.write_text("my a.png,Ankle boot\nb.png\tAnkle  boot\nc d.png Coat\n")
+    assert read_ground_truth(p) == ({"my a.png": "Ankle boot", "b.png": "Ankle boot", "c d.png": "Coat"}, False)
+    p.write_text("file,label\nx.png,T-shirt/top\n")  # a header other than Kaggle's: the whole field
+    assert read_ground_truth(p) == ({"x.png": "T-shirt/top"}, False)
 
 
 def test_flat_folder_with_custom_names(tmp_path):
