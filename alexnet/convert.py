@@ -34,7 +34,7 @@ from alexnet.caffe_proto import Layer, ProtoError, blob, net_layers
 from alexnet.checkpoint import CheckpointError, non_finite, save_model
 from alexnet.config import ConfigError, LRNConfig
 from alexnet.dataset import DataStats
-from alexnet.fileio import refuse_overwriting, require_suffix
+from alexnet.fileio import check_writable, refuse_overwriting, require_suffix
 from alexnet.model import AlexNet, build_model
 
 # The per-channel mean of ILSVRC2012's training images (ilsvrc_2012_mean.npy averaged over
@@ -86,6 +86,14 @@ def _uninitialised(variant: str, **overrides) -> AlexNet:
     with torch.device("meta"):
         model = build_model(variant, **overrides)
     return model.to_empty(device="cpu")
+
+
+def _check_output(out: str | Path, *inputs) -> None:
+    """Before any work: `out` can be written, is none of the inputs, and is named as what
+    is written."""
+    check_writable(out, "model.safetensors")
+    refuse_overwriting(out, *inputs)
+    require_suffix(out, "a safetensors model file", ".safetensors")
 
 
 def _read(path: str | Path, what: str) -> bytes:
@@ -165,8 +173,7 @@ def read_caffe_mean(path: str | Path) -> torch.Tensor:
 def convert_caffe(src: str | Path, out: str | Path, mean: str | Path | None = None) -> AlexNet:
     """BVLC AlexNet's caffemodel as a `paper` model file at `out`; returns the network."""
     src = Path(src)
-    refuse_overwriting(out, src, mean)
-    require_suffix(out, "a safetensors model file", ".safetensors")
+    _check_output(out, src, mean)
     if mean is None:
         mean_image, mean_source = _constant_mean(CAFFE_MEAN_BGR[::-1]), f"per-channel BGR {CAFFE_MEAN_BGR}"
     else:
@@ -287,8 +294,7 @@ def _without_parallel_prefixes(state: dict) -> dict:
 def convert_torchvision(src: str | Path, out: str | Path) -> AlexNet:
     """torchvision's AlexNet weights as an `owt` model file at `out`; returns the network."""
     src = Path(src)
-    refuse_overwriting(out, src)
-    require_suffix(out, "a safetensors model file", ".safetensors")
+    _check_output(out, src)
     state = _load_pth(src)
     model = _uninitialised("owt", dropout_form="inverted")  # torchvision trained with nn.Dropout
     want = model.state_dict()
