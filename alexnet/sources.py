@@ -425,9 +425,12 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
     index = {c: i for i, c in enumerate(classes)}
     paths, labels, skipped, extra = [], [], [], []
     ignored += len(top_images)
+    # Symlinked folders are followed, but never into the tree's root or a class folder (its
+    # own, as a cycle, or another's, whose images would be listed again under this class).
+    tops = {os.path.realpath(root)} | {os.path.realpath(root / d) for d in dirs}
     for d in dirs:
         files = []
-        seen = {os.path.realpath(root / d)}  # symlinked folders are followed, cycles are not
+        seen = set(tops)
         for dirpath, dirnames, filenames in os.walk(root / d, followlinks=True):
             keep = []
             for n in sorted(dirnames):

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alexnet.config import MAX_IMAGE_SIZE
 from alexnet.dataset import DataStats, ImageDataset, load_stats, resize_batch, save_stats
 from alexnet.fileio import WriteError, atomic_write, atomic_write_json, json_bytes, make_dir
 from alexnet.progress import Progress, plural
@@ -244,8 +245,8 @@ def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = 
     of the same source, split and size, it is continued; a complete store is left as it
     is. `_stop_after` (tests) stops after about that many files, as an interruption
     would."""
-    if size < 1:
-        raise DataSourceError(f"size must be >= 1, not {size}")
+    if not 1 <= size <= MAX_IMAGE_SIZE:
+        raise DataSourceError(f"size must be from 1 to {MAX_IMAGE_SIZE}, not {size}")
     workers = max(1, workers or os.cpu_count() or 1)
     out = Path(out).expanduser()
     source = resolve_source(src, split, labels)

@@ -270,6 +270,16 @@ def _first_difference(a, b) -> str:
     return f"model.{k} ({getattr(a, k)} vs {getattr(b, k)})"
 
 
+START_OVER = "run the same alexnet train command again to start it over"
+
+
+def _absolute(path: str | None) -> str | None:
+    """A data path as an absolute one (None and the built-in "fashion-mnist" as they are)."""
+    if path is None or path == "fashion-mnist":
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig | None, run_dir: str | Path | None, resume: bool = False,
                  quiet: bool = False):
@@ -279,6 +289,9 @@ class Trainer:
         self._lock_fd: int | None = None
         if resume:
             cfg = self._read_config()
+        else:  # config.json must name the data wherever a resume is started from
+            d = cfg.data
+            cfg = replace(cfg, data=replace(d, path=_absolute(d.path), val_path=_absolute(d.val_path)))
         self.info, self.device = init_distributed(cfg.train.device)
         self.data = open_data(cfg)
         classes = list(self.data.train.classes)
@@ -524,6 +537,10 @@ class Trainer:
             last = json.loads((ck / "last.json").read_text())
             name = last["dir"]
         except (OSError, ValueError, KeyError, TypeError):  # ValueError: bad JSON, bytes that are not UTF-8
+            saved = [p for p in ck.iterdir() if STEP_DIR.fullmatch(p.name)] if ck.is_dir() else []
+            if not (ck / "last.json").exists() and not saved:
+                raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from (the run stopped before "
+                                      f"its first); {START_OVER}") from None
             raise CheckpointError(f"{self.run_dir} has no readable checkpoints/last.json to resume from") from None
         if not isinstance(name, str) or not STEP_DIR.fullmatch(name):
             # only this run's own step folders: never another run's, never a path out of it
@@ -676,20 +693,27 @@ class Trainer:
             if self.info.is_main:
                 with contextlib.suppress(OSError):
                     atomic_write_text(self.run_dir / "diverged", str(e) + "\n")
-            raise TrainingError(f"{e}; the last good checkpoint is in {self.run_dir / 'checkpoints'}") from None
+            where = (f"the last good checkpoint is in {self.run_dir / 'checkpoints'}" if self._last() is not None
+                     else "no checkpoint was written before it")
+            raise TrainingError(f"{e}; {where}") from None
         finally:
             if not keep_lock:
                 self._unlock()  # the run's files are all written: another trainer may take the folder
             for s, h in old.items():
                 signal.signal(s, h)
 
-    def _resume_hint(self) -> str:
+    def _last(self) -> dict | None:
+        """checkpoints/last.json, or None when there is none (or none readable)."""
         try:
             last = json.loads((self.run_dir / "checkpoints" / "last.json").read_text())
         except (OSError, ValueError):
-            last = None
-        if not isinstance(last, dict):
-            return "no checkpoint was written yet"
+            return None
+        return last if isinstance(last, dict) else None
+
+    def _resume_hint(self) -> str:
+        last = self._last()
+        if last is None:
+            return f"no checkpoint was written yet; {START_OVER}"
         return (f"the checkpoint of step {last.get('step')} is intact; continue with: "
                 f"alexnet train --resume {self.run_dir}")
 

@@ -176,19 +176,25 @@ def test_prepare_resumes_past_a_non_utf8_file_name(tmp_path):
 
 def test_folder_symlink_loops_end_and_list_each_image_once(tmp_path, model_file, capsys):
     # a/self -> a, and b/up -> the training folder itself: an os.walk that follows links
-    # without remembering where it has been never ends
+    # without remembering where it has been never ends. b/also-a -> a would list a's images
+    # again as b's (it did, through b/up too); a link to a folder inside a class is followed
     root = tmp_path / "train"
     for cls in ("a", "b"):
         (root / cls).mkdir(parents=True)
         Image.new("RGB", (30, 20), (80, 40, 160)).save(root / cls / f"{cls}.png")
     (root / "a" / "self").symlink_to(".")
     (root / "b" / "up").symlink_to(root)
+    (root / "b" / "also-a").symlink_to(root / "a")  # another class's folder: its images are a's
+    (root / "b" / "more").mkdir()
+    Image.new("RGB", (30, 20), (90, 40, 160)).save(root / "b" / "more" / "m.png")
+    (root / "a" / "shared").symlink_to(root / "b" / "more")  # a folder of no class's own: followed
     rc, out, err = main(capsys, "prepare", root, tmp_path / "store", "--quiet", "--workers", "1")
     assert rc == 0, err
     from alexnet.store import open_store
 
-    sources = open_store(tmp_path / "store").sources
-    assert sorted(sources) == sorted(set(sources)) and {"a/a.png", "b/b.png"} <= set(sources)
+    store = open_store(tmp_path / "store")
+    assert dict(zip(store.sources, store.labels.tolist())) == {"a/a.png": 0, "a/shared/m.png": 0, "b/b.png": 1,
+                                                               "b/more/m.png": 1}
     rc, out, err = main(capsys, "predict", model_file, tmp_path / "train" / "a", "--top", "1")
     assert rc == 0 and [x for x in out.splitlines() if not x.startswith(" ")] == [str(root / "a" / "a.png")]
 
@@ -371,10 +377,13 @@ def test_serve_refuses_bad_uploads_and_keeps_serving(corpus, client, name):
     (["--set", "train.lr=Infinity"], ["train.lr must be a finite number"]),
     (["--set", "model.init_std=NaN"], ["model.init_std must be a finite number"]),
     (["--set", "train.batch_size=0"], ["train.batch_size must be >= 1"]),
-    (["--set", "data.image_size=-5"], ["data.image_size must be >= 32"]),
+    (["--set", "data.image_size=-5"], ["data.image_size must be from 32 to 2048, not -5"]),
+    (["--set", "data.image_size=100000"], ["data.image_size must be from 32 to 2048, not 100000"]),  # was 224 GiB
     (["--set", "train.epochs=\"ten\""], ["train.epochs must be an integer"]),
     (["--set", "train.bogus=1"], ["unknown key train.bogus"]),
     (["--set", "nonsense"], ["KEY=VALUE"]),
+    (["--set", ".a=1"], ["--set expects KEY=VALUE with KEY such as train.lr, got '.a=1'"]),  # was "unknown key ;"
+    (["--set", "model.lrn=3"], ["model.lrn must be a mapping, not int"]),  # was "model.lrn. must"
     (["--batch-size", "0"], ["must be >= 1"]),
     (["--input", "300"], ["224 or 227"]),
     (["--epochs", "x"], ["not an integer"]),
@@ -493,6 +502,9 @@ def finished_run(tmp_path_factory):
     ("config.json-key", "config.json: unknown key extra"),
     ("config.json-bytes", "config.json is not valid JSON"),  # not UTF-8
     ("last.json-bytes", "no readable checkpoints/last.json"),
+    ("last.json-missing", "no readable checkpoints/last.json"),  # step folders without it: not a new run
+    ("checkpoints-none", "has no checkpoint to resume from (the run stopped before its first); run the same "
+                         "alexnet train command again to start it over"),
 ])
 def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(capsys, tmp_path, finished_run, damage, words):
     import shutil
@@ -501,11 +513,16 @@ def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(capsys, tmp_path, 
     shutil.copytree(finished_run, run, copy_function=os.link)  # hard links: the damaged file is replaced below
     last = run / "checkpoints" / "last.json"
     newest = run / "checkpoints" / json.loads(last.read_text())["dir"]
-    target = (last if damage.startswith("last.json") else run / "config.json" if damage.startswith("config.json")
-              else newest / damage)
+    target = (last if damage.startswith(("last.json", "checkpoints")) else run / "config.json"
+              if damage.startswith("config.json") else newest / damage)
     data = target.read_bytes()
     target.unlink()  # not the fixture's file
-    if damage == "last.json":
+    if damage == "checkpoints-none":  # killed during its first save: nothing but a partial folder
+        shutil.rmtree(run / "checkpoints")
+        (run / "checkpoints" / ".step-00000001.partial").mkdir(parents=True)
+    elif damage == "last.json-missing":
+        pass
+    elif damage == "last.json":
         target.write_text("{garbage")
     elif damage == "last.json-escape":  # a folder outside the run
         target.write_text(json.dumps({"dir": "../../elsewhere", "step": 2}))

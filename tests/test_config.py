@@ -53,7 +53,7 @@ def test_round_trip_through_json():
     ({"dropout": "half"}, "dropout must be a number"),
     ({"variant": "vgg"}, "variant must be one of"),
     ({"lrn": {"form": "torch"}}, "lrn.form must be one of"),
-    ({"lrn": 5}, "lrn. must be a mapping"),
+    ({"lrn": 5}, "^lrn must be a mapping, not int$"),
     ({"input_size": 225}, "input size must be 224 or 227"),
     ({"num_classes": 0}, "num_classes must be >= 1"),
     ({"lrn": {"size": 4}}, "positive odd"),

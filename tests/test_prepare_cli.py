@@ -54,6 +54,8 @@ def test_prepare_user_errors(tmp_path, capsys):
     one_line_error(capsys, ["prepare", str(tmp_path / "c"), str(tmp_path / "o")], "no images in the 1 class folders")
     one_line_error(capsys, ["prepare", str(tmp_path / "flat"), str(tmp_path / "o"), "--labels",
                             str(tmp_path / "nope.txt")], "ground-truth file not found")
+    one_line_error(capsys, ["prepare", str(tmp_path / "c"), str(tmp_path / "o"), "--size", "100000"],
+                   "size must be from 1 to 2048, not 100000")  # it was a 224 GiB allocation's traceback
     assert not (tmp_path / "o").exists()
 
 

@@ -149,12 +149,19 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data
         return out * float("nan") if t.step == 3 else out
 
     t.net.forward = poisoned
-    with pytest.raises(TrainingError, match="the loss became nan at step 4"):
+    with pytest.raises(TrainingError, match="the loss became nan at step 4 .*; the last good checkpoint is in"):
         t.fit()
     last = json.loads((tmp_path / "r" / "checkpoints" / "last.json").read_text())
     assert last["step"] == 3
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "r").values())
     assert (tmp_path / "r" / "diverged").read_text().startswith("the loss became nan")
+
+    # at the first step there is no good checkpoint to point to
+    t = Trainer(tiny_config(data, epochs=1), tmp_path / "first", quiet=True)
+    forward = t.model.forward
+    t.net.forward = lambda x: forward(x) * float("nan")
+    with pytest.raises(TrainingError, match=r"at step 1 .*; no checkpoint was written before it$"):
+        t.fit()
 
 
 def test_reading_the_loss_back_every_few_steps_changes_nothing(data, tmp_path):
@@ -305,6 +312,18 @@ def test_alexnet_train_holds_the_run_folder_from_training_to_the_end_of_the_test
     assert cli.main(["train", "--config", str(tmp_path / "c.json"), "--out", str(run), "--no-test"]) == 0
     assert seen == [False]
     Trainer(None, run, resume=True, quiet=True).close()  # given up when the command ends
+
+
+def test_a_relative_data_path_is_saved_absolute_so_a_resume_from_elsewhere_finds_it(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(data.parent)
+    cfg = tiny_config(data.name, epochs=1, max_steps=2)
+    t = Trainer(cfg, tmp_path / "r", quiet=True)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["data"]["path"] == str(data)
+    stop_at(t, 1)
+    assert t.fit()["stopped"]
+    monkeypatch.chdir(tmp_path)  # where "idx..." names nothing
+    again = Trainer(None, tmp_path / "r", resume=True, quiet=True)
+    assert again.fit()["stopped"] is False and again.step == 2
 
 
 def test_no_test_is_remembered_by_a_resumed_run(data, tmp_path, monkeypatch):
