@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", metavar="PATH", help="validation data (default: the source's val split, "
                                                        "else a held-out part of train)")
     p.add_argument("--recipe", choices=list(RECIPES), help="named preset: paper (section 5), fast (one-cycle, "
-                   "label smoothing, BatchNorm variant), demo (fast within ten CPU minutes); default demo for "
+                   "label smoothing, BatchNorm variant), demo (fast cut to minutes on 2 CPU cores); default demo for "
                    "the built-in data, paper otherwise")
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file with model/data/train sections")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -232,8 +232,8 @@ def add_command(sub) -> None:
                                    "The program is run by its engine and compared with PyTorch "
                                    "before it is written.")
     p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
-    p.add_argument("out", metavar="OUT", help="file to write, e.g. alexnet.onnx or alexnet.pt2")
+    p.add_argument("out", metavar="OUT", help="file to write, ending in .onnx or .pt2, which decides the format")
     p.add_argument("--format", choices=FORMATS, default=None,
-                   help="onnx (needs the export extra) or pt2 (torch.export; needs only torch); "
-                        "default: pt2 for an OUT ending in .pt2, else onnx")
+                   help="onnx (needs the export extra) or pt2 (torch.export; needs only torch); it must "
+                        "agree with OUT's extension")
     p.set_defaults(func=_cmd_export)

@@ -326,7 +326,8 @@ def add_command(sub) -> None:
     p = sub.add_parser("serve", help="a web page and JSON API to classify your own images",
                        description="Serve a page where you upload or drop an image and see the top 5 classes, "
                                    "the crop the network sees and the conv1 filters; and a JSON API "
-                                   "(POST /api/predict, GET /api/info, GET /api/filters.png; docs at /docs). "
+                                   "(POST /api/predict, GET /api/info, GET /api/stats, GET /api/filters.png; "
+                                   "docs at /docs). "
                                    "Runs until Ctrl-C or SIGTERM (exit 0).")
     p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "

@@ -753,8 +753,9 @@ def test_a_run_folder_or_foreign_weights_given_as_the_model_say_what_to_give(cap
     one_line_error(rc, err, f"{run} is a folder, not a model file")
     assert "best" not in err
     checkpoint(run / "best.safetensors", ["a", "b"])
-    rc, out, err = main(capsys, "evaluate", run)
-    one_line_error(rc, err, f"the run's best model is {run / 'best.safetensors'}")
+    for argv in (["evaluate", run], ["export", run, tmp_path / "out.onnx"]):
+        rc, out, err = main(capsys, *argv)
+        one_line_error(rc, err, f"the run's best model is {run / 'best.safetensors'}")
     torch.save({"w": torch.zeros(2)}, tmp_path / "w.pth")
     (tmp_path / "bvlc.caffemodel").write_bytes(b"\x0a\x07AlexNet")
     (tmp_path / "junk.bin").write_bytes(b"junk junk junk")
