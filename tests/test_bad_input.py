@@ -757,11 +757,13 @@ def test_a_run_folder_or_foreign_weights_given_as_the_model_say_what_to_give(cap
         rc, out, err = main(capsys, *argv)
         one_line_error(rc, err, f"the run's best model is {run / 'best.safetensors'}")
     torch.save({"w": torch.zeros(2)}, tmp_path / "w.pth")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights")  # known by its bytes, not its name
     (tmp_path / "bvlc.caffemodel").write_bytes(b"\x0a\x07AlexNet")
     (tmp_path / "junk.bin").write_bytes(b"junk junk junk")
     for command in ("evaluate", "export"):
         extra = [tmp_path / "out.onnx"] if command == "export" else []
-        for name, kind in (("w.pth", "torchvision"), ("bvlc.caffemodel", "caffe"), ("junk.bin", None)):
+        for name, kind in (("w.pth", "torchvision"), ("weights", "torchvision"), ("bvlc.caffemodel", "caffe"),
+                           ("junk.bin", None)):
             rc, out, err = main(capsys, command, tmp_path / name, *extra)
             one_line_error(rc, err, "is not a readable safetensors file")
             hint = f"convert them first: alexnet convert {kind} {tmp_path / name} OUT.safetensors"
@@ -810,3 +812,22 @@ def test_a_labels_file_beside_a_flat_folder_of_any_name_labels_it(capsys, tmp_pa
                       "--out", tmp_path / "ev-dir")
     one_line_error(rc, err, f"the ground-truth file {tmp_path / 'p'} is a folder")
     assert not (tmp_path / "ev-fm").exists() and not (tmp_path / "ev-dir").exists()
+    # a tree of class folders (with a stray image) beside a val.txt is no flat folder: the
+    # file does not make it a validation split, and the error does not ask for --labels
+    (tmp_path / "q" / "t" / "a").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(tmp_path / "q" / "t" / "a" / "x.png")
+    Image.new("RGB", (40, 30)).save(tmp_path / "q" / "t" / "loose.png")
+    (tmp_path / "q" / "val.txt").write_text("x.png a\n")
+    rc, _, err = main(capsys, "evaluate", ck, "--data", tmp_path / "q" / "t", "--split", "val",
+                      "--out", tmp_path / "ev-tree")
+    one_line_error(rc, err, "no 'val' split")
+    assert "--labels" not in err
+
+
+def test_an_output_extension_is_matched_whatever_its_case(tmp_path):
+    from alexnet.fileio import OutputError, require_suffix
+
+    for name in ("m.png", "M.PNG", "m.Png"):
+        require_suffix(tmp_path / name, "a PNG picture", ".png")
+    with pytest.raises(OutputError, match=r"m.jpg: this writes a PNG picture; give a name ending in .png$"):
+        require_suffix(tmp_path / "m.jpg", "a PNG picture", ".png")

@@ -291,7 +291,7 @@ def test_weights_that_do_not_fit_are_a_checkpoint_error(paper):
 
     ck = load_model_file(paper)
     ck.state_dict.pop(next(iter(ck.state_dict)))
-    with pytest.raises(CheckpointError, match="weights do not fit"):
+    with pytest.raises(CheckpointError, match="weights do not fit the paper network"):
         ck.build_model()
     ck = load_model_file(paper)
     ck.state_dict["features.0.weight"] = ck.state_dict["features.0.weight"][:5]
@@ -319,3 +319,5 @@ def test_an_error_of_the_python_api_names_the_image(clf, imgs, tmp_path):
         clf.predict_batch([imgs[0], tmp_path / "zero.jpg"])
     with pytest.raises(ValueError, match=r"^image 1: the image has NaN"):
         clf.probabilities([imgs[0], np.full((20, 20, 3), np.nan)])
+    with pytest.raises(ValueError, match=r"^image 2: "):  # its place in the whole list, not in its batch
+        clf.probabilities([imgs[0], imgs[0], np.full((20, 20, 3), np.nan)], batch_size=2)

@@ -351,8 +351,9 @@ def test_ground_truth_formats(tmp_path):
     with pytest.raises(DataSourceError, match="line 2"):
         read_ground_truth(p)
     # a label with spaces (Fashion-MNIST's "Ankle boot"): after a comma or a tab
-    p.write_text("my a.png,Ankle boot\nb.png\tAnkle  boot\nc d.png Coat\n")
-    assert read_ground_truth(p) == ({"my a.png": "Ankle boot", "b.png": "Ankle boot", "c d.png": "Coat"}, False)
+    p.write_text("my a.png,Ankle boot\nb.png\tAnkle  boot\nc d.png Coat\nt\tab.png\t3\n")
+    assert read_ground_truth(p) == ({"my a.png": "Ankle boot", "b.png": "Ankle boot", "c d.png": "Coat",
+                                     "t\tab.png": "3"}, False)  # after the last tab
     p.write_text("file,label\nx.png,T-shirt/top\n")  # a header other than Kaggle's: the whole field
     assert read_ground_truth(p) == ({"x.png": "T-shirt/top"}, False)
 

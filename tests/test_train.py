@@ -326,6 +326,21 @@ def test_a_relative_data_path_is_saved_absolute_so_a_resume_from_elsewhere_finds
     assert again.fit()["stopped"] is False and again.step == 2
 
 
+def test_a_failure_before_the_first_checkpoint_says_how_to_start_over(tmp_path):
+    """The hint after a write or loader failure: the checkpoint to resume from, or, with
+    none yet, the way to start over (a resume would find nothing)."""
+    from types import SimpleNamespace
+
+    stub = SimpleNamespace(run_dir=tmp_path)
+    stub._last = lambda: Trainer._last(stub)
+    assert Trainer._resume_hint(stub) == ("no checkpoint was written yet; run the same alexnet train command "
+                                          "again to start it over")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.json").write_text(json.dumps({"dir": "step-00000004", "step": 4}))
+    assert Trainer._resume_hint(stub) == (f"the checkpoint of step 4 is intact; continue with: "
+                                          f"alexnet train --resume {tmp_path}")
+
+
 def test_no_test_is_remembered_by_a_resumed_run(data, tmp_path, monkeypatch):
     """`--no-test` is the run's train.test = false: a run started with it and resumed
     without it still skips the test evaluation; one started without it does not."""
