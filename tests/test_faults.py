@@ -285,8 +285,8 @@ def kill_prepare_repeatedly(tmp_path: Path, kills: int, seed: int) -> tuple[int,
 
 
 def test_prepare_killed_at_random_points_ends_with_the_same_store(tmp_path):
-    done, seen = kill_prepare_repeatedly(tmp_path, kills=6, seed=3)
-    assert done == 6 and seen["unfinished"] > 0 and seen["complete"] > 0
+    done, seen = kill_prepare_repeatedly(tmp_path, kills=4, seed=3)
+    assert done == 4 and seen["unfinished"] > 0 and seen["complete"] > 0
 
 
 @pytest.mark.slow
@@ -340,7 +340,8 @@ def straight_one_epoch(data, tmp_path_factory):
 @pytest.mark.parametrize("where, code, words", [
     ("state.pt", errno.ENOSPC, ("cannot write checkpoint", "step-00000002", "No space left on device",
                                               "the checkpoint of step 1 is intact")),
-    ("last.json", errno.EROFS, ("cannot write checkpoint", "step-00000002", "Read-only file system")),
+    pytest.param("last.json", errno.EROFS, ("cannot write checkpoint", "step-00000002", "Read-only file system"),
+                 marks=pytest.mark.slow),  # the same atomic write as state.pt's, one file later
     ("best.safetensors", errno.EACCES, ("cannot write", "best.safetensors", "Permission denied",
                                         "the checkpoint of step 2 is intact")),
 ])
