@@ -25,6 +25,7 @@ from alexnet.config import ConfigError, ModelConfig, from_dict, to_dict
 from alexnet.dataset import DataStats
 from alexnet.fileio import atomic_write
 from alexnet.model import AlexNet
+from alexnet.progress import plural
 
 FORMAT = "alexnet-checkpoint-2"
 # Format 1 put the paper variants' dropout before fc6 and fc7 (so their
@@ -88,7 +89,7 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
         if v.is_floating_point():
             bad = v.numel() - int(torch.isfinite(v).sum())
             if bad:
-                return f"tensor {k} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}"
+                return f"tensor {k} holds {plural(bad, 'NaN or infinite value')}"
     return None
 
 

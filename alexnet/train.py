@@ -533,15 +533,13 @@ class Trainer:
 
     def _load_last(self) -> None:
         ck = self.run_dir / "checkpoints"
-        try:
-            last = json.loads((ck / "last.json").read_text())
-            name = last["dir"]
-        except (OSError, ValueError, KeyError, TypeError):  # ValueError: bad JSON, bytes that are not UTF-8
-            saved = [p for p in ck.iterdir() if STEP_DIR.fullmatch(p.name)] if ck.is_dir() else []
-            if not (ck / "last.json").exists() and not saved:
+        last = self._last()
+        if last is None or "dir" not in last:
+            if not (ck / "last.json").exists() and not _step_folders(ck):
                 raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from (the run stopped before "
-                                      f"its first); {START_OVER}") from None
-            raise CheckpointError(f"{self.run_dir} has no readable checkpoints/last.json to resume from") from None
+                                      f"its first); {START_OVER}")
+            raise CheckpointError(f"{self.run_dir} has no readable checkpoints/last.json to resume from")
+        name = last["dir"]
         if not isinstance(name, str) or not STEP_DIR.fullmatch(name):
             # only this run's own step folders: never another run's, never a path out of it
             raise CheckpointError(f"{ck / 'last.json'} names {name!r}, not a step folder of this run")
@@ -703,7 +701,8 @@ class Trainer:
                 signal.signal(s, h)
 
     def _last(self) -> dict | None:
-        """checkpoints/last.json, or None when there is none (or none readable)."""
+        """checkpoints/last.json, or None when there is none (or none readable: an OSError,
+        bad JSON or bytes that are not UTF-8, or no JSON object)."""
         try:
             last = json.loads((self.run_dir / "checkpoints" / "last.json").read_text())
         except (OSError, ValueError):
