@@ -126,20 +126,27 @@ def kill_in_phase(proc: subprocess.Popen, run: Path, target: str, rng: random.Ra
     """Wait for `target` ("step", "checkpoint" or "validation") to begin, SIGKILL the trainer
     at a random moment inside it, and return the phase it was in (or None if it ended first)."""
     last_path = run / "checkpoints" / "last.json"
-    before = last_path.read_text() if last_path.exists() else None
+    seen = last_path.read_text() if last_path.exists() else None
+    step_began = step_time = None  # a step's length, measured here: this machine's, not a guess
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         now = last_path.read_text() if last_path.exists() else None
-        last = read_json(last_path) if now != before else None
+        last = read_json(last_path) if now != seen else None  # a checkpoint was just completed
+        seen = now if last else seen
         if target == "checkpoint" and partial_dirs(run):
-            time.sleep(rng.uniform(0, 0.6))  # a save takes about 2 s: model, then state
+            time.sleep(rng.uniform(0, 0.6))  # a save takes about 1-2 s: model, then state
             break
         if last and target == "validation" and last["batch_in_epoch"] == STEPS_PER_EPOCH:
             time.sleep(rng.uniform(0, 0.2))  # validation runs right after the epoch's last step is saved
             break
-        if last and target == "step" and last["batch_in_epoch"] < STEPS_PER_EPOCH:
-            time.sleep(rng.uniform(0.1, 1.2))  # a step takes about 2 s
-            break
+        if target == "step":
+            if last and last["batch_in_epoch"] < STEPS_PER_EPOCH:  # a step inside the epoch begins
+                if step_time is not None:
+                    time.sleep(rng.uniform(0.1, 0.8) * step_time)
+                    break
+                step_began = time.monotonic()
+            elif step_began is not None and partial_dirs(run):  # ... and has ended
+                step_time, step_began = time.monotonic() - step_began, None
         time.sleep(0.005)
     if proc.poll() is not None:
         return None
