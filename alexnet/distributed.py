@@ -37,9 +37,14 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
         raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ConfigError(f"device {name!r}: the CPU is one device, use cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name} was asked for but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s), numbered from 0")
         if device.index is None:
             device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

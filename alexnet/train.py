@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from alexnet.augment import DeferredTrainTransform, RawBatch, TrainTransform, to_device
 from alexnet.checkpoint import CheckpointError, load_model_file, load_state, save_model, save_state
 from alexnet.fileio import OutputError, WriteError, atomic_write_text, make_dir
-from alexnet.config import ConfigError, RunConfig, from_dict, to_dict
+from alexnet.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
 from alexnet.dataset import ImageDataset, SubsetDataset
 from alexnet.distributed import (all_reduce_sum, any_process, broadcast_object, gather_objects, init_distributed,
                                  resolve_augment, resolve_workers, shutdown)
@@ -295,6 +295,10 @@ class Trainer:
         self.info, self.device = init_distributed(cfg.train.device)
         self.data = open_data(cfg)
         classes = list(self.data.train.classes)
+        asked = cfg.model.num_classes
+        if asked not in (len(classes), ModelConfig.num_classes):
+            raise ConfigError(f"model.num_classes {asked} does not match the data's {len(classes)} "
+                              f"classes; leave it out, it is taken from the data")
         cfg = replace(cfg, model=replace(cfg.model, num_classes=len(classes)))
         self.cfg = cfg
         self.classes = classes

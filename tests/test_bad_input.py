@@ -391,6 +391,10 @@ def test_serve_refuses_bad_uploads_and_keeps_serving(corpus, client, name):
     (["--set", "train.plateau_patience=0"], ["train.plateau_patience must be >= 1"]),
     (["--set", 'model.init_bias_one=["nonsense"]'], ["model.init_bias_one names 'nonsense'"]),
     (["--recipe", "fast", "--set", "recipe=paper"], ["two recipes given: 'fast' and 'paper'"]),
+    # these two were run: max_steps keeps a regression short
+    (["--device", "cpu:7", "--set", "train.max_steps=1"], ["device 'cpu:7': the CPU is one device, use cpu"]),  # was accepted
+    (["--set", "model.num_classes=5", "--set", "train.max_steps=1"],  # was replaced by the data's 10
+     ["model.num_classes 5 does not match the data's 10 classes; leave it out"]),
 ])
 def test_bad_train_arguments_are_one_line(capsys, tmp_path, argv, words):
     rc, out, err = main(capsys, "train", "--data", "fashion-mnist", "--out", tmp_path / "r", *argv)
