@@ -425,17 +425,19 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
     index = {c: i for i, c in enumerate(classes)}
     paths, labels, skipped, extra = [], [], [], []
     ignored += len(top_images)
-    # Symlinked folders are followed, but never into the tree's root or a class folder (its
-    # own, as a cycle, or another's, whose images would be listed again under this class).
-    tops = {os.path.realpath(root)} | {os.path.realpath(root / d) for d in dirs}
+    # Symlinked folders are followed, but never into the tree's root, back into a folder
+    # already walked (a cycle), or into another class's folder or anything below it: those
+    # images are that class's and are listed once, under it.
+    tops = {d: os.path.realpath(root / d) for d in dirs}
     for d in dirs:
         files = []
-        seen = set(tops)
+        seen = {os.path.realpath(root), *tops.values()}
+        others = tuple(t + os.sep for c, t in tops.items() if c != d)
         for dirpath, dirnames, filenames in os.walk(root / d, followlinks=True):
             keep = []
             for n in sorted(dirnames):
                 real = os.path.realpath(os.path.join(dirpath, n))
-                if not n.startswith(".") and real not in seen:
+                if not n.startswith(".") and real not in seen and not real.startswith(others):
                     seen.add(real)
                     keep.append(n)
             dirnames[:] = keep

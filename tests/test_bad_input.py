@@ -177,7 +177,8 @@ def test_prepare_resumes_past_a_non_utf8_file_name(tmp_path):
 def test_folder_symlink_loops_end_and_list_each_image_once(tmp_path, model_file, capsys):
     # a/self -> a, and b/up -> the training folder itself: an os.walk that follows links
     # without remembering where it has been never ends. b/also-a -> a would list a's images
-    # again as b's (it did, through b/up too); a link to a folder inside a class is followed
+    # again as b's (it did, through b/up too), and so would a/shared -> b/more, a folder
+    # inside b (it did): each image is listed once, under the class whose folder holds it
     root = tmp_path / "train"
     for cls in ("a", "b"):
         (root / cls).mkdir(parents=True)
@@ -187,13 +188,16 @@ def test_folder_symlink_loops_end_and_list_each_image_once(tmp_path, model_file,
     (root / "b" / "also-a").symlink_to(root / "a")  # another class's folder: its images are a's
     (root / "b" / "more").mkdir()
     Image.new("RGB", (30, 20), (90, 40, 160)).save(root / "b" / "more" / "m.png")
-    (root / "a" / "shared").symlink_to(root / "b" / "more")  # a folder of no class's own: followed
+    (root / "a" / "shared").symlink_to(root / "b" / "more")  # inside b: b's images, not a's
+    (tmp_path / "outside").mkdir()
+    Image.new("RGB", (30, 20), (70, 40, 160)).save(tmp_path / "outside" / "o.png")
+    (root / "a" / "linked").symlink_to(tmp_path / "outside")  # outside the tree: followed
     rc, out, err = main(capsys, "prepare", root, tmp_path / "store", "--quiet", "--workers", "1")
     assert rc == 0, err
     from alexnet.store import open_store
 
     store = open_store(tmp_path / "store")
-    assert dict(zip(store.sources, store.labels.tolist())) == {"a/a.png": 0, "a/shared/m.png": 0, "b/b.png": 1,
+    assert dict(zip(store.sources, store.labels.tolist())) == {"a/a.png": 0, "a/linked/o.png": 0, "b/b.png": 1,
                                                                "b/more/m.png": 1}
     rc, out, err = main(capsys, "predict", model_file, tmp_path / "train" / "a", "--top", "1")
     assert rc == 0 and [x for x in out.splitlines() if not x.startswith(" ")] == [str(root / "a" / "a.png")]
