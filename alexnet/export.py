@@ -192,8 +192,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
         except ImportError as e:
             raise UserError(f"export to onnx needs onnx and onnxruntime ({e.name} is missing): "
                             "pip install 'alexnet[export]'") from None
-    out = Path(out)
     check_writable(out, example="model.onnx")
+    out = Path(out)
     refuse_overwriting(out, checkpoint)
     require_suffix(out, "an ONNX graph (.onnx) or a torch.export program (.pt2)", ".onnx", ".pt2")
     require_suffix(out, {"onnx": "an ONNX graph", "pt2": "a torch.export program"}[fmt], f".{fmt}")

@@ -74,9 +74,12 @@ def require_suffix(out: str | Path, what: str, *suffixes: str) -> None:
 def check_writable(out: str | Path, example: str = "out.json") -> None:
     """An OutputError, before any work, if file `out` cannot be written: a folder in its
     place, or no writable folder where it would go (missing folders are made later)."""
+    slash = str(out).endswith(("/", os.sep))  # Path() drops it, and would write a file
     out = Path(out)
     if out.is_dir():
         raise OutputError(f"{out} is a folder; give a file name such as {out / example}")
+    if slash:
+        raise OutputError(f"{out}/ names a folder; give a file name such as {out / example}")
     folder = out.parent
     while not folder.exists():
         folder = folder.parent

@@ -179,7 +179,7 @@ def _output(args: argparse.Namespace, suffix: str, *inputs: str | None) -> Path:
 
     p = Path(args.checkpoint)
     out = Path(args.out) if args.out else p.with_name(f"{p.stem}-{suffix}.png")
-    check_writable(out, "picture.png")
+    check_writable(args.out or out, "picture.png")  # as typed: a trailing slash names a folder
     refuse_overwriting(out, args.checkpoint, *inputs)
     require_suffix(out, "a PNG picture", ".png")
     return out

@@ -600,6 +600,22 @@ def test_an_output_path_that_cannot_be_made_is_a_one_line_error(capsys, tmp_path
     assert a_file.read_bytes() == b"not to be touched" and list(folder.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["show", "convert", "export"])
+def test_an_output_file_name_ending_in_a_slash_is_a_one_line_error(capsys, tmp_path, model_file, command):
+    """`out.safetensors/` names a folder that does not exist: it was written as a file."""
+    argv = {"show": ["show", "filters", model_file, "--out", f"{tmp_path / 'f.png'}/"],
+            "convert": ["convert", "torchvision", tmp_path / "tv.pth", f"{tmp_path / 'w.safetensors'}/"],
+            "export": ["export", model_file, f"{tmp_path / 'm.onnx'}/"]}[command]
+    if command == "convert":
+        from alexnet.reference import plain_alexnet
+
+        torch.save(plain_alexnet("owt").state_dict(), tmp_path / "tv.pth")
+    before = sorted(tmp_path.iterdir())
+    rc, out, err = main(capsys, *argv)
+    one_line_error(rc, err, f"{argv[-1]} names a folder; give a file name such as {argv[-1]}")
+    assert sorted(tmp_path.iterdir()) == before
+
+
 def test_written_files_follow_the_umask(tmp_path):
     from alexnet.fileio import atomic_write_text
 
