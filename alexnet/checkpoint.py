@@ -138,6 +138,12 @@ def load_model_file(path: str | Path) -> Checkpoint:
     return Checkpoint(cfg, weights, classes, stats, preprocess, extra)
 
 
+def is_torch_save_head(head: bytes) -> bool:
+    """Whether a file's first bytes may be torch.save's: a zip archive, or a pickle (every
+    protocol from 2 on starts with its PROTO opcode)."""
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
 def _convert_hint(path: Path) -> str:
     """For a run's training state, where its model file is; for weights of another
     framework, how to make them one."""
@@ -151,7 +157,7 @@ def _convert_hint(path: Path) -> str:
         return ""
     if path.suffix.lower() == ".caffemodel":
         kind = "caffe"
-    elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix.lower() in (".pth", ".pt"):
+    elif is_torch_save_head(head) or path.suffix.lower() in (".pth", ".pt"):
         kind = "torchvision"
     else:
         return ""

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from alexnet.caffe_proto import Layer, ProtoError, blob, net_layers
-from alexnet.checkpoint import CheckpointError, non_finite, save_model
+from alexnet.checkpoint import CheckpointError, is_torch_save_head, non_finite, save_model
 from alexnet.config import ConfigError, LRNConfig
 from alexnet.dataset import DataStats
 from alexnet.fileio import check_writable, refuse_overwriting, require_suffix
@@ -241,10 +241,10 @@ def _check_pth_container(path: Path) -> None:
                                   f"module's state_dict() with torch.save and convert that")
         if not any(n.endswith("data.pkl") for n in names):
             raise CheckpointError(f"{path} is a zip archive but not a PyTorch file (it has no data.pkl)")
+    elif not is_torch_save_head(head):
+        raise CheckpointError(f"{path} is not a PyTorch file (neither a zip archive nor a pickle)")
     elif head.startswith(b"PK"):
         raise CheckpointError(f"{path} is truncated or damaged (a zip archive without its central directory)")
-    elif head[0] != 0x80:  # every pickle protocol >= 2 starts with PROTO
-        raise CheckpointError(f"{path} is not a PyTorch file (neither a zip archive nor a pickle)")
 
 
 def _load_pth(path: Path) -> dict:
