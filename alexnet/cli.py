@@ -64,7 +64,7 @@ def _input_size(text: str) -> int:
 def _cmd_summary(args: argparse.Namespace) -> int:
     from alexnet.summary import format_table, summary_table
 
-    overrides = {"num_classes": args.num_classes}
+    overrides = {"num_classes": args.num_classes, "fc_width": args.fc_width}
     if args.input is not None:
         overrides["input_size"] = args.input
     table = summary_table(args.variant, **overrides)
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 227, 224 for owt")
     p.add_argument("--num-classes", type=_positive_int, default=1000, metavar="N",
                    help="classes of the last layer (default 1000)")
+    p.add_argument("--fc-width", type=_positive_int, default=4096, metavar="N",
+                   help="units of fc6 and fc7 (default 4096, the paper's; model.fc_width)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=_cmd_summary)
 

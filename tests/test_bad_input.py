@@ -28,6 +28,7 @@ from alexnet.images import ImageError, load_rgb
 from alexnet.model import build_model
 from alexnet.predict import Classifier
 from tests.corpus import build, build_tree
+from tests.helpers import TEST_FC_WIDTH
 
 REPO = Path(__file__).resolve().parents[1]
 with tempfile.TemporaryDirectory() as _d:
@@ -68,7 +69,8 @@ def one_line_error(rc, err, *words):
 
 def checkpoint(path, classes, variant="paper", seed=0, crop=227):
     torch.manual_seed(seed)
-    model = build_model(variant, num_classes=len(classes), init="kaiming", input_size=crop)
+    model = build_model(variant, num_classes=len(classes), init="kaiming", input_size=crop,
+                        fc_width=TEST_FC_WIDTH)
     stats = DataStats(torch.full((3, 256, 256), 120.0), torch.ones(3), torch.eye(3))
     save_model(path, model, list(classes), stats, {"image_size": 256, "crop": crop, "pixel_scale": 60.0})
     return path
@@ -218,7 +220,7 @@ def tiny_run(data, out, **over):
     from alexnet.config import run_config
 
     return run_config("fast", {"data": {"path": str(data), "num_workers": 0, "val_holdout": 2},
-                               "model": {"input_size": 227},
+                               "model": {"input_size": 227, "fc_width": TEST_FC_WIDTH},
                                "train": {"batch_size": 4, "epochs": 1, "max_steps": 2, "checkpoint_every": 0,
                                          "device": "cpu", "amp": "off", **over}})
 

@@ -52,6 +52,17 @@ def test_summary_num_classes(capsys):
     assert t["total_params"] == 60_965_224 - 4_097_000 + 4096 * 10 + 10
 
 
+def test_summary_fc_width(capsys):
+    code, out, _ = run(capsys, "summary", "--fc-width", "512", "--num-classes", "10", "--json")
+    t = json.loads(out)
+    rows = {r["name"]: r for r in t["layers"]}
+    assert rows["fc6"]["spec"] == "9216->512" and rows["fc7"]["spec"] == "512->512" and rows["fc8"]["spec"] == "512->10"
+    fc_paper = 9216 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 10 + 10
+    fc_narrow = 9216 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    assert t["total_params"] == 60_965_224 - 4_097_000 + 4096 * 10 + 10 - fc_paper + fc_narrow
+    assert rows["fc7"]["macs"] == 512 * 512
+
+
 def test_summary_costs_no_weights(capsys):
     """The table comes from a network on the meta device: a classifier far larger than
     memory (4096 x 10^11 weights) is counted, not allocated (it was a MemoryError

@@ -56,6 +56,8 @@ def test_round_trip_through_json():
     ({"lrn": 5}, "^lrn must be a mapping, not int$"),
     ({"input_size": 225}, "input size must be 224 or 227"),
     ({"num_classes": 0}, "num_classes must be >= 1"),
+    ({"fc_width": 0}, "fc_width must be >= 1, not 0"),
+    ({"fc_width": 4096.0}, "fc_width must be an integer"),
     ({"lrn": {"size": 4}}, "positive odd"),
     ({"dropout": 1.0}, "dropout must be in"),
     ({"dropout_form": "scaled"}, "dropout_form must be one of"),

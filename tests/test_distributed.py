@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from alexnet.config import run_config
 from alexnet.model import AlexNet
+from tests.helpers import TEST_FC_WIDTH
 from tests.test_train import write_idx
 
 
@@ -23,7 +24,7 @@ def _config(data):
     # losses read back every 2 steps (the GPU's way: the ranks agree on stopping then)
     return run_config("paper", {
         "data": {"path": str(data), "num_workers": 0, "image_size": 227, "flip": False, "lighting_std": 0.0},
-        "model": {"dropout": 0.0},
+        "model": {"dropout": 0.0, "fc_width": TEST_FC_WIDTH},
         "train": {"batch_size": 8, "epochs": 1, "max_steps": 3, "lr": 0.001, "checkpoint_every": 0,
                   "deterministic": True, "amp": "off", "log_every": 2},
     })
@@ -127,7 +128,7 @@ def _two_processes(cfg, out, report, resume=False, stop_rank=None, stop_step=0):
 def _dropout_config(data, **train):
     return run_config("paper", {
         "data": {"path": str(data), "num_workers": 0, "image_size": 227},
-        "model": {"dropout": 0.5},
+        "model": {"dropout": 0.5, "fc_width": TEST_FC_WIDTH},
         "train": {"batch_size": 8, "epochs": 1, "max_steps": 4, "lr": 0.001, "checkpoint_every": 0,
                   "deterministic": True, "amp": "off", "log_every": 100, **train},
     })

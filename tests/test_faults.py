@@ -127,15 +127,21 @@ def kill_in_phase(proc: subprocess.Popen, run: Path, target: str, rng: random.Ra
     at a random moment inside it, and return the phase it was in (or None if it ended first)."""
     last_path = run / "checkpoints" / "last.json"
     seen = last_path.read_text() if last_path.exists() else None
-    step_began = step_time = None  # a step's length, measured here: this machine's, not a guess
+    # a step's and a save's length, measured here: this machine's and this network's, not a guess
+    step_began = step_time = save_began = save_time = None
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         now = last_path.read_text() if last_path.exists() else None
         last = read_json(last_path) if now != seen else None  # a checkpoint was just completed
         seen = now if last else seen
-        if target == "checkpoint" and partial_dirs(run):
-            time.sleep(rng.uniform(0, 0.6))  # a save takes about 1-2 s: model, then state
-            break
+        if target == "checkpoint":
+            if partial_dirs(run):  # a save is under way: model, then state
+                if save_time is not None:
+                    time.sleep(rng.uniform(0.05, 0.7) * save_time)
+                    break
+                save_began = save_began or time.monotonic()
+            elif save_began is not None and last:  # ... and has ended
+                save_time, save_began = time.monotonic() - save_began, None
         if last and target == "validation" and last["batch_in_epoch"] == STEPS_PER_EPOCH:
             time.sleep(rng.uniform(0, 0.2))  # validation runs right after the epoch's last step is saved
             break
@@ -414,12 +420,15 @@ def remount(disk: Path, opts: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{opts}", str(disk)], check=True, capture_output=True)
 
 
-@pytest.mark.slow  # 30 s; the in-process injection above covers the same handling in the default suite
+@pytest.mark.slow  # the in-process injection above covers the same handling in the default suite
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_a_real_full_or_read_only_disk_stops_the_run_cleanly(data, tmp_path, tmpfs, straight_one_epoch, fault):
     cfg = config_file(data, tmp_path, epochs=1)
     run = tmpfs / "run"
-    if fault == "read-only":
+    if fault == "full":  # room for the run's first checkpoint and half of its second
+        step = sum(f.stat().st_size for f in (straight_one_epoch / "checkpoints" / "step-00000001").iterdir())
+        remount(tmpfs, f"size={int(1.5 * step) // 1024}k")
+    else:
         remount(tmpfs, "size=2000M")
     proc = start_train(cfg, run, tmp_path / "err")
     try:

@@ -35,6 +35,26 @@ def test_parameter_counts_match_the_published_figures():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_fc_width_sets_the_hidden_fully_connected_layers_only(variant):
+    """model.fc_width: fc6 and fc7 of that many units (section 3.5's 4096 by default), every
+    other layer as it was, and the paper's initialisation and forward pass as before."""
+    full, narrow = build_model(variant, num_classes=7), build_model(variant, num_classes=7, fc_width=96)
+    shapes = {k: tuple(v.shape) for k, v in narrow.state_dict().items()}
+    for k, v in full.state_dict().items():
+        if not k.startswith("classifier."):
+            assert shapes[k] == tuple(v.shape), k
+    fc = {n: tuple(m.weight.shape) for n, m in narrow.named_layers() if n.startswith("fc")}
+    assert fc == {"fc6": (96, 9216), "fc7": (96, 96), "fc8": (7, 96)}
+    assert narrow.get_num_params() == full.get_num_params() - (fc_params(9216, 4096) + fc_params(4096, 4096)
+                                                               + fc_params(4096, 7)) + (
+        fc_params(9216, 96) + fc_params(96, 96) + fc_params(96, 7))
+    assert torch.equal(narrow.layer("fc7").bias, torch.ones(96))  # section 5's bias of 1, as in fc7 of 4096
+    s = narrow.cfg.input_size
+    with torch.no_grad():
+        assert narrow.eval()(torch.randn(2, 3, s, s)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("size", [224, 227])
 def test_output_shape(variant, size):
     m = build_model(variant, input_size=size, num_classes=17).eval()

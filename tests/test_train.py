@@ -16,6 +16,7 @@ import torch
 from alexnet.checkpoint import load_model_file
 from alexnet.config import ConfigError, run_config, to_dict
 from alexnet.train import LRSchedule, Trainer, TrainingError, holdout_split
+from tests.helpers import TEST_FC_WIDTH
 
 
 def write_idx(folder, train_n=44, test_n=12, classes=4, seed=0):
@@ -39,7 +40,7 @@ def tiny_config(data, **train):
     t = {"batch_size": 8, "epochs": 2, "lr": 0.001, "deterministic": True, "checkpoint_every": 0,
          "log_every": 1, **train}
     return run_config("paper", {"data": {"path": str(data), "num_workers": 0},
-                                "train": t, "model": {"dropout": 0.5}})
+                                "train": t, "model": {"dropout": 0.5, "fc_width": TEST_FC_WIDTH}})
 
 
 @pytest.fixture(scope="module")
