@@ -122,13 +122,16 @@ def assert_run_folder_whole(run: Path) -> dict | None:
     return last
 
 
-def kill_in_phase(proc: subprocess.Popen, run: Path, target: str, rng: random.Random) -> str | None:
+def kill_in_phase(proc: subprocess.Popen, run: Path, target: str, rng: random.Random,
+                  lengths: dict[str, float]) -> str | None:
     """Wait for `target` ("step", "checkpoint" or "validation") to begin, SIGKILL the trainer
-    at a random moment inside it, and return the phase it was in (or None if it ended first)."""
+    at a random moment inside it, and return the phase it was in (or None if it ended first).
+    `lengths`: a step's and a save's length in seconds, measured here (this machine's and this
+    network's, not a guess) the first time they are needed, and kept for the next kills."""
     last_path = run / "checkpoints" / "last.json"
     seen = last_path.read_text() if last_path.exists() else None
-    # a step's and a save's length, measured here: this machine's and this network's, not a guess
-    step_began = step_time = save_began = save_time = None
+    step_began = save_began = None
+    step_time, save_time = lengths.get("step"), lengths.get("checkpoint")
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         now = last_path.read_text() if last_path.exists() else None
@@ -141,7 +144,8 @@ def kill_in_phase(proc: subprocess.Popen, run: Path, target: str, rng: random.Ra
                     break
                 save_began = save_began or time.monotonic()
             elif save_began is not None and last:  # ... and has ended
-                save_time, save_began = time.monotonic() - save_began, None
+                save_time = lengths["checkpoint"] = time.monotonic() - save_began
+                save_began = None
         if last and target == "validation" and last["batch_in_epoch"] == STEPS_PER_EPOCH:
             time.sleep(rng.uniform(0, 0.2))  # validation runs right after the epoch's last step is saved
             break
@@ -152,7 +156,8 @@ def kill_in_phase(proc: subprocess.Popen, run: Path, target: str, rng: random.Ra
                     break
                 step_began = time.monotonic()
             elif step_began is not None and partial_dirs(run):  # ... and has ended
-                step_time, step_began = time.monotonic() - step_began, None
+                step_time = lengths["step"] = time.monotonic() - step_began
+                step_began = None
         time.sleep(0.005)
     if proc.poll() is not None:
         return None
@@ -173,11 +178,11 @@ def kill_train_repeatedly(data, tmp_path: Path, kills: int, epochs: int, seed: i
     assert finish(start_train(cfg, straight, tmp_path / "straight.err"), 600) == 0, \
         (tmp_path / "straight.err").read_text()
 
-    run, rng, phases = tmp_path / "killed", random.Random(seed), Counter()
+    run, rng, phases, lengths = tmp_path / "killed", random.Random(seed), Counter(), {}
     for i in range(kills):
         proc = start_train(cfg, run, tmp_path / f"kill{i}.err")
         try:
-            phase = kill_in_phase(proc, run, ("checkpoint", "step", "validation")[i % 3], rng)
+            phase = kill_in_phase(proc, run, ("checkpoint", "step", "validation")[i % 3], rng, lengths)
         finally:
             stop(proc)
         if phase is None:  # the run ended before this kill
