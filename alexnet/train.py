@@ -293,6 +293,18 @@ class Trainer:
             d = cfg.data
             cfg = replace(cfg, data=replace(d, path=_absolute(d.path), val_path=_absolute(d.val_path)))
         self.info, self.device = init_distributed(cfg.train.device)
+        self.quiet = quiet or not self.info.is_main
+        if resume:  # a run another trainer holds is refused before its data is opened
+            self._on_main_first(self._lock)
+        try:
+            self._setup(cfg, resume)
+        except BaseException:  # no trainer to close: the folder is free again at once
+            self._unlock()
+            raise
+
+    def _setup(self, cfg: RunConfig, resume: bool) -> None:
+        """The data, the network and its optimizer, then the run folder: a new one, or the
+        resumed run's last checkpoint."""
         self.data = open_data(cfg)
         classes = list(self.data.train.classes)
         asked = cfg.model.num_classes
@@ -303,7 +315,6 @@ class Trainer:
         self.cfg = cfg
         self.classes = classes
         self.class_names = list(getattr(self.data.train, "class_names", None) or classes)
-        self.quiet = quiet or not self.info.is_main
         t = cfg.train
         if t.batch_size % self.info.world_size:
             raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the "
@@ -351,15 +362,10 @@ class Trainer:
         self._last_loss: float | None = None
         self.preprocess = {"image_size": cfg.data.image_size, "crop": self.crop,
                            "pixel_scale": cfg.data.pixel_scale, "mean": "mean_image"}
-        try:
-            if resume:
-                self._on_main_first(self._lock)
-                self._load_last()
-            else:
-                self._on_main_first(self._start_run_dir)
-        except BaseException:  # no trainer to close: the folder is free again at once
-            self._unlock()
-            raise
+        if resume:
+            self._load_last()
+        else:
+            self._on_main_first(self._start_run_dir)
 
     # --- run folder -----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import torch
 
 from alexnet.checkpoint import load_model_file
 from alexnet.config import ConfigError, run_config, to_dict
+import alexnet.train as train_module
 from alexnet.train import LRSchedule, Trainer, TrainingError, holdout_split
 from tests.helpers import TEST_FC_WIDTH
 
@@ -248,6 +249,13 @@ time.sleep(60)
                      lambda: Trainer(tiny_config(data, epochs=1), run, quiet=True)):
             with pytest.raises(ConfigError, match=rf"r is in use by another alexnet train \(pid {holder.pid}\)"):
                 make()
+        def open_data(cfg):
+            raise AssertionError("the data was opened")
+
+        with monkeypatch.context() as m:  # a resume is refused before the data is opened (seconds on a large folder)
+            m.setattr(train_module, "open_data", open_data)
+            with pytest.raises(ConfigError, match="in use by another alexnet train"):
+                Trainer(None, run, resume=True, quiet=True)
     finally:
         holder.kill()
         holder.wait()
