@@ -534,6 +534,9 @@ def test_bf16_autocast_trains_on_the_cpu(data, tmp_path):
 
 
 @pytest.mark.slow
+# torch's own import of torch.utils.mkldnn under inductor, hidden from `alexnet train --compile`
+# (Python shows a DeprecationWarning only for __main__'s code), shown by pytest
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_network_trains(data, tmp_path):
     t = Trainer(tiny_config(data, compile=True, max_steps=2, epochs=1, deterministic=False), tmp_path / "r",
                 quiet=True)
