@@ -83,8 +83,8 @@ def _classifier(cfg: ModelConfig) -> list[tuple[str, nn.Module]]:
     """The fully-connected part. Section 4.2 drops "the output of each hidden neuron" of
     "the first two fully-connected layers": after relu6 and relu7. `owt` keeps torchvision's
     order instead (dropout before fc6 and before fc7), and with it torchvision's indices."""
-    w = cfg.fc_width  # 4096 (section 3.5)
-    fc6, fc7 = ("fc6", nn.Linear(256 * 6 * 6, w)), ("fc7", nn.Linear(w, w))  # (4096,) each
+    w = cfg.fc_width  # "The fully-connected layers have 4096 neurons each" (section 3.5)
+    fc6, fc7 = ("fc6", nn.Linear(256 * 6 * 6, w)), ("fc7", nn.Linear(w, w))  # (w,) each
     fc8 = ("fc8", nn.Linear(w, cfg.num_classes))  # (num_classes,) logits; softmax is in the loss
     relu6, relu7 = ("relu6", nn.ReLU(inplace=True)), ("relu7", nn.ReLU(inplace=True))
     drop6, drop7 = (("drop6", Dropout(cfg.dropout, cfg.dropout_form)),
