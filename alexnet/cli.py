@@ -161,10 +161,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if trainer is not None:
             trainer.close()
     if result["stopped"] and trainer.info.is_main:
-        again = f"alexnet train --resume {trainer.run_dir}"
-        if trainer.info.enabled:
-            again = f"the same torchrun command with -m {again}"
-        print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}; continue with: {again}")
+        print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}; "
+              f"continue with: {trainer.resume_command()}")
     return 0
 
 

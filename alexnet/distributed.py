@@ -5,6 +5,7 @@ Gloo on CPU), and only rank 0 writes logs and checkpoints."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -129,3 +130,16 @@ def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
         _FLAG_GROUP = None
+
+
+def lost_process(e: BaseException, info: DistInfo) -> str | None:
+    """What the process group said, in one line, when `e` is its error because another
+    process of the run has gone (killed, crashed, out of memory): Gloo raises a RuntimeError
+    that names its own source file, NCCL a DistBackendError. None for any other error."""
+    if not info.enabled or not isinstance(e, RuntimeError):
+        return None
+    text = str(e).strip()
+    if not (isinstance(e, dist.DistError) or "gloo" in text.lower() or "nccl" in text.lower()):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "")  # Gloo's "[.../pair.cc:553] "
+    return first.split(". ")[0].rstrip(".") or type(e).__name__

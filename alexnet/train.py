@@ -42,7 +42,7 @@ from alexnet.fileio import OutputError, WriteError, atomic_write_text, make_dir
 from alexnet.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
 from alexnet.dataset import ImageDataset, SubsetDataset
 from alexnet.distributed import (all_reduce_sum, any_process, broadcast_object, gather_objects, init_distributed,
-                                 resolve_augment, resolve_workers, shutdown)
+                                 lost_process, resolve_augment, resolve_workers, shutdown)
 from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
 from alexnet.loader import BatchLoader, LoaderWorkerError
 from alexnet.model import AlexNet
@@ -704,6 +704,11 @@ class Trainer:
             where = (f"the last good checkpoint is in {self.run_dir / 'checkpoints'}" if self._last() is not None
                      else "no checkpoint was written before it")
             raise TrainingError(f"{e}; {where}") from None
+        except RuntimeError as e:
+            reason = lost_process(e, self.info)
+            if reason is None:
+                raise
+            raise TrainingError(f"another process of this run is gone ({reason}); {self._resume_hint()}") from None
         finally:
             if not keep_lock:
                 self._unlock()  # the run's files are all written: another trainer may take the folder
@@ -723,8 +728,12 @@ class Trainer:
         last = self._last()
         if last is None:
             return f"no checkpoint was written yet; {START_OVER}"
-        return (f"the checkpoint of step {last.get('step')} is intact; continue with: "
-                f"alexnet train --resume {self.run_dir}")
+        return f"the checkpoint of step {last.get('step')} is intact; continue with: {self.resume_command()}"
+
+    def resume_command(self) -> str:
+        """The command that continues this run (under torchrun: torchrun's, as it was started)."""
+        again = f"alexnet train --resume {self.run_dir}"
+        return f"the same torchrun command with -m {again}" if self.info.enabled else again
 
     def _fit(self) -> dict:
         t = self.cfg.train

@@ -2,6 +2,7 @@
 global batch."""
 
 import json
+import signal
 import socket
 
 import pytest
@@ -80,11 +81,13 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 # --- stopping, resuming and the run folder under DDP ----------------------------------------
 
 
-def _run_worker(rank, world, port, cfg, out, resume, stop_rank, stop_step, report):
+def _run_worker(rank, world, port, cfg, out, resume, stop_rank, stop_step, report, kill=False):
     """One process of a 2-process run: with `stop_rank`, that process alone is asked to stop
-    during step `stop_step`; writes what it saw to report-RANK.json."""
+    during step `stop_step` (with `kill`, it is killed there: SIGKILL); writes what it saw
+    to report-RANK.json."""
     import gc
     import os
+    import signal
 
     from alexnet.train import Trainer
 
@@ -105,12 +108,16 @@ def _run_worker(rank, world, port, cfg, out, resume, stop_rank, stop_step, repor
             def step(x, y):
                 loss = inner(x, y)
                 if t.step + 1 == stop_step:
+                    if kill:
+                        os.kill(os.getpid(), signal.SIGKILL)
                     t.stop_requested = True
                 return loss
 
             t._train_step = step
         try:
             seen.update(t.fit())
+        except Exception as e:
+            seen["error"] = f"{type(e).__name__}: {e}"
         finally:
             t.close()
         seen["ddp_after_close"] = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel)
@@ -155,6 +162,43 @@ def test_a_run_folder_in_use_is_one_line_on_every_process(tmp_path):
     seen = _two_processes(_dropout_config(data), tmp_path / "r", tmp_path / "rep")
     for s in seen:
         assert s["error"].startswith("ConfigError: ") and "already holds a run" in s["error"], s
+
+
+def test_a_process_killed_mid_run_leaves_one_line_on_the_others(tmp_path):
+    """kill -9 of one process (as a crash or the OOM killer does it) during step 3: the other
+    ends at once with one line naming the process group's reason and the checkpoint to
+    resume from, not with Gloo's traceback, and does not wait for it."""
+    data = write_idx(tmp_path / "idx")
+    report = tmp_path / "rep"
+    report.mkdir()
+    args = (2, _free_port(), _dropout_config(data, checkpoint_every=1), tmp_path / "r", False, 1, 3, report, True)
+    ctx = mp.spawn(_run_worker, args=args, nprocs=2, join=False)
+    try:
+        for p in ctx.processes:
+            p.join(120)
+        assert [p.exitcode for p in ctx.processes] == [0, -signal.SIGKILL]
+    finally:
+        for p in ctx.processes:
+            p.kill()
+    error = json.loads((report / "report-0.json").read_text())["error"]
+    assert error.startswith("TrainingError: another process of this run is gone (") and "\n" not in error, error
+    assert "Traceback" not in error and "pair.cc" not in error, error
+    assert error.endswith(f"the checkpoint of step 2 is intact; continue with: the same torchrun command "
+                          f"with -m alexnet train --resume {tmp_path / 'r'}"), error
+
+
+def test_only_the_process_groups_errors_name_a_lost_process():
+    from alexnet.distributed import DistInfo, lost_process
+
+    two = DistInfo(rank=0, world_size=2)
+    gloo = RuntimeError("[/w/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:924. This is typically caused by a remote worker crashing.")
+    assert lost_process(gloo, two) == "Connection closed by peer [127.0.0.1]:924"
+    assert lost_process(gloo, DistInfo()) is None  # one process has no others to lose
+    assert lost_process(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), two) is None
+    assert lost_process(ValueError("gloo"), two) is None
+    nccl = torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1.\nmore")
+    assert lost_process(nccl, two) == "NCCL communicator was aborted on rank 1"
 
 
 @pytest.mark.slow  # 35 s: three 2-process runs

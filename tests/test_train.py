@@ -340,14 +340,20 @@ def test_a_failure_before_the_first_checkpoint_says_how_to_start_over(tmp_path):
     none yet, the way to start over (a resume would find nothing)."""
     from types import SimpleNamespace
 
-    stub = SimpleNamespace(run_dir=tmp_path)
+    from alexnet.distributed import DistInfo
+
+    stub = SimpleNamespace(run_dir=tmp_path, info=DistInfo())
     stub._last = lambda: Trainer._last(stub)
+    stub.resume_command = lambda: Trainer.resume_command(stub)
     assert Trainer._resume_hint(stub) == ("no checkpoint was written yet; run the same alexnet train command "
                                           "again to start it over")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.json").write_text(json.dumps({"dir": "step-00000004", "step": 4}))
     assert Trainer._resume_hint(stub) == (f"the checkpoint of step 4 is intact; continue with: "
                                           f"alexnet train --resume {tmp_path}")
+    stub.info = DistInfo(rank=0, world_size=2)  # under torchrun: its command
+    assert Trainer._resume_hint(stub) == (f"the checkpoint of step 4 is intact; continue with: the same "
+                                          f"torchrun command with -m alexnet train --resume {tmp_path}")
 
 
 def test_no_test_is_remembered_by_a_resumed_run(data, tmp_path, monkeypatch):
