@@ -130,8 +130,7 @@ def kill_in_phase(proc: subprocess.Popen, run: Path, target: str, rng: random.Ra
     network's, not a guess) the first time they are needed, and kept for the next kills."""
     last_path = run / "checkpoints" / "last.json"
     seen = last_path.read_text() if last_path.exists() else None
-    step_began = save_began = None
-    step_time, save_time = lengths.get("step"), lengths.get("checkpoint")
+    began = None  # when the step or save being measured began
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         now = last_path.read_text() if last_path.exists() else None
@@ -139,25 +138,23 @@ def kill_in_phase(proc: subprocess.Popen, run: Path, target: str, rng: random.Ra
         seen = now if last else seen
         if target == "checkpoint":
             if partial_dirs(run):  # a save is under way: model, then state
-                if save_time is not None:
-                    time.sleep(rng.uniform(0.05, 0.7) * save_time)
+                if "checkpoint" in lengths:
+                    time.sleep(rng.uniform(0.05, 0.7) * lengths["checkpoint"])
                     break
-                save_began = save_began or time.monotonic()
-            elif save_began is not None and last:  # ... and has ended
-                save_time = lengths["checkpoint"] = time.monotonic() - save_began
-                save_began = None
+                began = began or time.monotonic()
+            elif began is not None and last:  # ... and has ended
+                lengths["checkpoint"] = time.monotonic() - began
         if last and target == "validation" and last["batch_in_epoch"] == STEPS_PER_EPOCH:
             time.sleep(rng.uniform(0, 0.2))  # validation runs right after the epoch's last step is saved
             break
         if target == "step":
             if last and last["batch_in_epoch"] < STEPS_PER_EPOCH:  # a step inside the epoch begins
-                if step_time is not None:
-                    time.sleep(rng.uniform(0.1, 0.8) * step_time)
+                if "step" in lengths:
+                    time.sleep(rng.uniform(0.1, 0.8) * lengths["step"])
                     break
-                step_began = time.monotonic()
-            elif step_began is not None and partial_dirs(run):  # ... and has ended
-                step_time = lengths["step"] = time.monotonic() - step_began
-                step_began = None
+                began = time.monotonic()
+            elif began is not None and partial_dirs(run):  # ... and has ended
+                lengths["step"] = time.monotonic() - began
         time.sleep(0.005)
     if proc.poll() is not None:
         return None
