@@ -87,7 +87,6 @@ def _run_worker(rank, world, port, cfg, out, resume, stop_rank, stop_step, repor
     to report-RANK.json."""
     import gc
     import os
-    import signal
 
     from alexnet.train import Trainer
 

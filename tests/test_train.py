@@ -210,8 +210,6 @@ def test_a_non_finite_loss_between_read_backs_is_named_by_its_step(data, tmp_pat
 def test_a_non_finite_loss_on_another_process_is_reported_with_its_value(data, tmp_path, monkeypatch):
     """Under DDP the losses are checked in one collective: a NaN that only another process
     saw is named by its step and its value, not by this process's finite loss."""
-    import alexnet.train as train_module
-
     t = Trainer(tiny_config(data), tmp_path / "r", quiet=True)
 
     def with_a_nan_on_rank_1(flags, info):
@@ -306,7 +304,6 @@ def test_the_run_folder_stays_held_while_the_test_set_is_evaluated(data, tmp_pat
 def test_alexnet_train_holds_the_run_folder_from_training_to_the_end_of_the_test(data, tmp_path, monkeypatch):
     """`alexnet train` trains and evaluates the test split under one lock: a resume begun
     when training has ended but the test evaluation has not yet begun is refused too."""
-    import alexnet.train as train_module
     from alexnet import cli
 
     (tmp_path / "c.json").write_text(json.dumps(to_dict(tiny_config(data, epochs=1))))
@@ -359,7 +356,6 @@ def test_a_failure_before_the_first_checkpoint_says_how_to_start_over(tmp_path):
 def test_no_test_is_remembered_by_a_resumed_run(data, tmp_path, monkeypatch):
     """`--no-test` is the run's train.test = false: a run started with it and resumed
     without it still skips the test evaluation; one started without it does not."""
-    import alexnet.train as train_module
     from alexnet import cli
 
     seen = []
