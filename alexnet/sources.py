@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from alexnet.config import ConfigError
-from alexnet.dataset import (DataStats, ImageDataset, TensorImageDataset, covariance_eigen, load_stats,
-                             save_stats)
+from alexnet.dataset import (DataStats, ImageDataset, SubsetDataset, TensorImageDataset, covariance_eigen,
+                             load_stats, save_stats)
 from alexnet.fileio import cache_dir
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.progress import plural
@@ -218,9 +218,31 @@ def _resize_mean(mean_image: torch.Tensor, size: int) -> torch.Tensor:
     return out[0].float()
 
 
-def dataset_stats(ds: ImageDataset, batch_size: int = 64) -> DataStats:
+def stats_without(stats: DataStats, count: int, parts) -> DataStats:
+    """`stats` of `count` images of one size, less the uint8 (B, 3, S, S) batches `parts`
+    (some of those images). The whole's image sum and pixel moments are recovered from
+    `stats` (the pixel mean is the mean image's; the second moment is the covariance plus
+    the mean's outer product), the parts' exact sums taken away, and the rest's statistics
+    made from what is left: exact but for the float32 rounding of `stats`."""
+    acc = StatsAccumulator(int(stats.mean_image.shape[-1]))
+    for images in parts:
+        acc.add(images)
+    rest = count - acc.count
+    if rest < 1:
+        raise DataSourceError(f"no images left to compute statistics from ({acc.count} of {count} taken away)")
+    mean = stats.mean_image.double().numpy()
+    mu = mean.mean(axis=(1, 2))
+    v = stats.eigvec.double().numpy()
+    second = (v * stats.eigval.double().numpy()) @ v.T + np.outer(mu, mu)
+    pixels = count * acc.size * acc.size
+    return stats_from_moments((count * mean - acc.image_sum) / rest, pixels - acc.pixel_count,
+                              pixels * mu - acc.pixel_sum, pixels * second - acc.pixel_outer)
+
+
+def dataset_stats(ds: ImageDataset, batch_size: int = 64, held_out: np.ndarray | None = None) -> DataStats:
     """The training statistics of `ds`: mean image (3, S, S) and the eigen-decomposition
-    of the covariance of all its RGB pixels.
+    of the covariance of all its RGB pixels. `held_out`: indices of records held out of
+    training (a validation part), which the statistics leave out.
 
     * Prepared stores: precomputed by `alexnet prepare` (exact over the stored images).
     * In-memory `TensorImageDataset` (Fashion-MNIST): fast. The mean image is the
@@ -232,15 +254,23 @@ def dataset_stats(ds: ImageDataset, batch_size: int = 64) -> DataStats:
       of the covariance of the resized pixels.
     * Anything else (on-the-fly folders): one pass over `read` with exact sums; folders
       cache the result (see `FolderDataset.stats`).
+
+    With `held_out`, stores subtract the held-out part from their prepared statistics
+    (`StoreDataset.stats`), folders make their pass over the rest, and in-memory images
+    are taken as they are, less the held-out ones.
     """
+    keep = held = None
+    if held_out is not None and len(held_out):
+        held = np.unique(np.asarray(held_out, np.int64))
+        keep = np.setdiff1d(np.arange(len(ds)), held)
     stats = getattr(ds, "stats", None)
     if callable(stats):
-        stats = stats()
+        stats = stats() if held is None else stats(held_out=held)
     if isinstance(stats, DataStats):
         return DataStats(_resize_mean(stats.mean_image, ds.image_size), stats.eigval, stats.eigvec)
     if isinstance(ds, TensorImageDataset):
-        return _tensor_stats(ds)
-    return compute_stats(ds, batch_size)
+        return _tensor_stats(ds.images if keep is None else ds.images[torch.from_numpy(keep)], ds.image_size)
+    return compute_stats(ds if keep is None else SubsetDataset(ds, keep), batch_size)
 
 
 def compute_stats(ds: ImageDataset, batch_size: int = 64) -> DataStats:
@@ -252,13 +282,13 @@ def compute_stats(ds: ImageDataset, batch_size: int = 64) -> DataStats:
     return acc.result()
 
 
-def _tensor_stats(ds: TensorImageDataset) -> DataStats:
-    images = ds.images
+def _tensor_stats(images: torch.Tensor, image_size: int) -> DataStats:
+    """The statistics of uint8 (N, 1|3, h, w) `images` read at `image_size` (see `dataset_stats`)."""
     n, c = images.shape[:2]
     if n == 0:
         raise DataSourceError("no images to compute statistics from")
     mean = sum(images[i:i + 4096].double().sum(0) for i in range(0, n, 4096)) / n
-    mean = _resize_mean(mean.expand(3, -1, -1) if c == 1 else mean, ds.image_size)
+    mean = _resize_mean(mean.expand(3, -1, -1) if c == 1 else mean, image_size)
     pixel_sum, pixel_outer, count = np.zeros(3), np.zeros((3, 3)), 0
     if c == 1:  # grey: R = G = B, so a histogram of the values gives every moment exactly
         hist = np.bincount(images.numpy().reshape(-1), minlength=256).astype(np.float64)
@@ -840,7 +870,7 @@ class FolderDataset(ImageDataset):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
         self._lock = threading.Lock()
-        self._stats: DataStats | None = None
+        self._stats: tuple[str, DataStats] | None = None  # (cache key, statistics)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -912,27 +942,34 @@ class FolderDataset(ImageDataset):
                 h.update(os.fsencode(f"{rel}\0{label}\0missing\n"))
         return h.hexdigest()[:32]
 
-    def stats(self) -> DataStats:
+    def stats(self, held_out: np.ndarray | None = None) -> DataStats:
         """Exact statistics of the decodable images of this folder (one decoding pass;
-        unreadable files are left out, not substituted), cached in memory and in
-        $ALEXNET_CACHE (default ~/.cache/alexnet) under a key of the folder's path, file
-        names, sizes and modification times, so a changed folder is computed afresh."""
-        if self._stats is not None:
-            return self._stats
-        path = cache_dir() / f"stats-{self._cache_key()}.safetensors"
+        unreadable files are left out, not substituted), less the records `held_out`,
+        cached in memory and in $ALEXNET_CACHE (default ~/.cache/alexnet) under a key of
+        the folder's path, file names, sizes and modification times and the held-out
+        records, so a changed folder is computed afresh."""
+        held = np.unique(np.asarray([] if held_out is None else held_out, np.int64))
+        key = self._cache_key()
+        if len(held):
+            key += "-less-" + hashlib.sha256(held.tobytes()).hexdigest()[:16]
+        if self._stats is not None and self._stats[0] == key:
+            return self._stats[1]
+        path = cache_dir() / f"stats-{key}.safetensors"
         try:
-            self._stats = load_stats(path)
-            return self._stats
+            stats = load_stats(path)
         except Exception:
-            pass
-        acc = StatsAccumulator(self.image_size)
-        for start in range(0, len(self), 64):
-            images = [im for im in self._map(np.arange(start, min(start + 64, len(self)))) if im is not None]
-            if images:
-                acc.add(np.stack(images))
-        self._stats = acc.result()
-        try:
-            save_stats(self._stats, path)
-        except OSError:
-            pass
-        return self._stats
+            stats = None
+        if stats is None:
+            acc = StatsAccumulator(self.image_size)
+            rest = np.setdiff1d(np.arange(len(self)), held)
+            for start in range(0, len(rest), 64):
+                images = [im for im in self._map(rest[start:start + 64]) if im is not None]
+                if images:
+                    acc.add(np.stack(images))
+            stats = acc.result()
+            try:
+                save_stats(stats, path)
+            except OSError:
+                pass
+        self._stats = (key, stats)
+        return stats

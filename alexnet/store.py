@@ -554,11 +554,19 @@ class StoreDataset(ImageDataset):
                 self._sources = [json.loads(line) for line in f]
         return self._sources
 
-    def stats(self) -> DataStats:
-        """This store's own statistics, as prepared (at the stored size)."""
+    def stats(self, held_out: np.ndarray | None = None) -> DataStats:
+        """This store's own statistics, as prepared (at the stored size); with `held_out`
+        (sorted record indices), those of the other records: the held-out images are read
+        and taken away from the prepared sums (`sources.stats_without`)."""
         if self._stats is None:
             self._stats = load_stats(self.path / self.index["stats"])
-        return self._stats
+        if held_out is None or not len(held_out):
+            return self._stats
+        from alexnet.sources import stats_without
+
+        held = np.asarray(held_out, np.int64)
+        return stats_without(self._stats, self.count,
+                             (np.asarray(self.images[held[i:i + 64]]) for i in range(0, len(held), 64)))
 
     def use_classes(self, classes: list[str]) -> None:
         """Relabel the records for the class list `classes` (a training split's), which

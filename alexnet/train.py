@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from alexnet.augment import DeferredTrainTransform, RawBatch, TrainTransform, to_device
-from alexnet.checkpoint import CheckpointError, load_model_file, load_state, save_model, save_state
+from alexnet.checkpoint import Checkpoint, CheckpointError, load_model_file, load_state, save_model, save_state
 from alexnet.fileio import OutputError, WriteError, atomic_write_text, make_dir
 from alexnet.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
-from alexnet.dataset import ImageDataset, SubsetDataset
+from alexnet.dataset import DataStats, ImageDataset, SubsetDataset
 from alexnet.distributed import (all_reduce_sum, any_process, broadcast_object, gather_objects, init_distributed,
                                  lost_process, resolve_augment, resolve_workers, shutdown)
 from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
@@ -87,7 +87,7 @@ class Data:
     train: ImageDataset
     val: ImageDataset
     test: ImageDataset | None  # a separate test split (Fashion-MNIST's 10,000), if the source has one
-    stats: object  # DataStats of the training images
+    stats: DataStats  # of the training images (a held-out validation part left out)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -104,12 +104,14 @@ def holdout_split(n: int, holdout: int, seed: int = 0) -> tuple[np.ndarray, np.n
     return np.sort(perm[holdout:]), np.sort(perm[:holdout])
 
 
-def open_data(cfg: RunConfig) -> Data:
+def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
+    """The run's splits, and the statistics of its training images (a held-out validation
+    part left out), or `stats` as given (a resumed run keeps those it started with)."""
     from alexnet.sources import IdxDataset, dataset_stats, open_dataset
 
     d = cfg.data
     full = open_dataset(d.path, "train", d.image_size)
-    test = None
+    test, held_out = None, None
     if d.val_path is not None:
         train, val = full, open_dataset(d.val_path, "val", d.image_size, classes=full.classes)
     else:
@@ -126,15 +128,16 @@ def open_data(cfg: RunConfig) -> Data:
             holdout = min(d.val_holdout, len(full) // 10)
             if holdout < 1:
                 raise ConfigError(f"{len(full)} training images are too few to hold out a validation set")
-            tr, va = holdout_split(len(full), holdout)
-            train, val = SubsetDataset(full, tr), SubsetDataset(full, va)
+            tr, held_out = holdout_split(len(full), holdout)
+            train, val = SubsetDataset(full, tr), SubsetDataset(full, held_out)
         else:
             train = full
     if list(val.classes) != list(full.classes):
         raise ConfigError(f"the validation classes differ from the training classes "
                           f"({len(val.classes)} vs {len(full.classes)})")
-    # the statistics of the whole training source (a held-out part included: at most 10%)
-    return Data(train, val, test, dataset_stats(full))
+    if stats is None:
+        stats = dataset_stats(full, held_out=held_out)
+    return Data(train, val, test, stats)
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -304,8 +307,9 @@ class Trainer:
 
     def _setup(self, cfg: RunConfig, resume: bool) -> None:
         """The data, the network and its optimizer, then the run folder: a new one, or the
-        resumed run's last checkpoint."""
-        self.data = open_data(cfg)
+        resumed run's last checkpoint (whose data statistics it keeps)."""
+        last = self._last_checkpoint() if resume else None
+        self.data = open_data(cfg, stats=last and last[1].stats)
         classes = list(self.data.train.classes)
         asked = cfg.model.num_classes
         if asked not in (len(classes), ModelConfig.num_classes):
@@ -363,7 +367,7 @@ class Trainer:
         self.preprocess = {"image_size": cfg.data.image_size, "crop": self.crop,
                            "pixel_scale": cfg.data.pixel_scale, "mean": "mean_image"}
         if resume:
-            self._load_last()
+            self._load_last(*last)
         else:
             self._on_main_first(self._start_run_dir)
 
@@ -541,7 +545,8 @@ class Trainer:
     def _position(self) -> tuple[int, int, int]:
         return self.epoch, self.step, self.batch_in_epoch
 
-    def _load_last(self) -> None:
+    def _last_checkpoint(self) -> tuple[Path, Checkpoint, dict]:
+        """The folder, model file and training state of the checkpoint last.json names."""
         ck = self.run_dir / "checkpoints"
         last = self._last()
         if last is None or "dir" not in last:
@@ -554,8 +559,10 @@ class Trainer:
             # only this run's own step folders: never another run's, never a path out of it
             raise CheckpointError(f"{ck / 'last.json'} names {name!r}, not a step folder of this run")
         folder = ck / name
-        model_file = load_model_file(folder / "model.safetensors")
-        state = load_state(folder / "state.pt")
+        return folder, load_model_file(folder / "model.safetensors"), load_state(folder / "state.pt")
+
+    def _load_last(self, folder: Path, model_file: Checkpoint, state: dict) -> None:
+        ck = folder.parent
         if model_file.model_config != self.cfg.model:
             raise CheckpointError(f"{folder / 'model.safetensors'} and {self.run_dir / 'config.json'} disagree on "
                                   f"{_first_difference(model_file.model_config, self.cfg.model)}")
@@ -586,7 +593,7 @@ class Trainer:
         if self.info.is_main:  # drop log lines of epochs after the checkpoint
             self._remove_stale_temp()
             for p in _step_folders(ck):  # written, but a kill came before last.json named them
-                if _step_key(p.name) > _step_key(name):
+                if _step_key(p.name) > _step_key(folder.name):
                     _discard(p)
             self._write_log()
             for f in ("stopped", "diverged"):

@@ -530,6 +530,26 @@ def test_stats_grey_in_memory_resized():
     assert np.allclose(s.eigvec[:, 0].numpy(), np.full(3, 3 ** -0.5), atol=1e-6)
 
 
+def test_stats_in_memory_leave_the_held_out_images_out():
+    images = correlated_images(20, 16, np.random.default_rng(2))
+    images[[3, 11]] = 255  # held out, and far from the rest: they would move every statistic
+    ds = TensorImageDataset(torch.from_numpy(images), np.zeros(20, np.int64), ["x"], image_size=16)
+    assert_stats_match(dataset_stats(ds, held_out=np.array([11, 3])), np.delete(images, [3, 11], axis=0))
+    assert_stats_match(dataset_stats(ds, held_out=np.array([], np.int64)), images)
+
+
+def test_stats_without_takes_a_part_away_from_the_whole():
+    from alexnet.sources import StatsAccumulator, stats_without
+
+    images = correlated_images(12, 8, np.random.default_rng(3))
+    acc = StatsAccumulator(8)
+    acc.add(images)
+    rest = stats_without(acc.result(), 12, [images[:2], images[5:6]])
+    assert_stats_match(rest, np.delete(images, [0, 1, 5], axis=0))
+    with pytest.raises(DataSourceError, match="no images left"):
+        stats_without(acc.result(), 12, [images])
+
+
 def test_stats_on_the_fly_folder_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ALEXNET_CACHE", str(tmp_path / "cache"))
     images = correlated_images(6, 32, np.random.default_rng(1))
@@ -545,3 +565,13 @@ def test_stats_on_the_fly_folder_and_cache(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").glob("stats-*.safetensors"))) == 1
     s2 = dataset_stats(open_dataset(tmp_path / "d", image_size=32))  # from the cache
     assert torch.equal(s2.mean_image, s.mean_image) and torch.equal(s2.eigvec, s.eigvec)
+    # held-out records are left out, and cached under a key of their own
+    order = [ds.sources.index(f"c/{i}.png") for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        less = dataset_stats(ds, held_out=np.array([order[1], order[4]]))
+    assert_stats_match(less, images[[0, 2, 3, 5]])
+    assert len(list((tmp_path / "cache").glob("stats-*.safetensors"))) == 2
+    again = dataset_stats(open_dataset(tmp_path / "d", image_size=32), held_out=np.array([order[4], order[1]]))
+    assert torch.equal(again.mean_image, less.mean_image) and torch.equal(again.eigval, less.eigval)
+    assert torch.equal(dataset_stats(ds).mean_image, s.mean_image)  # the whole again, not the last asked

@@ -186,6 +186,18 @@ def test_prepare_stats_match_numpy(messy):
         assert abs(abs(s.eigvec[:, i].numpy() @ vec[:, 2 - i]) - 1) < 1e-3
 
 
+def test_store_stats_leave_the_held_out_records_out(messy):
+    from tests.test_sources import assert_stats_match
+
+    root, _, _, _ = messy
+    ds = open_store(root / "store")
+    images = ds.read(np.arange(len(ds)))[0].numpy()
+    held = np.array([0, len(ds) - 1])
+    assert_stats_match(dataset_stats(ds, held_out=held), np.delete(images, held, axis=0))
+    small = open_store(root / "store", image_size=32)  # taken away at the stored size, then resized
+    assert dataset_stats(small, held_out=held).mean_image.shape == (3, 32, 32)
+
+
 def test_prepare_again_on_a_complete_store_is_a_no_op(messy):
     root, good, broken, _ = messy
     before = (root / "store" / "images.u8").stat().st_mtime_ns

@@ -247,7 +247,7 @@ time.sleep(60)
                      lambda: Trainer(tiny_config(data, epochs=1), run, quiet=True)):
             with pytest.raises(ConfigError, match=rf"r is in use by another alexnet train \(pid {holder.pid}\)"):
                 make()
-        def open_data(cfg):
+        def open_data(cfg, stats=None):
             raise AssertionError("the data was opened")
 
         with monkeypatch.context() as m:  # a resume is refused before the data is opened (seconds on a large folder)
@@ -488,6 +488,36 @@ def test_onecycle_rises_then_falls():
     peak = int(np.argmax(lrs))
     assert 25 <= peak <= 35 and lrs[peak] == pytest.approx(0.02, rel=0.05)
     assert lrs[0] < 0.1 * lrs[peak] and lrs[-1] < 0.01 * lrs[peak]
+
+
+def test_training_statistics_leave_the_held_out_validation_images_out(data):
+    from alexnet.dataset import TensorImageDataset
+    from alexnet.sources import dataset_stats
+
+    d = train_module.open_data(tiny_config(data))
+    full, kept = d.train.base, d.train.indices
+    assert len(d.val) == 4 and len(kept) == 40
+    only = TensorImageDataset(full.images[torch.from_numpy(kept)], full.labels[kept], full.classes,
+                              full.image_size)
+    expect, whole = dataset_stats(only), dataset_stats(full)
+    assert torch.equal(d.stats.mean_image, expect.mean_image) and torch.equal(d.stats.eigval, expect.eigval)
+    assert not torch.allclose(d.stats.mean_image, whole.mean_image)
+
+
+def test_resume_keeps_the_statistics_the_run_started_with(data, tmp_path, monkeypatch):
+    t = Trainer(tiny_config(data), tmp_path / "run", quiet=True)
+    stop_at(t, 2)
+    assert t.fit()["stopped"]
+    started = t.data.stats
+
+    def no_new_statistics(*a, **k):
+        raise AssertionError("a resumed run computed its data statistics again")
+
+    monkeypatch.setattr("alexnet.sources.dataset_stats", no_new_statistics)
+    t = Trainer(None, tmp_path / "run", resume=True, quiet=True)
+    for a, b in ((t.data.stats.mean_image, started.mean_image), (t.data.stats.eigvec, started.eigvec)):
+        assert torch.equal(a, b)
+    assert t.fit()["stopped"] is False
 
 
 def test_holdout_split_is_fixed_and_disjoint():
