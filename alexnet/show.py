@@ -2,7 +2,7 @@
 
   filters      conv1's kernels, one block per GPU group, as in the paper's Figure 3.
   neighbours   for a few query images, the training images whose last hidden layer
-               (fc7 after its ReLU, 4096-d) is nearest in Euclidean distance, as in the
+               (fc7 after its ReLU, fc_width-d: 4096 in the paper) is nearest in Euclidean distance, as in the
                paper's Figure 4 (section 6.1).
   activations  the feature maps of one convolutional-part layer for one image.
 
@@ -10,7 +10,7 @@ Every picture uses the checkpoint's own preprocessing (`predict.Classifier`): th
 square image, its centre crop, minus the mean image, divided by the pixel scale.
 
     from alexnet.show import features, nearest
-    feats = torch.cat(list(features(model, batches)))  # (N, 4096) fc7 after ReLU
+    feats = torch.cat(list(features(model, batches)))  # (N, fc_width) fc7 after ReLU
     dist, idx = nearest(queries, feats, k=6)  # exact, ties to the lower index
 """
 
@@ -42,7 +42,7 @@ def _hook_output(module: torch.nn.Module, store: list) -> torch.utils.hooks.Remo
 def features(model, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu",
              layer: str = LAST_HIDDEN) -> Iterator[torch.Tensor]:
     """For each preprocessed batch x (B, 3, crop, crop) of `batches`, the output of `layer`
-    flattened to (B, D) float32 on the CPU (D = 4096 for relu7), the network in eval mode."""
+    flattened to (B, D) float32 on the CPU (D = fc_width, 4096 in the paper, for relu7), the network in eval mode."""
     model.eval()
     seen: list[torch.Tensor] = []
     handle = _hook_output(model.layer(layer), seen)
@@ -328,7 +328,8 @@ def add_command(sub) -> None:
 
     n = kinds.add_parser("neighbours", help="training images nearest to queries in fc7 (paper Figure 4)",
                          description="For each query image, the training images whose fc7 activations "
-                                     "(after ReLU, 4096-d) are nearest in Euclidean distance, as in the "
+                                     "(after ReLU: model.fc_width numbers, 4096 in the paper) are nearest in "
+                                     "Euclidean distance, as in the "
                                      "paper's Figure 4: one row per query, the query then its neighbours. "
                                      "The search is exact; it prints the neighbours' indices and distances.")
     n.add_argument("checkpoint", help="a .safetensors model file")
