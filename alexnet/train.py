@@ -297,9 +297,13 @@ class Trainer:
             cfg = replace(cfg, data=replace(d, path=_absolute(d.path), val_path=_absolute(d.val_path)))
         self.info, self.device = init_distributed(cfg.train.device)
         self.quiet = quiet or not self.info.is_main
-        if resume:  # a run another trainer holds is refused before its data is opened
-            self._on_main_first(self._lock)
         try:
+            # a run another trainer holds, or a finished one as a new run's --out, is refused
+            # before the data is opened (a large folder takes a while to list)
+            if resume:
+                self._on_main_first(self._lock)
+            elif self._named:
+                self._on_main_first(self._claim_existing)
             self._setup(cfg, resume)
         except BaseException:  # no trainer to close: the folder is free again at once
             self._unlock()
@@ -415,6 +419,20 @@ class Trainer:
             self._unlock()
             raise WriteError.of(e, path) from e
 
+    def _claim(self) -> None:
+        """Lock the run folder (unless this trainer holds it) for a new run: refused if it
+        holds a run already."""
+        if self._lock_fd is None:
+            self._lock()
+        if (self.run_dir / "checkpoints" / "last.json").exists():
+            raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
+                              f"or choose another --out")
+
+    def _claim_existing(self) -> None:
+        """`_claim` a named --out that exists already (a new one is made once the data is open)."""
+        if self.run_dir.is_dir():
+            self._claim()
+
     def _unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # gives the lock up
@@ -449,10 +467,7 @@ class Trainer:
                 except OSError as e:
                     raise WriteError.of(e, self.run_dir) from e
         make_dir(self.run_dir)
-        self._lock()
-        if (self.run_dir / "checkpoints" / "last.json").exists():
-            raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
-                              f"or choose another --out")
+        self._claim()
         self._remove_stale_temp()
         atomic_write_text(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2) + "\n")
         (self.run_dir / "log.jsonl").unlink(missing_ok=True)

@@ -250,16 +250,23 @@ time.sleep(60)
         def open_data(cfg, stats=None):
             raise AssertionError("the data was opened")
 
-        with monkeypatch.context() as m:  # a resume is refused before the data is opened (seconds on a large folder)
+        with monkeypatch.context() as m:  # refused before the data is opened (seconds on a large folder)
             m.setattr(train_module, "open_data", open_data)
-            with pytest.raises(ConfigError, match="in use by another alexnet train"):
-                Trainer(None, run, resume=True, quiet=True)
+            for make in (lambda: Trainer(None, run, resume=True, quiet=True),
+                         lambda: Trainer(tiny_config(data, epochs=1), run, quiet=True)):
+                with pytest.raises(ConfigError, match="in use by another alexnet train"):
+                    make()
     finally:
         holder.kill()
         holder.wait()
-    with pytest.raises(ConfigError, match="already holds a run"):  # took the lock, then refused
-        Trainer(tiny_config(data, epochs=1), run, quiet=True)
+    with monkeypatch.context() as m:  # took the lock, then refused, before opening the data
+        m.setattr(train_module, "open_data", open_data)
+        with pytest.raises(ConfigError, match="already holds a run"):
+            Trainer(tiny_config(data, epochs=1), run, quiet=True)
     Trainer(None, run, resume=True, quiet=True).close()  # so the refusal gave the folder up
+    (tmp_path / "empty").mkdir()  # an existing folder without a run is a new run's
+    Trainer(tiny_config(data, epochs=1), tmp_path / "empty", quiet=True).close()
+    assert (tmp_path / "empty" / "config.json").exists()
     # default folders: two runs begun in the same second get one each
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda fmt: "20260101-000000")
