@@ -275,6 +275,11 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False  # deterministic kernels (exact resume, slower)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # Under DDP: seconds a process waits for the others at a collective before it ends the
+    # run with one line (a node that froze or vanished without closing its sockets); 0: the
+    # backend's own limit (30 minutes for Gloo, 10 for NCCL). It must exceed the longest
+    # stretch one process works alone, e.g. a folder's first statistics pass.
+    dist_timeout: float = 0.0
     checkpoint_every: int = 500  # also checkpoint every N steps (0: only at epoch ends)
     keep_checkpoints: int = 2  # step checkpoints kept besides `best`
     # Steps between read-backs of the losses from the device: the progress line's loss, the
@@ -302,6 +307,8 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be >= 0, not {self.weight_decay}")
         if not 0 < self.lr_drop < 1:
             raise ConfigError(f"train.lr_drop must be in (0, 1), not {self.lr_drop}")
+        if not (self.dist_timeout >= 0 and math.isfinite(self.dist_timeout)):
+            raise ConfigError(f"train.dist_timeout must be a number of seconds >= 0, not {self.dist_timeout}")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0, not {self.grad_clip}")
         if not 0 <= self.label_smoothing < 1:

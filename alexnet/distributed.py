@@ -4,6 +4,7 @@ Gloo on CPU), and only rank 0 writes logs and checkpoints."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from dataclasses import dataclass
@@ -69,16 +70,18 @@ def resolve_augment(choice: str, device: torch.device) -> str:
     return "device" if device.type == "cuda" else "loader"
 
 
-def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group when launched by torchrun; a no-op for a single process."""
+def init_distributed(device_name: str, timeout_s: float = 0.0) -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun; a no-op for a single process.
+    `timeout_s`: how long a collective waits for the other processes (0: the backend's own)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     device = resolve_device(device_name, info)
     global _FLAG_GROUP
     if info.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        limit = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **limit)
         # flags agreed every step go host to host, never through (and waiting for) the GPU
-        _FLAG_GROUP = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
+        _FLAG_GROUP = dist.new_group(backend="gloo", **limit) if dist.get_backend() == "nccl" else None
     return info, device
 
 

@@ -295,7 +295,7 @@ class Trainer:
         else:  # config.json must name the data wherever a resume is started from
             d = cfg.data
             cfg = replace(cfg, data=replace(d, path=_absolute(d.path), val_path=_absolute(d.val_path)))
-        self.info, self.device = init_distributed(cfg.train.device)
+        self.info, self.device = init_distributed(cfg.train.device, cfg.train.dist_timeout)
         self.quiet = quiet or not self.info.is_main
         try:
             # a run another trainer holds, or a finished one as a new run's --out, is refused
@@ -730,7 +730,8 @@ class Trainer:
             reason = lost_process(e, self.info)
             if reason is None:
                 raise
-            raise TrainingError(f"another process of this run is gone ({reason}); {self._resume_hint()}") from None
+            raise TrainingError(f"another process of this run is gone or not answering ({reason}); "
+                                f"{self._resume_hint()}") from None
         finally:
             if not keep_lock:
                 self._unlock()  # the run's files are all written: another trainer may take the folder

@@ -395,6 +395,8 @@ def test_serve_refuses_bad_uploads_and_keeps_serving(corpus, client, name):
     (["--epochs", "x"], ["not an integer"]),
     (["--set", "data.image_size=100"], ["data.image_size 100 is smaller than the network's 227px crop"]),
     (["--set", "train.plateau_patience=0"], ["train.plateau_patience must be >= 1"]),
+    (["--set", "train.dist_timeout=-1"], ["train.dist_timeout must be a number of seconds >= 0, not -1.0"]),
+    (["--set", "train.dist_timeout=Infinity"], ["train.dist_timeout must be a finite number"]),
     (["--set", 'model.init_bias_one=["nonsense"]'], ["model.init_bias_one names 'nonsense'"]),
     (["--recipe", "fast", "--set", "recipe=paper"], ["two recipes given: 'fast' and 'paper'"]),
     # these two were run: max_steps keeps a regression short

@@ -81,10 +81,10 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 # --- stopping, resuming and the run folder under DDP ----------------------------------------
 
 
-def _run_worker(rank, world, port, cfg, out, resume, stop_rank, stop_step, report, kill=False):
+def _run_worker(rank, world, port, cfg, out, resume, stop_rank, stop_step, report, kill=None):
     """One process of a 2-process run: with `stop_rank`, that process alone is asked to stop
-    during step `stop_step` (with `kill`, it is killed there: SIGKILL); writes what it saw
-    to report-RANK.json."""
+    during step `stop_step` (with `kill`, a signal, it is sent that signal there instead);
+    writes what it saw to report-RANK.json."""
     import gc
     import os
 
@@ -108,7 +108,7 @@ def _run_worker(rank, world, port, cfg, out, resume, stop_rank, stop_step, repor
                 loss = inner(x, y)
                 if t.step + 1 == stop_step:
                     if kill:
-                        os.kill(os.getpid(), signal.SIGKILL)
+                        os.kill(os.getpid(), kill)
                     t.stop_requested = True
                 return loss
 
@@ -170,7 +170,8 @@ def test_a_process_killed_mid_run_leaves_one_line_on_the_others(tmp_path):
     data = write_idx(tmp_path / "idx")
     report = tmp_path / "rep"
     report.mkdir()
-    args = (2, _free_port(), _dropout_config(data, checkpoint_every=1), tmp_path / "r", False, 1, 3, report, True)
+    args = (2, _free_port(), _dropout_config(data, checkpoint_every=1), tmp_path / "r", False, 1, 3, report,
+            signal.SIGKILL)
     ctx = mp.spawn(_run_worker, args=args, nprocs=2, join=False)
     try:
         for p in ctx.processes:
@@ -180,10 +181,39 @@ def test_a_process_killed_mid_run_leaves_one_line_on_the_others(tmp_path):
         for p in ctx.processes:
             p.kill()
     error = json.loads((report / "report-0.json").read_text())["error"]
-    assert error.startswith("TrainingError: another process of this run is gone (") and "\n" not in error, error
+    assert error.startswith("TrainingError: another process of this run is gone or not answering (") \
+        and "\n" not in error, error
     assert "Traceback" not in error and "pair.cc" not in error, error
     assert error.endswith(f"the checkpoint of step 2 is intact; continue with: the same torchrun command "
                           f"with -m alexnet train --resume {tmp_path / 'r'}"), error
+
+
+def test_a_process_that_stops_answering_ends_the_others_after_train_dist_timeout(tmp_path):
+    """A process frozen mid-run (SIGSTOP: its sockets stay open, as a machine that hangs or
+    drops off the network leaves them) ends the other after train.dist_timeout seconds
+    with one line, instead of after the backend's 30 minutes."""
+    import time
+
+    data = write_idx(tmp_path / "idx")
+    report = tmp_path / "rep"
+    report.mkdir()
+    cfg = _dropout_config(data, checkpoint_every=1, dist_timeout=8)
+    ctx = mp.spawn(_run_worker, args=(2, _free_port(), cfg, tmp_path / "r", False, 1, 3, report, signal.SIGSTOP),
+                   nprocs=2, join=False)
+    try:
+        began = time.monotonic()
+        ctx.processes[0].join(120)
+        waited = time.monotonic() - began
+        assert ctx.processes[0].exitcode == 0 and ctx.processes[1].exitcode is None  # rank 1 is frozen
+    finally:
+        for p in ctx.processes:
+            p.kill()
+    error = json.loads((report / "report-0.json").read_text())["error"]
+    assert error.startswith("TrainingError: another process of this run is gone or not answering (Timed out "
+                            "waiting 8000ms") and "\n" not in error, error
+    assert error.endswith("the checkpoint of step 2 is intact; continue with: the same torchrun command "
+                          f"with -m alexnet train --resume {tmp_path / 'r'}"), error
+    assert waited < 100, waited
 
 
 def test_only_the_process_groups_errors_name_a_lost_process():
