@@ -2,8 +2,8 @@
 
   filters      conv1's kernels, one block per GPU group, as in the paper's Figure 3.
   neighbours   for a few query images, the training images whose last hidden layer
-               (fc7 after its ReLU, fc_width-d: 4096 in the paper) is nearest in Euclidean distance, as in the
-               paper's Figure 4 (section 6.1).
+               (fc7 after its ReLU, fc_width-d: 4096 in the paper) is nearest in
+               Euclidean distance, as in the paper's Figure 4 (section 6.1).
   activations  the feature maps of one convolutional-part layer for one image.
 
 Every picture uses the checkpoint's own preprocessing (`predict.Classifier`): the stored
@@ -42,7 +42,8 @@ def _hook_output(module: torch.nn.Module, store: list) -> torch.utils.hooks.Remo
 def features(model, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu",
              layer: str = LAST_HIDDEN) -> Iterator[torch.Tensor]:
     """For each preprocessed batch x (B, 3, crop, crop) of `batches`, the output of `layer`
-    flattened to (B, D) float32 on the CPU (D = fc_width, 4096 in the paper, for relu7), the network in eval mode."""
+    flattened to (B, D) float32 on the CPU (D = fc_width for relu7: 4096 in the paper), the
+    network in eval mode."""
     model.eval()
     seen: list[torch.Tensor] = []
     handle = _hook_output(model.layer(layer), seen)

@@ -259,18 +259,19 @@ def dataset_stats(ds: ImageDataset, batch_size: int = 64, held_out: np.ndarray |
     (`StoreDataset.stats`), folders make their pass over the rest, and in-memory images
     are taken as they are, less the held-out ones.
     """
-    keep = held = None
-    if held_out is not None and len(held_out):
-        held = np.unique(np.asarray(held_out, np.int64))
-        keep = np.setdiff1d(np.arange(len(ds)), held)
+    held = None if held_out is None or not len(held_out) else np.unique(np.asarray(held_out, np.int64))
     stats = getattr(ds, "stats", None)
     if callable(stats):
         stats = stats() if held is None else stats(held_out=held)
     if isinstance(stats, DataStats):
         return DataStats(_resize_mean(stats.mean_image, ds.image_size), stats.eigval, stats.eigvec)
+    if held is None:
+        return _tensor_stats(ds.images, ds.image_size) if isinstance(ds, TensorImageDataset) else \
+            compute_stats(ds, batch_size)
+    keep = np.setdiff1d(np.arange(len(ds)), held)
     if isinstance(ds, TensorImageDataset):
-        return _tensor_stats(ds.images if keep is None else ds.images[torch.from_numpy(keep)], ds.image_size)
-    return compute_stats(ds if keep is None else SubsetDataset(ds, keep), batch_size)
+        return _tensor_stats(ds.images[torch.from_numpy(keep)], ds.image_size)
+    return compute_stats(SubsetDataset(ds, keep), batch_size)
 
 
 def compute_stats(ds: ImageDataset, batch_size: int = 64) -> DataStats:

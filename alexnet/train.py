@@ -313,7 +313,7 @@ class Trainer:
         """The data, the network and its optimizer, then the run folder: a new one, or the
         resumed run's last checkpoint (whose data statistics it keeps)."""
         last = self._last_checkpoint() if resume else None
-        self.data = open_data(cfg, stats=last and last[1].stats)
+        self.data = open_data(cfg, stats=last[1].stats if last else None)
         classes = list(self.data.train.classes)
         asked = cfg.model.num_classes
         if asked not in (len(classes), ModelConfig.num_classes):
