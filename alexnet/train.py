@@ -20,6 +20,7 @@ starts or resumes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -104,6 +105,18 @@ def holdout_split(n: int, holdout: int, seed: int = 0) -> tuple[np.ndarray, np.n
     return np.sort(perm[holdout:]), np.sort(perm[:holdout])
 
 
+def for_validation(ds: ImageDataset) -> ImageDataset:
+    """`ds` as validation reads it: an on-the-fly folder whose unreadable files are left out
+    of the figures (label -1), not stood in for by the next readable record, which would
+    count twice. A copy, so that training, which shares the folder when part of it is held
+    out, keeps its stand-ins; what it learns of bad files (`bad`) is shared."""
+    if not hasattr(ds, "drop_unreadable"):
+        return ds
+    ds = copy.copy(ds)
+    ds.drop_unreadable = True
+    return ds
+
+
 def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
     """The run's splits, and the statistics of its training images (a held-out validation
     part left out), or `stats` as given (a resumed run keeps those it started with)."""
@@ -113,7 +126,7 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
     full = open_dataset(d.path, "train", d.image_size)
     test, held_out = None, None
     if d.val_path is not None:
-        train, val = full, open_dataset(d.val_path, "val", d.image_size, classes=full.classes)
+        train, val = full, for_validation(open_dataset(d.val_path, "val", d.image_size, classes=full.classes))
     else:
         try:
             val = open_dataset(d.path, "val", d.image_size, classes=full.classes)
@@ -129,9 +142,9 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
             if holdout < 1:
                 raise ConfigError(f"{len(full)} training images are too few to hold out a validation set")
             tr, held_out = holdout_split(len(full), holdout)
-            train, val = SubsetDataset(full, tr), SubsetDataset(full, held_out)
+            train, val = SubsetDataset(full, tr), SubsetDataset(for_validation(full), held_out)
         else:
-            train = full
+            train, val = full, for_validation(val)
     if list(val.classes) != list(full.classes):
         raise ConfigError(f"the validation classes differ from the training classes "
                           f"({len(val.classes)} vs {len(full.classes)})")

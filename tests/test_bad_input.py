@@ -249,8 +249,41 @@ def test_train_goes_on_past_bad_files_and_reports_them(tree, tmp_path, monkeypat
     assert result["step"] == 2 and (tmp_path / "run" / "best.safetensors").exists()
     full = getattr(trainer.data.train, "base", trainer.data.train)  # a held-out split wraps the folder
     reported = {os.path.basename(full.sources[i]) for i in full.bad}
-    assert reported == set(bad)  # the statistics pass decodes every file once
+    assert reported == set(bad)  # the statistics pass and validation (the held-out part) decode every file
     assert len({str(w.message) for w in rec if "unreadable image" in str(w.message)}) == len(bad)  # one per bad file
+
+
+def test_training_validation_leaves_unreadable_files_out(tree, tmp_path, capsys):
+    """Training substitutes the next readable record for a bad file; validation, like
+    `alexnet evaluate`, leaves it out, so that no image counts twice in the figures."""
+    from dataclasses import replace
+
+    from alexnet.train import Trainer, open_data
+
+    root, manifest, _ = tree
+    cfg = tiny_run(root / "train", tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = open_data(cfg)  # a held-out part of the folder: validation reads a copy of it
+        full, seen = d.train.base, d.val.base
+        assert seen is not full and seen.drop_unreadable and not full.drop_unreadable
+        bad = [i for i, p in enumerate(full.sources) if os.path.basename(p) in manifest
+               and not manifest[os.path.basename(p)].ok]
+        assert bad and (seen.read(bad)[1] == -1).all() and (full.read(bad)[1] >= 0).all()
+        assert seen.bad is full.bad  # what one learns of bad files, the other knows
+        # a validation folder of its own (here the same files): trained on, the bad ones left out
+        (tmp_path / "v").mkdir()
+        (tmp_path / "v" / "val").symlink_to(root / "train")
+        cfg = replace(cfg, data=replace(cfg.data, val_path=str(tmp_path / "v")))
+        trainer = Trainer(cfg, tmp_path / "run")
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    line = next(x for x in capsys.readouterr().out.splitlines() if "epoch 1 validation" in x)
+    good = len(full) - len(bad)
+    assert line.startswith(f"epoch 1 validation: {good} images |") and line.endswith(
+        f"| {len(bad)} unreadable left out"), line
 
 
 def test_evaluate_a_checkpoint_of_other_classes_is_a_one_line_error(tree, tmp_path, capsys):
