@@ -287,6 +287,11 @@ def _first_difference(a, b) -> str:
 
 
 START_OVER = "run the same alexnet train command again to start it over"
+# what a run folder holds; a new run may start over in a folder of these alone (a run that
+# stopped before its first checkpoint), and never writes into any other non-empty folder
+RUN_ENTRIES = frozenset({".lock", "config.json", "log.jsonl", "stopped", "diverged", "curves.png",
+                         "best.safetensors", "checkpoints", "eval-test"})
+TEMP_ENTRY = re.compile(r"\..+\.tmp")  # a write that a kill cut short (fileio.atomic_write)
 
 
 def _absolute(path: str | None) -> str | None:
@@ -294,6 +299,12 @@ def _absolute(path: str | None) -> str | None:
     if path is None or path == "fashion-mnist":
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def _within(path: Path, folder: str) -> bool:
+    """Whether `path` (which need not exist) is `folder` or lies below it."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
 
 
 class Trainer:
@@ -308,6 +319,10 @@ class Trainer:
         else:  # config.json must name the data wherever a resume is started from
             d = cfg.data
             cfg = replace(cfg, data=replace(d, path=_absolute(d.path), val_path=_absolute(d.val_path)))
+            for data in (cfg.data.path, cfg.data.val_path):
+                if data is not None and os.path.isdir(data) and _within(self.run_dir, data):
+                    raise ConfigError(f"the run folder {self.run_dir} is inside the data folder {data}, "
+                                      f"where its files would be read as images; choose another --out")
         self.info, self.device = init_distributed(cfg.train.device, cfg.train.dist_timeout)
         self.quiet = quiet or not self.info.is_main
         try:
@@ -434,8 +449,21 @@ class Trainer:
 
     def _claim(self) -> None:
         """Lock the run folder (unless this trainer holds it) for a new run: refused if it
-        holds a run already."""
+        holds anything but a run of ours (so no file of the user's is overwritten), or a run
+        that has saved a checkpoint."""
         if self._lock_fd is None:
+            names = os.listdir(self.run_dir)
+            ours = RUN_ENTRIES if "config.json" in names else {".lock"}  # a run writes config.json first
+            foreign = sorted(n for n in names if n not in ours and not TEMP_ENTRY.fullmatch(n))
+            if foreign:
+                raise ConfigError(f"{self.run_dir} is not empty and is not a run folder (it holds "
+                                  f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                                  f"choose another --out")
+            if (self.run_dir / "config.json").exists():
+                try:  # a config.json of the user's is not written over
+                    self._read_config()
+                except ConfigError as e:
+                    raise ConfigError(f"{self.run_dir} is not a run folder: {e}; choose another --out") from None
             self._lock()
         if (self.run_dir / "checkpoints" / "last.json").exists():
             raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "

@@ -339,6 +339,32 @@ def test_a_relative_data_path_is_saved_absolute_so_a_resume_from_elsewhere_finds
     assert again.fit()["stopped"] is False and again.step == 2
 
 
+def test_a_new_run_writes_into_no_folder_of_the_users_nor_into_its_data(data, tmp_path):
+    """--out may name a new or empty folder, or a run of ours that stopped before its first
+    checkpoint (started over); any other folder is refused before a file is written in it,
+    and so is a folder inside the data, whose files would become images of it."""
+    cases = {"notes": {"notes.txt": "mine"}, "config": {"config.json": '{"mine": 1}'},
+             "log only": {"log.jsonl": "my log"}}  # a run writes config.json before anything else
+    for name, files in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for f, text in files.items():
+            (folder / f).write_text(text)
+        with pytest.raises(ConfigError, match="is not a run folder"):
+            Trainer(tiny_config(data, epochs=1), folder, quiet=True)
+        assert {p.name: p.read_text() for p in folder.iterdir()} == files, name  # not even a .lock
+    inside = rf"the run folder {data / 'run'} is inside the data folder {data}, where "
+    with pytest.raises(ConfigError, match=inside):
+        Trainer(tiny_config(data, epochs=1), data / "run", quiet=True)
+    assert not (data / "run").exists()
+    # a run stopped before its first checkpoint is started over by the same command
+    t = Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True)
+    t.stop_requested = True
+    t.close()
+    assert (tmp_path / "r" / "config.json").exists() and not (tmp_path / "r" / "checkpoints").exists()
+    Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True).close()
+
+
 def test_a_failure_before_the_first_checkpoint_says_how_to_start_over(tmp_path):
     """The hint after a write or loader failure: the checkpoint to resume from, or, with
     none yet, the way to start over (a resume would find nothing)."""
