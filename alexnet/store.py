@@ -175,10 +175,14 @@ class PrepareResult:
     ignored: int
     report: str
     complete: bool
+    already: bool = False  # complete before this call: nothing was written
 
     def summary(self) -> str:
         state = "" if self.complete else " (unfinished: run again to finish)"
         ign = f", {self.ignored} non-image files ignored" if self.ignored else ""
+        if self.already:
+            return (f"{self.out} is a complete store already, nothing written: {plural(self.written, 'image')}, "
+                    f"{self.skipped} skipped{ign} (report: {self.report})")
         return (f"prepared {self.out}: {plural(self.written, 'image')} written, {self.skipped} skipped"
                 f"{ign} (report: {self.report}){state}")
 
@@ -317,8 +321,9 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
         index = _read_json(out / INDEX)
         _check_same(out, index, meta)
         _cleanup(out)
+        _warn_if_changed(out, root, set(names) | {p for p, _ in pre_skipped})
         return PrepareResult(str(out), index["count"], index["skipped"], index.get("ignored", 0),
-                             str(out / REPORT), True)
+                             str(out / REPORT), True, already=True)
     if (out / PROGRESS).is_file():
         saved = _read_json(out / PROGRESS)
         _check_same(out, saved, meta)
@@ -407,6 +412,22 @@ def _check_same(out: Path, saved: dict, meta: dict) -> None:
             what = {"classes": "class list", "labels_file": "labels file", "max_pixels": "--max-pixels"}.get(key, key)
             raise DataSourceError(f"{out} holds a prepare with another {what}; delete it or "
                                   f"choose another folder")
+
+
+def _warn_if_changed(out: Path, root: str, now: set[str]) -> None:
+    """Warn when the files of the source (`now`: stored or skipped) are no longer those that
+    the complete store at `out` was prepared from (files added or removed since)."""
+    with open(out / SOURCES, "rb") as f:
+        then = {json.loads(line) for line in f}
+    with open(out / REPORT, "rb") as f:
+        then |= {_report_name(line.decode("utf-8", "surrogateescape").split("\t", 1)[0]) for line in f}
+    new, gone = len(now - then), len(then - now)
+    if new or gone:
+        import warnings
+
+        warnings.warn(f"{root} has changed since {out} was prepared ({plural(new, 'file')} not in the store, "
+                      f"{gone} of its files gone); prepare into a new folder to include the changes",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _load_accum(out: Path, state: dict, size: int) -> StatsAccumulator:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -202,10 +203,32 @@ def test_prepare_again_on_a_complete_store_is_a_no_op(messy):
     root, good, broken, _ = messy
     before = (root / "store" / "images.u8").stat().st_mtime_ns
     again = prepare(root / "src", root / "store", workers=1, size=S, max_pixels=10_000_000, progress=False)
-    assert again.complete and again.written == len(good) and again.skipped == len(broken)
+    assert again.complete and again.already and again.written == len(good) and again.skipped == len(broken)
+    assert again.summary().startswith(f"{root / 'store'} is a complete store already, nothing written: ")
     assert (root / "store" / "images.u8").stat().st_mtime_ns == before
     with pytest.raises(DataSourceError, match="another image_size"):
         prepare(root / "src", root / "store", size=S + 1, progress=False)
+
+
+def test_prepare_again_after_the_source_changed_says_so(tmp_path):
+    """The complete store is kept as it is (it may be in use), with a warning that the
+    source has files it lacks and lacks files it has."""
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 30), (60 * i, 90, 20)).save(tmp_path / "src" / c / f"{i}.png")
+    (tmp_path / "src" / "a" / "bad.png").write_bytes(b"")  # skipped: listed in the report, not a change
+    first = prepare(tmp_path / "src", tmp_path / "store", workers=1, size=16, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing changed: no warning
+        prepare(tmp_path / "src", tmp_path / "store", workers=1, size=16, progress=False)
+    (tmp_path / "src" / "b" / "1.png").unlink()
+    for name in ("2.png", "3.png"):
+        Image.new("RGB", (40, 30)).save(tmp_path / "src" / "a" / name)
+    with pytest.warns(RuntimeWarning, match=r"has changed since .*store was prepared \(2 files not in the store, "
+                                            r"1 of its files gone\); prepare into a new folder"):
+        again = prepare(tmp_path / "src", tmp_path / "store", workers=1, size=16, progress=False)
+    assert again.already and again.written == first.written == 4 and len(open_store(tmp_path / "store")) == 4
 
 
 def test_store_splits_and_class_lists(messy, tmp_path):
