@@ -135,6 +135,9 @@ def load_model_file(path: str | Path) -> Checkpoint:
     for k, v in weights.items():
         if not v.is_floating_point() and not k.endswith("num_batches_tracked"):
             raise CheckpointError(f"{path}: tensor {k} has dtype {v.dtype}, expected floating point")
+        if k.endswith("running_var") and bool((v < 0).any()):  # BatchNorm would compute NaN from them
+            raise CheckpointError(f"{path}: tensor {k} holds {plural(int((v < 0).sum()), 'negative variance')}; "
+                                  f"the file is broken")
     return Checkpoint(cfg, weights, classes, stats, preprocess, extra)
 
 
@@ -218,5 +221,6 @@ def load_state(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no training state at {path}") from None
-    except Exception as e:  # unpickling errors come in many types; all mean "refused"
-        raise CheckpointError(f"refused to load training state {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a damaged file and a refused unpickling raise many types
+        raise CheckpointError(f"cannot read the training state {path} (damaged, or not a run's): "
+                              f"{str(e).splitlines()[0]}") from None

@@ -92,7 +92,9 @@ def _load_config_file(path: str) -> dict:
 
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"no config file at {path}")
+        from alexnet.fileio import not_a_file
+
+        raise UserError(not_a_file(path, "config file"))
     try:
         text = p.read_text(encoding="utf-8")
         if p.suffix == ".toml":

@@ -34,7 +34,7 @@ from alexnet.caffe_proto import Layer, ProtoError, blob, net_layers
 from alexnet.checkpoint import CheckpointError, is_torch_save_head, non_finite, save_model
 from alexnet.config import ConfigError, LRNConfig
 from alexnet.dataset import DataStats
-from alexnet.fileio import check_writable, refuse_overwriting, require_suffix
+from alexnet.fileio import check_writable, not_a_file, refuse_overwriting, require_suffix
 from alexnet.model import AlexNet, build_model
 
 # The per-channel mean of ILSVRC2012's training images (ilsvrc_2012_mean.npy averaged over
@@ -99,7 +99,7 @@ def _check_output(out: str | Path, *inputs) -> None:
 def _read(path: str | Path, what: str) -> bytes:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no {what} at {path}")
+        raise CheckpointError(not_a_file(path, what))
     data = path.read_bytes()
     if not data:
         raise CheckpointError(f"{path} is empty")
@@ -249,7 +249,7 @@ def _check_pth_container(path: Path) -> None:
 
 def _load_pth(path: Path) -> dict:
     if not path.is_file():
-        raise CheckpointError(f"no .pth file at {path}")
+        raise CheckpointError(not_a_file(path, ".pth file"))
     _check_pth_container(path)
     try:
         with warnings.catch_warnings(record=True) as said:  # torch's warnings: told in our own line
@@ -304,9 +304,13 @@ def convert_torchvision(src: str | Path, out: str | Path) -> AlexNet:
                  for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise CheckpointError(f"{src} is not torchvision's AlexNet: {'; '.join(parts)}")
     for k, v in want.items():
-        if tuple(state[k].shape) != tuple(v.shape) or not state[k].is_floating_point():
-            raise CheckpointError(f"{src}: {k} has shape {tuple(state[k].shape)} ({state[k].dtype}), "
+        t = state[k]
+        if tuple(t.shape) != tuple(v.shape) or not t.is_floating_point():
+            raise CheckpointError(f"{src}: {k} has shape {tuple(t.shape)} ({t.dtype}), "
                                   f"expected {tuple(v.shape)} floating point")
+        if t.layout is not torch.strided or t.device.type != "cpu":  # sparse, or meta: no values to copy
+            raise CheckpointError(f"{src}: {k} is a {str(t.layout).removeprefix('torch.')} tensor on "
+                                  f"{t.device.type}, expected a dense one with its values")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     std = torch.tensor(TORCHVISION_STD, dtype=torch.float64) * 255
     with torch.no_grad():

@@ -52,6 +52,12 @@ class WriteError(OSError):
         return f"cannot write {self.filename}: {self.strerror}"
 
 
+def not_a_file(path: str | Path, what: str) -> str:
+    """Why `path`, which is not a regular file, cannot be read as `what` (e.g. "config
+    file"): a folder is said to be one."""
+    return f"{path} is a folder, not a {what}" if Path(path).is_dir() else f"no {what} at {path}"
+
+
 def refuse_overwriting(out: str | Path, *inputs: str | Path | None) -> None:
     """An OutputError if `out` is one of `inputs` (the same file by another name too): a
     command must not replace what it reads."""

@@ -538,7 +538,7 @@ def finished_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("damage, words", [
-    ("state.pt", "refused to load training state"),
+    ("state.pt", "cannot read the training state"),
     ("model.safetensors", "not a readable safetensors file"),
     ("last.json", "no readable checkpoints/last.json"),
     ("last.json-escape", "not a step folder of this run"),

@@ -90,6 +90,18 @@ def test_a_model_file_with_non_finite_weights_is_refused(tmp_path, value):
         load_model_file(tmp_path / "m.safetensors")
 
 
+def test_a_model_file_with_negative_batchnorm_variances_is_refused(tmp_path):
+    """Finite, but BatchNorm takes their square root: predict printed "nan" as a probability."""
+    from alexnet.checkpoint import CheckpointError
+
+    model = build_model("bn", num_classes=3)
+    with torch.no_grad():
+        model.features[1].running_var[[0, 5]] = -1.0
+    save_model(tmp_path / "m.safetensors", model, ["a", "b", "c"], None, {})
+    with pytest.raises(CheckpointError, match=r"features.1.running_var holds 2 negative variances; the file is broken"):
+        load_model_file(tmp_path / "m.safetensors")
+
+
 def test_metadata_of_the_wrong_types_is_refused_with_one_line(tmp_path):
     """Hand-edited or foreign files: each reader takes these types for granted, and got a
     traceback (AttributeError, TypeError, IndexError) before the check."""

@@ -126,6 +126,9 @@ def test_a_reader_that_leaves_early_stops_the_command_quietly():
     (["train", "--batch-size", "0"], "must be >= 1"),
     (["train", "--data", "/nonexistent/images"], "not found"),
     (["train", "--config", "/nonexistent.toml"], "no config file"),
+    (["train", "--config", "/"], "/ is a folder, not a config file"),  # was "no config file at /"
+    (["convert", "torchvision", "/", "o.safetensors"], "/ is a folder, not a .pth file"),
+    (["convert", "caffe", "/", "o.safetensors"], "/ is a folder, not a caffemodel"),
     (["train", "--resume", "/nonexistent/run"], "not a run folder"),
     (["train", "--resume", "runs/x", "--lr", "0.1"], "drop --lr"),
     (["evaluate", "/nonexistent.safetensors"], "no checkpoint file"),

@@ -398,6 +398,11 @@ def test_torchvision_wrong_keys_and_shapes_are_refused(tmp_path):
     assert "missing classifier.6.bias" in _tv_refused(tmp_path, {k: v for k, v in tiny.items() if k != keys[-1]})
     assert "unexpected features.1.weight" in _tv_refused(tmp_path, {**tiny, "features.1.weight": torch.zeros(1)})
     assert "does not hold a state dict of tensors" in _tv_refused(tmp_path, [1, 2])
+    shaped = plain_alexnet("owt").state_dict()
+    bias = shaped["classifier.6.bias"]
+    for odd, words in ((bias.to_sparse(), "classifier.6.bias is a sparse_coo tensor on cpu, expected a dense one"),
+                       (torch.empty(bias.shape, device="meta"), "classifier.6.bias is a strided tensor on meta")):
+        assert words in _tv_refused(tmp_path, {**shaped, "classifier.6.bias": odd})  # was load_state_dict's traceback
 
 
 class _Payload:
