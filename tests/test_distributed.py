@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from alexnet.checkpoint import load_model_file
 from dataclasses import replace
 
-from alexnet.config import run_config
+from alexnet.config import run_config, to_dict
 from alexnet.model import AlexNet
 from tests.helpers import TEST_FC_WIDTH
 from tests.test_train import write_idx
@@ -157,6 +157,7 @@ def test_one_process_asked_to_stop_stops_all_after_that_step(tmp_path):
 def test_a_run_folder_in_use_is_one_line_on_every_process(tmp_path):
     data = write_idx(tmp_path / "idx")
     (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "config.json").write_text(json.dumps(to_dict(_dropout_config(data))))
     (tmp_path / "r" / "checkpoints" / "last.json").write_text("{}")
     seen = _two_processes(_dropout_config(data), tmp_path / "r", tmp_path / "rep")
     for s in seen:
