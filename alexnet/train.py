@@ -333,8 +333,10 @@ class Trainer:
             elif self._named:
                 self._on_main_first(self._claim_existing)
             self._setup(cfg, resume)
-        except BaseException:  # no trainer to close: the folder is free again at once
-            self._unlock()
+        except BaseException:  # no trainer to close: the folder is free again at once, and the
+            self._unlock()      # process group ends now, not at the interpreter's exit (see close)
+            self.__dict__.pop("net", None)
+            shutdown(self.info)
             raise
 
     def _setup(self, cfg: RunConfig, resume: bool) -> None:
