@@ -467,9 +467,13 @@ class Trainer:
                 except ConfigError as e:
                     raise ConfigError(f"{self.run_dir} is not a run folder: {e}; choose another --out") from None
             self._lock()
-        if (self.run_dir / "checkpoints" / "last.json").exists():
+        ck = self.run_dir / "checkpoints"
+        if (ck / "last.json").exists():
             raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
                               f"or choose another --out")
+        if _step_folders(ck):  # last.json lost, or a kill between a save and last.json: never mixed in
+            raise ConfigError(f"{self.run_dir} holds checkpoints that no checkpoints/last.json names; "
+                              f"choose another --out")
 
     def _claim_existing(self) -> None:
         """`_claim` a named --out that exists already (a new one is made once the data is open)."""

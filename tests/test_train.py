@@ -363,6 +363,11 @@ def test_a_new_run_writes_into_no_folder_of_the_users_nor_into_its_data(data, tm
     t.close()
     assert (tmp_path / "r" / "config.json").exists() and not (tmp_path / "r" / "checkpoints").exists()
     Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True).close()
+    # but not one whose checkpoints last.json does not name (lost, or a kill before it was written)
+    (tmp_path / "r" / "checkpoints" / "step-00000002").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="r holds checkpoints that no checkpoints/last.json names; choose another"):
+        Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True)
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-00000002"]
 
 
 def test_a_failure_before_the_first_checkpoint_says_how_to_start_over(tmp_path):
