@@ -366,13 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (UserError, ConfigError, CheckpointError, FileNotFoundError, ExportError, ClassMismatchError,
             OutputError, WriteError) as e:
-        print(f"alexnet: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"alexnet: error: {e}\n")
         return 2
     except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:  # a path given where it cannot go
-        print(f"alexnet: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        sys.stderr.write(f"alexnet: error: {e.filename}: {e.strerror}\n")
         return 2
     except KeyboardInterrupt:
-        print("alexnet: interrupted", file=sys.stderr)
+        sys.stderr.write("alexnet: interrupted\n")
         return 130
     except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as a SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush has nowhere to go

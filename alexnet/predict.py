@@ -196,7 +196,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     errors = [(m, "no such file, or no image files in it") for m in missing]
     results = []
     for m, reason in errors:
-        print(f"alexnet: error: {shown(m)}: {reason}", file=sys.stderr)
+        sys.stderr.write(f"alexnet: error: {shown(m)}: {reason}\n")
     for i in range(0, len(paths), args.batch_size):
         good, images = [], []
         for path in paths[i:i + args.batch_size]:
@@ -205,7 +205,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 good.append(path)
             except ImageError as e:
                 errors.append((path, str(e)))
-                print(f"alexnet: error: {shown(path)}: {e}", file=sys.stderr)
+                sys.stderr.write(f"alexnet: error: {shown(path)}: {e}\n")
         rows = clf.top(clf.probabilities(images, args.ten_crop, args.batch_size), args.top) if images else []
         for path, row in zip(good, rows):
             if args.json:

@@ -145,6 +145,26 @@ def test_train_and_evaluate_argument_errors(capsys, argv, message):
     assert err.startswith("alexnet: error: "), err
 
 
+def test_an_error_line_is_one_write(monkeypatch):
+    """Under torchrun every process writes its error line to the one stderr: written in two
+    parts (print's text, then its newline), two processes' lines ran into one."""
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    err = Recorder()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["train", "--set", "train.lr=-1"]) == 2
+    assert err.writes == ["alexnet: error: train.lr must be positive, not -1.0\n"]
+
+
 @pytest.mark.parametrize("argv, line", [
     (["train", "--epochs", "-1"], "alexnet: error: train: argument --epochs: must be >= 1, not -1"),
     (["show", "filters"], "alexnet: error: show filters: the following arguments are required: checkpoint"),
