@@ -258,6 +258,11 @@ class TrainConfig:
     batch_size: int = 128  # global batch, split over DDP processes (section 5)
     lr: float = 0.01  # initial learning rate (section 5)
     momentum: float = 0.9  # section 5
+    # "paper": section 5's rule, whose velocity v is in weight units (the learning rate
+    # inside it), so that at a change of learning rate the velocity gathered so far runs on;
+    # "pytorch": torch.optim.SGD's, whose buffer is in gradient units and times the new
+    # rate at once. The same steps while the learning rate holds.
+    momentum_form: Literal["paper", "pytorch"] = "paper"
     weight_decay: float = 5e-4  # section 5
     # "plateau": divide lr by 10 when the validation error stops improving (section 5);
     # "cosine" and "onecycle" are for short budgets.
@@ -339,8 +344,10 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # loss jumped to 10-60 in the first 20 steps and the run did not learn).
     "fast": {
         "model": {"variant": "bn"},
+        # (PyTorch's momentum: the one-cycle schedule, which moves the rate every step, is
+        # tuned with it, and it saves rescaling the momentum buffers every step)
         "train": {"schedule": "onecycle", "lr": 0.02, "grad_clip": 2.0, "label_smoothing": 0.1,
-                  "batch_size": 64, "epochs": 10},
+                  "batch_size": 64, "epochs": 10, "momentum_form": "pytorch"},
     },
 }
 

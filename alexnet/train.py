@@ -210,6 +210,21 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
                            fused=True if device.type in ("cpu", "cuda") else None)
 
 
+def set_lr(optimizer: torch.optim.SGD, lr: float, momentum_form: str) -> None:
+    """Give every parameter group the learning rate `lr`. With `momentum_form` "paper",
+    section 5's rule: its velocity v (weight units) is -lr * PyTorch's momentum buffer, so
+    at a change of rate from a to b the buffers are multiplied by a / b, after which the
+    steps are the paper's exactly (while both rates are above 0)."""
+    for g in optimizer.param_groups:
+        old = g["lr"]
+        if lr != old and momentum_form == "paper" and old > 0 and lr > 0:
+            buffers = [optimizer.state[p]["momentum_buffer"] for p in g["params"]
+                       if optimizer.state[p].get("momentum_buffer") is not None]
+            if buffers:
+                torch._foreach_mul_(buffers, old / lr)
+        g["lr"] = lr
+
+
 # ----------------------------------------------------------------------------- schedules
 
 
@@ -494,6 +509,9 @@ class Trainer:
             if isinstance(data, dict) and isinstance(data.get("model"), dict):
                 # a run begun before model.dropout_form existed trained with inverted dropout
                 data["model"].setdefault("dropout_form", "inverted")
+            if isinstance(data, dict) and isinstance(data.get("train"), dict):
+                # and one begun before train.momentum_form, with PyTorch's momentum
+                data["train"].setdefault("momentum_form", "pytorch")
             return from_dict(RunConfig, data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
@@ -687,8 +705,7 @@ class Trainer:
 
     def _set_lr(self) -> float:
         lr = self.schedule.lr(self.step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(self.optimizer, lr, self.cfg.train.momentum_form)
         return lr
 
     def _train_step(self, x: torch.Tensor | RawBatch, y: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,15 @@ def test_a_run_begun_before_dropout_form_resumes_with_inverted_dropout(tmp_path)
     assert Trainer._read_config(SimpleNamespace(run_dir=tmp_path)).model.dropout_form == "inverted"
 
 
+def test_a_run_begun_before_momentum_form_resumes_with_pytorchs_momentum(tmp_path):
+    cfg = to_dict(run_config("paper"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert Trainer._read_config(SimpleNamespace(run_dir=tmp_path)).train.momentum_form == "paper"
+    del cfg["train"]["momentum_form"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert Trainer._read_config(SimpleNamespace(run_dir=tmp_path)).train.momentum_form == "pytorch"
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_model_file_with_non_finite_weights_is_refused(tmp_path, value):
     from alexnet.checkpoint import CheckpointError

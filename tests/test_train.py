@@ -558,6 +558,42 @@ def test_resume_keeps_the_statistics_the_run_started_with(data, tmp_path, monkey
     assert t.fit()["stopped"] is False
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_paper_momentum_rule_holds_across_a_learning_rate_drop(fused):
+    """Section 5: v <- 0.9 v - 0.0005 lr w - lr grad; w <- w + v, written out in float64,
+    against torch's SGD stepped with set_lr, through two drops of the rate by 10."""
+    from alexnet.train import set_lr
+
+    rng = np.random.default_rng(0)
+    target = torch.from_numpy(rng.normal(size=50))
+    w0 = torch.from_numpy(rng.normal(size=50))
+    rates = [0.1] * 5 + [0.01] * 5 + [0.001] * 5
+
+    def grad(w):  # of 0.5 * |w - target|^2 + sin(w).sum(): not linear, so the paths differ if the rule does
+        return (w - target) + torch.cos(w)
+
+    w, v = w0.clone(), torch.zeros(50, dtype=torch.float64)
+    for lr in rates:
+        v = 0.9 * v - 0.0005 * lr * w - lr * grad(w)
+        w = w + v
+    paths = {}
+    for form in ("paper", "pytorch"):
+        p = torch.nn.Parameter(w0.clone())
+        opt = torch.optim.SGD([p], lr=rates[0], momentum=0.9, weight_decay=0.0005, fused=fused)
+        for lr in rates:
+            set_lr(opt, lr, form)
+            p.grad = grad(p.detach())
+            opt.step()
+        paths[form] = p.detach()
+    torch.testing.assert_close(paths["paper"], w, rtol=0, atol=1e-12)
+    assert (paths["pytorch"] - w).abs().max() > 1e-3  # PyTorch's own rule is another path after a drop
+
+
+def test_momentum_form_defaults():
+    assert run_config("paper").train.momentum_form == "paper"
+    assert run_config("fast").train.momentum_form == run_config("demo").train.momentum_form == "pytorch"
+
+
 def test_holdout_split_is_fixed_and_disjoint():
     a, b = holdout_split(100, 10)
     a2, b2 = holdout_split(100, 10)
