@@ -69,22 +69,17 @@ def test_a_model_file_keeps_weights_statistics_classes_and_preprocessing_exactly
         assert ck.state_dict[k].dtype == v.dtype and torch.equal(ck.state_dict[k], v), k
 
 
-def test_a_run_begun_before_dropout_form_resumes_with_inverted_dropout(tmp_path):
+@pytest.mark.parametrize("section, key, now, before", [
+    ("model", "dropout_form", "paper", "inverted"),  # a run begun before dropout_form trained with nn.Dropout's
+    ("train", "momentum_form", "paper", "pytorch"),  # and before momentum_form, with PyTorch's momentum
+])
+def test_a_run_begun_before_an_option_resumes_as_it_started(tmp_path, section, key, now, before):
     cfg = to_dict(run_config("paper"))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert Trainer._read_config(SimpleNamespace(run_dir=tmp_path)).model.dropout_form == "paper"
-    del cfg["model"]["dropout_form"]
+    assert getattr(getattr(Trainer._read_config(SimpleNamespace(run_dir=tmp_path)), section), key) == now
+    del cfg[section][key]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert Trainer._read_config(SimpleNamespace(run_dir=tmp_path)).model.dropout_form == "inverted"
-
-
-def test_a_run_begun_before_momentum_form_resumes_with_pytorchs_momentum(tmp_path):
-    cfg = to_dict(run_config("paper"))
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert Trainer._read_config(SimpleNamespace(run_dir=tmp_path)).train.momentum_form == "paper"
-    del cfg["train"]["momentum_form"]
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert Trainer._read_config(SimpleNamespace(run_dir=tmp_path)).train.momentum_form == "pytorch"
+    assert getattr(getattr(Trainer._read_config(SimpleNamespace(run_dir=tmp_path)), section), key) == before
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
