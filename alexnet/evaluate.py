@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +207,10 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     prog = Progress(len(dataset), f"evaluate {title}")
     m = evaluate_model(model, loader, ck.model_config.num_classes, dev, channels_last=True, progress=prog)
     prog.close()
+    if not math.isfinite(m.loss):  # no report of figures from outputs that are not numbers
+        from alexnet.predict import NON_FINITE
+
+        raise CheckpointError(f"{checkpoint}: {NON_FINITE}")
     print(format_metrics(m, title))
     names = ck.extra.get("class_names") or ck.classes
     doc = write_report(m, ck.classes, names, out, title=f"{Path(checkpoint).name} on {title}",

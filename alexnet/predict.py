@@ -61,6 +61,10 @@ def _to_pil(image: ImageInput, max_pixels: int) -> Image.Image:
     return as_rgb(Image.fromarray(t.to(torch.uint8).contiguous().numpy(), "RGB"), max_pixels)
 
 
+NON_FINITE = ("the network's outputs are NaN or infinite: its weights, finite as they are, do not compute "
+              "(a damaged or hand-edited model file)")
+
+
 class Classifier:
     """A trained network with its checkpoint's preprocessing and class names."""
 
@@ -125,6 +129,8 @@ class Classifier:
             x = x.flatten(0, 1) if ten_crop else x
             logits = self.model(x.to(self.device).contiguous(memory_format=torch.channels_last)).float().cpu()
             out.append(average_ten_crop(logits.view(b, 10, -1)) if ten_crop else logits.softmax(-1))
+            if not bool(torch.isfinite(out[-1]).all()):
+                raise CheckpointError(NON_FINITE)
         return torch.cat(out) if out else torch.empty(0, self.num_classes)
 
     def top(self, probs: torch.Tensor, top: int = 5) -> list[list[tuple[int, str, float]]]:

@@ -153,6 +153,8 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
     from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.responses import HTMLResponse, Response
 
+    from alexnet.checkpoint import CheckpointError
+
     transform = clf.transforms[False]
     net_crop = transform.crop
     filters = conv1_filters_png(clf)
@@ -216,7 +218,10 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
             crop, (w, h) = await asyncio.to_thread(decode, data)
         except ImageError as e:
             raise HTTPException(422, f"{file.filename or 'upload'}: {e}") from None
-        probs = await asyncio.wrap_future(request.app.state.batcher.submit(torch.from_numpy(crop)))
+        try:
+            probs = await asyncio.wrap_future(request.app.state.batcher.submit(torch.from_numpy(crop)))
+        except CheckpointError as e:  # a model whose outputs are not numbers: the server's fault
+            raise HTTPException(500, str(e)) from None
         rows = clf.top(probs[None], top)[0]
         o = center_offset(clf.image_size, net_crop)  # the centre patch the network is given
         seen = crop[:, o:o + net_crop, o:o + net_crop]

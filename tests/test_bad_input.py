@@ -286,6 +286,39 @@ def test_training_validation_leaves_unreadable_files_out(tree, tmp_path, capsys)
         f"| {len(bad)} unreadable left out"), line
 
 
+def test_a_model_whose_finite_weights_compute_nan_is_refused_by_predict_evaluate_and_serve(tree, tmp_path, capsys):
+    """fc6's weights at 3e38 (finite, so the file loads) overflow to infinities and NaN:
+    `predict` printed "nan" as a probability and `evaluate` wrote figures of "loss nan"."""
+    from fastapi.testclient import TestClient
+
+    from alexnet.checkpoint import load_model_file
+    from alexnet.serve import create_app
+
+    root, _, info = tree
+    ck = load_model_file(checkpoint(tmp_path / "ok.safetensors", info["train_classes"]))
+    model = ck.build_model()
+    model.load_state_dict(ck.state_dict)
+    with torch.no_grad():
+        model.layer("fc6").weight.fill_(3e38)
+    broken = tmp_path / "overflow.safetensors"
+    save_model(broken, model, ck.classes, ck.stats, ck.preprocess)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (60, 40), (200, 120, 30)).save(image)
+    rc, out, err = main(capsys, "predict", broken, image)
+    one_line_error(rc, err, "the network's outputs are NaN or infinite")
+    assert "nan" not in out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tree's bad files
+        rc, out, err = main(capsys, "evaluate", broken, "--data", root / "train", "--split", "train",
+                            "--out", tmp_path / "ev")
+    assert rc == 2 and err.splitlines()[-1].startswith(  # after the progress line
+        f"alexnet: error: {broken}: the network's outputs are NaN or infinite"), err
+    assert not (tmp_path / "ev" / "eval.json").exists()
+    with TestClient(create_app(Classifier.load(broken, device="cpu"))) as c:
+        r = c.post("/api/predict", files={"file": ("x.png", image.read_bytes(), "image/png")})
+    assert r.status_code == 500 and "NaN or infinite" in r.json()["detail"]
+
+
 def test_evaluate_a_checkpoint_of_other_classes_is_a_one_line_error(tree, tmp_path, capsys):
     root, _, _ = tree
     ck = checkpoint(tmp_path / "three.safetensors", ["c0", "c1", "c2"])
