@@ -295,6 +295,12 @@ def _step_folders(ck: Path) -> list[Path]:
                   key=lambda p: _step_key(p.name))
 
 
+def _names(classes: list[str], shown: int = 4) -> str:
+    """A class list in a message: the first few names and the count."""
+    more = f", ... ({len(classes)})" if len(classes) > shown else ""
+    return ", ".join(classes[:shown]) + more
+
+
 def _first_difference(a, b) -> str:
     """`key (value in a vs value in b)` for the first field where two model configs differ."""
     k = next(f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name))
@@ -358,7 +364,13 @@ class Trainer:
         """The data, the network and its optimizer, then the run folder: a new one, or the
         resumed run's last checkpoint (whose data statistics it keeps)."""
         last = self._last_checkpoint() if resume else None
-        self.data = open_data(cfg, stats=last[1].stats if last else None)
+        try:
+            self.data = open_data(cfg, stats=last[1].stats if last else None)
+        except FileNotFoundError as e:  # --data cannot be given with --resume: say where the path is kept
+            if not resume:
+                raise
+            raise ConfigError(f"{e}; if the data has moved, set data.path (data.val_path) in "
+                              f"{self.run_dir / 'config.json'} to its new place") from None
         classes = list(self.data.train.classes)
         asked = cfg.model.num_classes
         if asked not in (len(classes), ModelConfig.num_classes):
@@ -572,6 +584,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "epoch_loss": epoch_loss,
             "best_err": self.best_err, "rng_cpu": rngs[0]["cpu"], "rng_ranks": rngs,
             "train_images": len(self.data.train),
+            # what fixes each epoch's order: a config.json edited to others is refused on resume
+            "batch_size": self.cfg.train.batch_size, "seed": self.cfg.train.seed,
         }
         if "cuda" in rngs[0]:
             s["rng_cuda"] = rngs[0]["cuda"]
@@ -651,6 +665,15 @@ class Trainer:
             raise CheckpointError(f"{folder} was saved with {saved_n} training images and the data now has "
                                   f"{len(self.data.train)}: the epochs' order would not be the run's; "
                                   f"start a new run")
+        if list(model_file.classes) != list(self.classes):  # a class folder renamed: labels would move
+            raise CheckpointError(f"{folder} was saved with the classes {_names(model_file.classes)} and the "
+                                  f"data now has {_names(self.classes)}: its labels would mean other classes; "
+                                  f"start a new run")
+        for key in ("batch_size", "seed"):  # (not in checkpoints before they were kept)
+            if key in state and state[key] != getattr(self.cfg.train, key):
+                raise CheckpointError(f"{folder} was saved with train.{key} {state[key]} and "
+                                      f"{self.run_dir / 'config.json'} now says {getattr(self.cfg.train, key)}: "
+                                      f"the epochs' order would not be the run's; put it back or start a new run")
         self.model.load_state_dict(model_file.state_dict)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])

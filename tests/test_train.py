@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.checkpoint import load_model_file
+from alexnet.checkpoint import CheckpointError, load_model_file
 from alexnet.config import ConfigError, run_config, to_dict
 import alexnet.train as train_module
 from alexnet.train import LRSchedule, Trainer, TrainingError, holdout_split
@@ -368,6 +368,45 @@ def test_a_new_run_writes_into_no_folder_of_the_users_nor_into_its_data(data, tm
     with pytest.raises(ConfigError, match="r holds checkpoints that no checkpoints/last.json names; choose another"):
         Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True)
     assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-00000002"]
+
+
+def test_a_resume_refuses_what_would_change_the_runs_data(tmp_path):
+    """Renamed classes (labels would mean others), an edited batch size or seed (another
+    order for the rest of the epoch); data that has moved names where its path is kept."""
+    import shutil
+
+    data = write_idx(tmp_path / "idx")
+    t = Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True)
+    stop_at(t, 2)
+    assert t.fit()["stopped"]
+    t.close()
+
+    def edited(name, key, value):
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "r", run)
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["train"][key] = value
+        (run / "config.json").write_text(json.dumps(cfg))
+        return run
+
+    for key, value in (("batch_size", 4), ("seed", 7)):
+        saved = getattr(tiny_config(data).train, key)
+        with pytest.raises(CheckpointError, match=rf"was saved with train.{key} {saved} and .*config.json now "
+                                                  rf"says {value}: the epochs' order"):
+            Trainer(None, edited(key, key, value), resume=True, quiet=True)
+    (data / "classes.txt").write_text("a\nb\nc\nd\n")  # the classes "0".."3" renamed
+    with pytest.raises(CheckpointError, match="was saved with the classes 0, 1, 2, 3 and the data now has "
+                                              "a, b, c, d: its labels would mean other classes"):
+        Trainer(None, tmp_path / "r", resume=True, quiet=True)
+    (data / "classes.txt").unlink()
+    data.rename(tmp_path / "moved")
+    with pytest.raises(ConfigError, match=r"not found: .*idx; if the data has moved, set data.path \(data.val_path\) "
+                                          r"in .*r/config.json to its new place"):
+        Trainer(None, tmp_path / "r", resume=True, quiet=True)
+    (tmp_path / "moved").rename(data)
+    t = Trainer(None, tmp_path / "r", resume=True, quiet=True)  # as it was: resumes
+    assert t.step == 2
+    t.close()
 
 
 def test_a_failure_before_the_first_checkpoint_says_how_to_start_over(tmp_path):
