@@ -7,6 +7,7 @@ with code 2; no stack trace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -150,6 +151,27 @@ def _train_config(args: argparse.Namespace):
     return run_config(recipe, over)
 
 
+class _Stop(Exception):
+    """SIGINT or SIGTERM while a finished run evaluates its test set (named by the signal)."""
+
+
+@contextlib.contextmanager
+def _stop_raises():
+    """SIGINT and SIGTERM raise `_Stop` inside the block (a pre-empted job's SIGTERM would
+    otherwise end the process without a word)."""
+    import signal
+
+    def stop(signum, frame):
+        raise _Stop(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from alexnet.train import Trainer, TrainingError, finish_run
 
@@ -164,9 +186,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(None, args.resume, resume=True) if args.resume else Trainer(cfg, args.out)
         result = trainer.fit(keep_lock=True)  # held through the test evaluation: close() gives it up
         if not result["stopped"] and trainer.info.is_main:
-            finish_run(trainer, test=trainer.cfg.train.test and not args.no_test)
+            with _stop_raises():  # fit() gave its own SIGINT/SIGTERM handlers back
+                finish_run(trainer, test=trainer.cfg.train.test and not args.no_test)
     except TrainingError as e:
         raise UserError(str(e)) from None
+    except _Stop as e:  # training is complete; a resume of the run does the test evaluation again
+        print(f"\nalexnet: {e}: the test evaluation stopped; training is complete (best weights: "
+              f"{trainer.run_dir / 'best.safetensors'}); finish it with: {trainer.resume_command()}", flush=True)
+        return 0
     finally:
         if trainer is not None:
             trainer.close()

@@ -207,3 +207,30 @@ def test_default_recipe_depends_on_the_data():
     assert _train_config(build_parser().parse_args(["train"])).recipe == "demo"
     cfg = _train_config(build_parser().parse_args(["train", "--data", "x"]))
     assert cfg.recipe == "paper" and cfg.train.lr == 0.01 and cfg.model.variant == "paper"
+
+
+def test_a_stop_during_the_test_evaluation_says_how_to_finish_it(capsys, tmp_path, monkeypatch):
+    """SIGTERM (a pre-empted job) after training, while the test set is evaluated: it used
+    to end the process at once, without a word and with code -15."""
+    import os
+    import signal
+    import time
+
+    import alexnet.train
+    from tests.test_train import write_idx
+
+    def finish_run(trainer, test=True):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises in here
+        raise AssertionError("SIGTERM did not stop the test evaluation")
+
+    monkeypatch.setattr(alexnet.train, "finish_run", finish_run)
+    before = signal.getsignal(signal.SIGTERM)
+    code, out, err = run(capsys, "train", "--data", str(write_idx(tmp_path / "idx")), "--out", str(tmp_path / "r"),
+                         "--recipe", "demo", "--set", "model.fc_width=64", "--set", "data.val_holdout=4",
+                         "--max-steps", "2", "--batch-size", "4", "--device", "cpu")
+    assert code == 0, err
+    assert out.splitlines()[-1] == (f"alexnet: SIGTERM: the test evaluation stopped; training is complete (best "
+                                    f"weights: {tmp_path / 'r' / 'best.safetensors'}); finish it with: alexnet "
+                                    f"train --resume {tmp_path / 'r'}")
+    assert signal.getsignal(signal.SIGTERM) is before
