@@ -845,6 +845,12 @@ class Trainer:
         again = f"alexnet train --resume {self.run_dir}"
         return f"the same torchrun command with -m {again}" if self.info.enabled else again
 
+    def _training_left(self) -> bool:
+        """Whether steps, or an epoch's validation, remain: an epoch with steps done is not
+        over until its validation, so a checkpoint of its last step (checkpoint_every, or a
+        stop at it) resumes into the validation alone."""
+        return self.epoch < self.cfg.train.epochs and (self.step < self.total_steps or self.batch_in_epoch > 0)
+
     def _fit(self) -> dict:
         t = self.cfg.train
         if not self.quiet:
@@ -855,9 +861,10 @@ class Trainer:
                   f"{self.device}, amp {self.amp or 'off'}, channels-last {'on' if self.channels_last else 'off'}, "
                   f"augmentation in the {self.augment_on}"
                   f"{f', {self.info.world_size} processes' if self.info.enabled else ''}", flush=True)
-        # an epoch with steps done is not over until its validation: a checkpoint of the last
-        # step (checkpoint_every, or a stop at it) resumes into the validation alone
-        while self.epoch < t.epochs and (self.step < self.total_steps or self.batch_in_epoch):
+            if not self._training_left():
+                print(f"the run's training was complete (step {self.step} of {self.total_steps}); "
+                      f"nothing to train", flush=True)
+        while self._training_left():
             if any_process(self.stop_requested, self.info):  # asked during validation: the
                 return self._stop()                         # epoch's checkpoint is written
             self.net.train()

@@ -430,7 +430,7 @@ def test_a_failure_before_the_first_checkpoint_says_how_to_start_over(tmp_path):
                                           f"torchrun command with -m alexnet train --resume {tmp_path}")
 
 
-def test_no_test_is_remembered_by_a_resumed_run(data, tmp_path, monkeypatch):
+def test_no_test_is_remembered_by_a_resumed_run(data, tmp_path, monkeypatch, capsys):
     """`--no-test` is the run's train.test = false: a run started with it and resumed
     without it still skips the test evaluation; one started without it does not."""
     from alexnet import cli
@@ -442,7 +442,9 @@ def test_no_test_is_remembered_by_a_resumed_run(data, tmp_path, monkeypatch):
         (tmp_path / "c.json").write_text(json.dumps(to_dict(tiny_config(data, epochs=1, max_steps=1))))
         assert cli.main(["train", "--config", str(tmp_path / "c.json"), "--out", str(run), *started_with]) == 0
         assert json.loads((run / "config.json").read_text())["train"]["test"] is not bool(started_with)
+        capsys.readouterr()
         assert cli.main(["train", "--resume", str(run)]) == 0  # a finished run: straight to the end
+        assert "the run's training was complete (step 1 of 1); nothing to train" in capsys.readouterr().out
     assert seen == [False, False, True, True]
 
 
