@@ -419,6 +419,7 @@ class Trainer:
         self.schedule = LRSchedule(cfg, self.total_steps)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.epoch_loss = [0.0, 0]  # loss sum, images, over this epoch so far
+        self.epoch_time, self._stretch_t0 = 0.0, None  # training seconds of this epoch (see _epoch_seconds)
         self.best_err = math.inf
         self.history: list[dict] = []
         self.stop_requested = False
@@ -583,7 +584,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch_loss": epoch_loss,
             "best_err": self.best_err, "rng_cpu": rngs[0]["cpu"], "rng_ranks": rngs,
-            "train_images": len(self.data.train),
+            "train_images": len(self.data.train), "epoch_time": self._epoch_seconds(),
             # what fixes each epoch's order: a config.json edited to others is refused on resume
             "batch_size": self.cfg.train.batch_size, "seed": self.cfg.train.seed,
         }
@@ -682,6 +683,7 @@ class Trainer:
         # the sum over all processes: rank 0 carries it on, the others add from zero
         self.epoch_loss = list(state["epoch_loss"]) if self.info.is_main else [0.0, 0]
         self.best_err = state["best_err"]
+        self.epoch_time = float(state.get("epoch_time", 0.0))  # (not in checkpoints before it was kept)
         self._saved = (self._position(), folder)
         rngs = state.get("rng_ranks") or []
         own = rngs[self.info.rank] if len(rngs) == self.info.world_size else \
@@ -845,6 +847,12 @@ class Trainer:
         again = f"alexnet train --resume {self.run_dir}"
         return f"the same torchrun command with -m {again}" if self.info.enabled else again
 
+    def _epoch_seconds(self) -> float:
+        """Seconds of training in this epoch so far: before a resume (from the checkpoint)
+        and in the stretch under way."""
+        now = time.perf_counter() - self._stretch_t0 if self._stretch_t0 is not None else 0.0
+        return self.epoch_time + now
+
     def _training_left(self) -> bool:
         """Whether steps, or an epoch's validation, remain: an epoch with steps done is not
         over until its validation, so a checkpoint of its last step (checkpoint_every, or a
@@ -872,7 +880,7 @@ class Trainer:
             loader = self._train_loader(self.epoch, self.batch_in_epoch) if steps_left else ()
             prog = Progress(steps_left * t.batch_size, f"epoch {self.epoch + 1}/{t.epochs}",
                             enabled=not self.quiet and steps_left > 0)
-            t0 = time.perf_counter()
+            self._stretch_t0 = time.perf_counter()
             for x, y in loader:
                 lr = self._set_lr()
                 loss = self._train_step(x, y)
@@ -898,8 +906,8 @@ class Trainer:
             if self._pending:  # (an epoch always ends on a read-back; this is for a short loader)
                 self._sync()
             speed = prog.close() if steps_left else None  # its steps ran before the resume
-            train_time = time.perf_counter() - t0
-            self._end_epoch(speed, train_time)
+            self.epoch_time, self._stretch_t0 = self._epoch_seconds(), None
+            self._end_epoch(speed, self.epoch_time)
         if any_process(self.stop_requested, self.info):  # asked during the last validation: a
             return self._stop()                          # stop, not on to the test set
         return {"stopped": False, "step": self.step, "epochs": self.epoch,
@@ -931,6 +939,7 @@ class Trainer:
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_loss = [0.0, 0]
+        self.epoch_time = 0.0
         improved = m.top1_err < self.best_err
         if improved:
             self.best_err = m.top1_err

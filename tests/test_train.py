@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.checkpoint import CheckpointError, load_model_file
+from alexnet.checkpoint import CheckpointError, load_model_file, load_state
 from alexnet.config import ConfigError, run_config, to_dict
 import alexnet.train as train_module
 from alexnet.train import LRSchedule, Trainer, TrainingError, holdout_split
@@ -91,6 +91,8 @@ def test_resume_mid_epoch_and_at_epoch_end_gives_identical_weights(data, tmp_pat
     assert (t.epoch, t.batch_in_epoch, t.step) == (0, 3, 3)
     stop_at(t, 5)
     assert t.fit()["stopped"]
+    last = json.loads((run / "checkpoints" / "last.json").read_text())["dir"]
+    epoch_time = load_state(run / "checkpoints" / last / "state.pt")["epoch_time"]  # steps 1-5, both stretches
     t = Trainer(None, run, resume=True, quiet=True)
     assert t.fit()["stopped"] is False
     a, b = weights(tmp_path / "straight"), weights(run)
@@ -105,6 +107,9 @@ def test_resume_mid_epoch_and_at_epoch_end_gives_identical_weights(data, tmp_pat
     assert [r["train_loss"] for r in log_a] == pytest.approx([r["train_loss"] for r in log_b], rel=1e-9)
     assert (run / "curves.png").stat().st_size > 1000
     assert not (run / "stopped").exists()
+    # epoch 1's training time is its steps', before the resumes too (it was the last stretch's:
+    # here none, since the resume went straight to the validation)
+    assert log_b[0]["train_img_s"] is None and log_b[0]["train_time_s"] >= epoch_time > 0
 
 
 def test_augmentation_on_the_device_trains_the_same_weights(data, tmp_path):
