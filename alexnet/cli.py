@@ -161,15 +161,13 @@ def _stop_raises():
     otherwise end the process without a word)."""
     import signal
 
+    from alexnet.distributed import on_stop_signals
+
     def stop(signum, frame):
         raise _Stop(signal.Signals(signum).name)
 
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with on_stop_signals(stop):
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -4,9 +4,11 @@ Gloo on CPU), and only rank 0 writes logs and checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +135,18 @@ def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
         _FLAG_GROUP = None
+
+
+@contextlib.contextmanager
+def on_stop_signals(handler):
+    """SIGINT and SIGTERM (Ctrl-C, a cluster's pre-emption, torchrun passing one on) go to
+    `handler` inside the block; the handlers before it come back after it. Main thread only."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def lost_process(e: BaseException, info: DistInfo) -> str | None:

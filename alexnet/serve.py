@@ -259,6 +259,8 @@ def listen(host: str, port: int) -> socket.socket:
 def _server_class():
     import uvicorn
 
+    from alexnet.distributed import on_stop_signals
+
     class Server(uvicorn.Server):
         """uvicorn's server, but SIGINT/SIGTERM end it quietly: uvicorn re-raises the
         signal after its graceful shutdown, which would make the exit code 130 or -15."""
@@ -273,12 +275,8 @@ def _server_class():
                 self.force_exit = self.should_exit and sig == signal.SIGINT  # a second Ctrl-C
                 self.should_exit = True
 
-            previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
+            with on_stop_signals(stop):
                 yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
 
     return Server
 

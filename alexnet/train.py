@@ -43,7 +43,7 @@ from alexnet.fileio import OutputError, WriteError, atomic_write_text, make_dir
 from alexnet.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
 from alexnet.dataset import DataStats, ImageDataset, SubsetDataset
 from alexnet.distributed import (all_reduce_sum, any_process, broadcast_object, gather_objects, init_distributed,
-                                 lost_process, resolve_augment, resolve_workers, shutdown)
+                                 lost_process, on_stop_signals, resolve_augment, resolve_workers, shutdown)
 from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
 from alexnet.loader import BatchLoader, LoaderWorkerError
 from alexnet.model import AlexNet
@@ -800,32 +800,30 @@ class Trainer:
         """Train to the end (or a stop request); returns a summary dict. The run folder's
         lock is given up at the end, unless `keep_lock` (then `close()` gives it up): for
         `finish_run`, so that no resume can come in between."""
-        old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return self._fit()
-        except LoaderWorkerError as e:
-            raise TrainingError(f"data loading failed at step {self.step + 1}: {str(e).splitlines()[0]}; "
-                                f"{self._resume_hint()}") from None
-        except RunWriteError as e:
-            raise RunWriteError(f"{e}; {self._resume_hint()}") from None
-        except TrainingError as e:
-            if self.info.is_main:
-                with contextlib.suppress(OSError):
-                    atomic_write_text(self.run_dir / "diverged", str(e) + "\n")
-            where = (f"the last good checkpoint is in {self.run_dir / 'checkpoints'}" if self._last() is not None
-                     else "no checkpoint was written before it")
-            raise TrainingError(f"{e}; {where}") from None
-        except RuntimeError as e:
-            reason = lost_process(e, self.info)
-            if reason is None:
-                raise
-            raise TrainingError(f"another process of this run is gone or not answering ({reason}); "
-                                f"{self._resume_hint()}") from None
-        finally:
-            if not keep_lock:
-                self._unlock()  # the run's files are all written: another trainer may take the folder
-            for s, h in old.items():
-                signal.signal(s, h)
+        with on_stop_signals(self._request_stop):
+            try:
+                return self._fit()
+            except LoaderWorkerError as e:
+                raise TrainingError(f"data loading failed at step {self.step + 1}: {str(e).splitlines()[0]}; "
+                                    f"{self._resume_hint()}") from None
+            except RunWriteError as e:
+                raise RunWriteError(f"{e}; {self._resume_hint()}") from None
+            except TrainingError as e:
+                if self.info.is_main:
+                    with contextlib.suppress(OSError):
+                        atomic_write_text(self.run_dir / "diverged", str(e) + "\n")
+                where = (f"the last good checkpoint is in {self.run_dir / 'checkpoints'}" if self._last() is not None
+                         else "no checkpoint was written before it")
+                raise TrainingError(f"{e}; {where}") from None
+            except RuntimeError as e:
+                reason = lost_process(e, self.info)
+                if reason is None:
+                    raise
+                raise TrainingError(f"another process of this run is gone or not answering ({reason}); "
+                                    f"{self._resume_hint()}") from None
+            finally:
+                if not keep_lock:
+                    self._unlock()  # the run's files are all written: another trainer may take the folder
 
     def _last(self) -> dict | None:
         """checkpoints/last.json, or None when there is none (or none readable: an OSError,
