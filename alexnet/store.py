@@ -417,10 +417,7 @@ def _check_same(out: Path, saved: dict, meta: dict) -> None:
 def _warn_if_changed(out: Path, root: str, now: set[str]) -> None:
     """Warn when the files of the source (`now`: stored or skipped) are no longer those that
     the complete store at `out` was prepared from (files added or removed since)."""
-    with open(out / SOURCES, "rb") as f:
-        then = {json.loads(line) for line in f}
-    with open(out / REPORT, "rb") as f:
-        then |= {_report_name(line.decode("utf-8", "surrogateescape").split("\t", 1)[0]) for line in f}
+    then = _listed(out, REPORT)
     new, gone = len(now - then), len(then - now)
     if new or gone:
         import warnings
@@ -458,14 +455,16 @@ def _truncate(out: Path, state: dict) -> None:
 
 
 def _done_sources(out: Path, state: dict) -> set[str]:
-    done = set()
+    return _listed(out, REPORT_PARTIAL)
+
+
+def _listed(out: Path, report: str) -> set[str]:
+    """The source files of the store at `out`: those stored (sources.jsonl) and those its
+    report `report` (skipped.tsv, or the unfinished prepare's) lists as skipped."""
     with open(out / SOURCES, "rb") as f:
-        for line in f:
-            done.add(json.loads(line))
-    with open(out / REPORT_PARTIAL, "rb") as f:
-        for line in f:
-            done.add(_report_name(line.decode("utf-8", "surrogateescape").split("\t", 1)[0]))
-    return done
+        done = {json.loads(line) for line in f}
+    with open(out / report, "rb") as f:
+        return done | {_report_name(line.decode("utf-8", "surrogateescape").split("\t", 1)[0]) for line in f}
 
 
 def _cleanup(out: Path) -> None:
