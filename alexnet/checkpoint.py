@@ -141,6 +141,17 @@ def load_model_file(path: str | Path) -> Checkpoint:
     return Checkpoint(cfg, weights, classes, stats, preprocess, extra)
 
 
+def saved_extra(path: str | Path) -> dict | None:
+    """A model file's `extra` metadata (epoch, step, ...) from its header alone, without
+    reading the weights; None when the file is missing or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            extra = json.loads((f.metadata() or {}).get("extra", "{}"))
+    except (SafetensorError, ValueError, OSError):
+        return None
+    return extra if isinstance(extra, dict) else None
+
+
 def is_torch_save_head(head: bytes) -> bool:
     """Whether a file's first bytes may be torch.save's: a zip archive, or a pickle (every
     protocol from 2 on starts with its PROTO opcode)."""

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from alexnet.augment import DeferredTrainTransform, RawBatch, TrainTransform, to_device
-from alexnet.checkpoint import Checkpoint, CheckpointError, load_model_file, load_state, save_model, save_state
+from alexnet.checkpoint import (Checkpoint, CheckpointError, load_model_file, load_state, save_model,
+                               save_state, saved_extra)
 from alexnet.fileio import OutputError, WriteError, atomic_write_text, make_dir
 from alexnet.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
 from alexnet.dataset import DataStats, ImageDataset, SubsetDataset
@@ -421,6 +422,7 @@ class Trainer:
         self.epoch_loss = [0.0, 0]  # loss sum, images, over this epoch so far
         self.epoch_time, self._stretch_t0 = 0.0, None  # training seconds of this epoch (see _epoch_seconds)
         self.best_err = math.inf
+        self.best_epoch: int | None = None  # the epochs done when best_err was reached
         self.history: list[dict] = []
         self.stop_requested = False
         self._saved: tuple[tuple[int, int, int], Path] | None = None  # (epoch, step, batch), folder
@@ -501,7 +503,7 @@ class Trainer:
                               f"or choose another --out")
         if _step_folders(ck):  # last.json lost, or a kill between a save and last.json: never mixed in
             raise ConfigError(f"{self.run_dir} holds checkpoints that no checkpoints/last.json names; "
-                              f"choose another --out")
+                              f"continue it with --resume {self.run_dir} or choose another --out")
 
     def _claim_existing(self) -> None:
         """`_claim` a named --out that exists already (a new one is made once the data is open)."""
@@ -583,7 +585,7 @@ class Trainer:
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
             "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch_loss": epoch_loss,
-            "best_err": self.best_err, "rng_cpu": rngs[0]["cpu"], "rng_ranks": rngs,
+            "best_err": self.best_err, "best_epoch": self.best_epoch, "rng_cpu": rngs[0]["cpu"], "rng_ranks": rngs,
             "train_images": len(self.data.train), "epoch_time": self._epoch_seconds(),
             # what fixes each epoch's order: a config.json edited to others is refused on resume
             "batch_size": self.cfg.train.batch_size, "seed": self.cfg.train.seed,
@@ -621,9 +623,7 @@ class Trainer:
                                                  "class_names": self.class_names})
                     save_state(tmp / "state.pt", self._state([loss, int(count)], rngs))
                     os.replace(tmp, final)
-                    atomic_write_text(ck / "last.json", json.dumps(
-                        {"dir": name, "step": self.step, "epoch": self.epoch,
-                         "batch_in_epoch": self.batch_in_epoch}) + "\n")
+                    self._name_last(name)
             except RunWriteError:
                 # give back the space of a half checkpoint, or of a whole one last.json does not name
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -637,18 +637,32 @@ class Trainer:
         self._saved = (self._position(), final)
         return final
 
+    def _name_last(self, name: str) -> None:
+        atomic_write_text(self.run_dir / "checkpoints" / "last.json", json.dumps(
+            {"dir": name, "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}) + "\n")
+
     def _position(self) -> tuple[int, int, int]:
         return self.epoch, self.step, self.batch_in_epoch
 
     def _last_checkpoint(self) -> tuple[Path, Checkpoint, dict]:
-        """The folder, model file and training state of the checkpoint last.json names."""
+        """The folder, model file and training state of the checkpoint last.json names (or,
+        with last.json lost or unreadable, of the newest step folder: each is complete, as
+        it is written under another name and renamed)."""
         ck = self.run_dir / "checkpoints"
         last = self._last()
         if last is None or "dir" not in last:
-            if not (ck / "last.json").exists() and not _step_folders(ck):
-                raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from (the run stopped before "
-                                      f"its first); {START_OVER}")
-            raise CheckpointError(f"{self.run_dir} has no readable checkpoints/last.json to resume from")
+            steps = _step_folders(ck)
+            if not steps:
+                if not (ck / "last.json").exists():
+                    raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from (the run stopped "
+                                          f"before its first); {START_OVER}")
+                raise CheckpointError(f"{self.run_dir} has no readable checkpoints/last.json and no step "
+                                      f"folder to resume from")
+            how = "unreadable" if (ck / "last.json").exists() else "missing"
+            if self.info.is_main:
+                warnings.warn(f"{ck / 'last.json'} is {how}: resuming from the newest step folder, "
+                              f"{steps[-1].name}", RuntimeWarning, stacklevel=2)
+            last = {"dir": steps[-1].name}
         name = last["dir"]
         if not isinstance(name, str) or not STEP_DIR.fullmatch(name):
             # only this run's own step folders: never another run's, never a path out of it
@@ -683,6 +697,7 @@ class Trainer:
         # the sum over all processes: rank 0 carries it on, the others add from zero
         self.epoch_loss = list(state["epoch_loss"]) if self.info.is_main else [0.0, 0]
         self.best_err = state["best_err"]
+        self.best_epoch = state.get("best_epoch")  # (not in checkpoints before it was kept)
         self.epoch_time = float(state.get("epoch_time", 0.0))  # (not in checkpoints before it was kept)
         self._saved = (self._position(), folder)
         rngs = state.get("rng_ranks") or []
@@ -701,6 +716,10 @@ class Trainer:
                 if _step_key(p.name) > _step_key(folder.name):
                     _discard(p)
             self._write_log()
+            if (self._last() or {}).get("dir") != folder.name:  # resumed without last.json: name it again
+                with _writing(str(ck / "last.json")):
+                    self._name_last(folder.name)
+            self._restore_best()
             for f in ("stopped", "diverged"):
                 (self.run_dir / f).unlink(missing_ok=True)
 
@@ -940,16 +959,11 @@ class Trainer:
         self.epoch_time = 0.0
         improved = m.top1_err < self.best_err
         if improved:
-            self.best_err = m.top1_err
-        # best and log first, the checkpoint last: a resume from the previous checkpoint
-        # redoes this epoch and rewrites both
+            self.best_err, self.best_epoch = m.top1_err, self.epoch
+        # the log before the checkpoint (a resume from the previous one redoes this epoch and
+        # drops its line), best.safetensors after it (a resume from this one writes it again,
+        # _restore_best): so best never holds weights of an epoch that a resume redoes
         if self.info.is_main:
-            if improved:
-                with _writing(str(self.run_dir / "best.safetensors")):
-                    save_model(self.run_dir / "best.safetensors", self.model, self.classes, self.data.stats,
-                               self.preprocess, {"epoch": self.epoch, "step": self.step,
-                                                 "val_top1_err": m.top1_err, "val_top5_err": m.top5_err,
-                                                 "class_names": self.class_names})
             self.history.append(row)
             self._write_log()
             from alexnet.plots import plot_curves
@@ -957,6 +971,24 @@ class Trainer:
             with _writing(str(self.run_dir / "curves.png")):
                 plot_curves(self.history, self.run_dir / "curves.png")
         self.save_checkpoint()
+        if self.info.is_main and improved:
+            self._save_best(m.top1_err, m.top5_err)
+
+    def _save_best(self, top1_err: float, top5_err: float | None) -> None:
+        with _writing(str(self.run_dir / "best.safetensors")):
+            save_model(self.run_dir / "best.safetensors", self.model, self.classes, self.data.stats,
+                       self.preprocess, {"epoch": self.epoch, "step": self.step, "val_top1_err": top1_err,
+                                         "val_top5_err": top5_err, "class_names": self.class_names})
+
+    def _restore_best(self) -> None:
+        """A kill between the epoch's checkpoint and best.safetensors: the checkpoint resumed
+        from holds the best weights, so write them now, as that epoch would have."""
+        if self.best_epoch != self.epoch or self.batch_in_epoch:
+            return
+        if (saved_extra(self.run_dir / "best.safetensors") or {}).get("epoch") == self.epoch:
+            return
+        row = next((r for r in self.history if r.get("epoch") == self.epoch), {})
+        self._save_best(self.best_err, row.get("val_top5_err"))
 
     def close(self) -> None:
         self._unlock()

@@ -370,7 +370,7 @@ def test_a_new_run_writes_into_no_folder_of_the_users_nor_into_its_data(data, tm
     Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True).close()
     # but not one whose checkpoints last.json does not name (lost, or a kill before it was written)
     (tmp_path / "r" / "checkpoints" / "step-00000002").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="r holds checkpoints that no checkpoints/last.json names; choose another"):
+    with pytest.raises(ConfigError, match="r holds checkpoints that no checkpoints/last.json names; continue it with --resume"):
         Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True)
     assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-00000002"]
 
@@ -805,6 +805,63 @@ def test_a_step_folder_a_kill_left_unnamed_never_costs_the_checkpoint_resumed_fr
     assert t.fit()["stopped"] and step_folders(run) == ["step-00000003"]
     done = Trainer(None, run, resume=True, quiet=True)  # (exact resume itself is tested above)
     assert done.fit()["stopped"] is False and done.step == 5 and step_folders(run) == ["step-00000005"]
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_kill_between_the_epoch_checkpoint_and_best_is_mended_by_the_resume(data, tmp_path, monkeypatch, epochs):
+    """best.safetensors comes after the epoch's checkpoint: a kill between them leaves the
+    epoch's best unwritten, and the resume (even one with nothing left to train) writes it
+    from the checkpoint; it never holds the weights of an epoch that a resume redoes."""
+    cfg = tiny_config(data, epochs=epochs)
+    whole = tmp_path / "whole"
+    Trainer(cfg, whole, quiet=True).fit()
+
+    def killed(trainer, *args):
+        raise Killed
+
+    monkeypatch.setattr(Trainer, "_save_best", killed)
+    run = tmp_path / "r"
+    with pytest.raises(Killed):
+        Trainer(cfg, run, quiet=True).fit()
+    monkeypatch.undo()
+    assert not (run / "best.safetensors").exists() and step_folders(run) == ["step-00000005"]
+    resumed = Trainer(None, run, resume=True, quiet=True)
+    mended = load_model_file(run / "best.safetensors")  # written by the resume itself
+    assert mended.extra["epoch"] == 1 and mended.extra["step"] == 5
+    resumed.fit()
+    got, want = load_model_file(run / "best.safetensors"), load_model_file(whole / "best.safetensors")
+    assert got.extra == want.extra
+    for k, v in want.state_dict.items():
+        assert torch.equal(got.state_dict[k], v), k
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_a_lost_last_json_resumes_from_the_newest_step_folder(data, tmp_path, damage):
+    """Step folders are complete once they have their names, so without a readable
+    last.json the resume takes the newest, says so, names it again in last.json and ends
+    with the uninterrupted run's weights; a new run into that folder is pointed at --resume."""
+    cfg = tiny_config(data, checkpoint_every=2)
+    whole = tmp_path / "whole"
+    Trainer(cfg, whole, quiet=True).fit()
+    run = tmp_path / "r"
+    t = Trainer(cfg, run, quiet=True)
+    stop_at(t, 3)
+    assert t.fit()["stopped"] and step_folders(run) == ["step-00000002", "step-00000003"]
+    last = run / "checkpoints" / "last.json"
+    if damage == "missing":
+        last.unlink()
+    else:
+        last.write_bytes(b"\xff{")
+    with pytest.raises(ConfigError, match="continue it with --resume"):
+        Trainer(cfg, run, quiet=True)
+    with pytest.warns(RuntimeWarning, match=f"last.json is {damage}: resuming from the newest step folder, "
+                                            f"step-00000003"):
+        resumed = Trainer(None, run, resume=True, quiet=True)
+    assert resumed.step == 3 and json.loads(last.read_text())["dir"] == "step-00000003"
+    resumed.fit()
+    got, want = weights(run), weights(whole)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
 
 
 def test_the_report_keeps_classes_whose_readable_names_repeat(tmp_path):
