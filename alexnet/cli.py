@@ -385,9 +385,8 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    try:  # (the parser imports the commands' modules: a Ctrl-C may come meanwhile)
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (UserError, ConfigError, CheckpointError, FileNotFoundError, ExportError, ClassMismatchError,
             OutputError, WriteError) as e:

@@ -119,6 +119,25 @@ def test_a_reader_that_leaves_early_stops_the_command_quietly():
     assert p.wait(timeout=120) == 141 and err == "", err  # 128 + SIGPIPE, as a shell reports it
 
 
+@pytest.mark.parametrize("entry", ["python -m", "console script"])
+def test_a_ctrl_c_while_torch_is_imported_is_one_line(entry):
+    """The first second or two of every command is torch's import: a Ctrl-C then (here
+    delivered at the moment torch's import begins) ends as one later would, exit 130."""
+    start = ("import runpy; runpy.run_module('alexnet', run_name='__main__')" if entry == "python -m" else
+             "import sys; from importlib.metadata import entry_points; "
+             "sys.exit(entry_points(group='console_scripts')['alexnet'].load()())")
+    code = ("import builtins, os, signal, sys\n"
+            "real = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name == 'torch' and 'torch' not in sys.modules:\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
+            "sys.argv = ['alexnet', 'summary']\n" + start + "\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr, r.stdout) == (130, "alexnet: interrupted\n", "")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--set", "train.lrr=1"], "unknown key train.lrr"),
     (["train", "--set", "train.lr=fast"], "train.lr must be a number"),
