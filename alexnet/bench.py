@@ -69,8 +69,8 @@ def amp_for(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
     """Our contender's autocast dtype for `--dtype` on `device` (None: float32). fp16 on
     a CPU is a ConfigError, as in train: CPU float16 matmuls run at a fraction of a
     GFLOP/s, and timing the peak alone would take minutes."""
-    if dtype == "auto":
-        return torch.bfloat16 if native_bf16(device) else None
+    if dtype == "auto":  # as train.amp=auto: fp16 on a GPU without bf16 arithmetic
+        return torch.bfloat16 if native_bf16(device) else torch.float16 if device.type == "cuda" else None
     if dtype == "fp16" and device.type != "cuda":
         raise ConfigError("--dtype fp16 needs a CUDA device; use bf16 on a CPU")
     return None if dtype == "fp32" else DTYPES[dtype]
@@ -102,25 +102,42 @@ def training_flops(model: AlexNet) -> tuple[int, int]:
     return 2 * macs, 2 * (3 * macs - first)
 
 
+def arithmetic(c: Contender, device: torch.device) -> str:
+    """What a contender's convolutions compute in: its autocast dtype, or "tf32" for float32
+    on CUDA where cuDNN may use TF32 (PyTorch's default), which is what its peak must be."""
+    if c.amp is None and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return c.dtype
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, min_seconds: float = 0.25,
-                max_n: int = 8192) -> dict:
-    """Best GFLOP/s of an n x n matrix multiply, n doubled from 256 until one takes min_seconds.
+                max_n: int = 8192, tf32: bool = False) -> dict:
+    """Best GFLOP/s of an n x n matrix multiply, n doubled from 256 until one takes min_seconds
+    (float32 with `tf32`: in TF32, where the device has it).
 
     On a CPU the product is timed two ways, and the faster counts: torch.mm (MKL's sgemm for
     float32, which on AMD CPUs keeps to AVX2 code: 200 against oneDNN's 410 GFLOP/s on one
     AVX-512 EPYC), and the same product as a 1x1 convolution, which oneDNN computes with the
     kernels the network's convolutions use."""
-    n = 256
-    while True:
-        ways = _products(n, device, dtype)
-        times = {name: _timed(fn, device) for name, fn in ways.items()}
-        if min(times.values()) >= min_seconds or n >= max_n:
-            break
-        n *= 2
-    best = {name: min([t] + [_timed(ways[name], device) for _ in range(2)]) for name, t in times.items()}
+    was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        n = 256
+        while True:
+            ways = _products(n, device, dtype)
+            for fn in ways.values():  # untimed: the first call of a size loads its kernel (on a GPU, the
+                _timed(fn, device)    # process's first also creates the cuBLAS handle and wakes the clocks)
+            times = {name: _timed(fn, device) for name, fn in ways.items()}
+            if min(times.values()) >= min_seconds or n >= max_n:
+                break
+            n *= 2
+        best = {name: min([t] + [_timed(ways[name], device) for _ in range(2)]) for name, t in times.items()}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
     via = min(best, key=best.get)
-    return {"dtype": str(dtype).removeprefix("torch."), "n": n, "gflops": 2 * n ** 3 / best[via] / 1e9,
-            "via": via, "gflops_by_way": {k: 2 * n ** 3 / t / 1e9 for k, t in best.items()}}
+    return {"dtype": "tf32" if tf32 else str(dtype).removeprefix("torch."), "n": n,
+            "gflops": 2 * n ** 3 / best[via] / 1e9, "via": via,
+            "gflops_by_way": {k: 2 * n ** 3 / t / 1e9 for k, t in best.items()}}
 
 
 def _products(n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
@@ -178,9 +195,12 @@ def step_functions(c: Contender, model: nn.Module, batch: int, size: int, num_cl
         x = x.contiguous(memory_format=torch.channels_last)
     fused = True if c.fused_sgd and device.type in ("cpu", "cuda") else None
     opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9, weight_decay=5e-4, fused=fused)
-    net = torch.compile(model) if c.compile else model
+    # one graph per batch size: without dynamic=False the second size compiles a slower dynamic one
+    net = torch.compile(model, dynamic=False) if c.compile else model
+    algos = c.ours and device.type == "cuda"  # cuDNN times its algorithms for our shapes; plain: defaults
 
     def train() -> None:
+        torch.backends.cudnn.benchmark = algos
         model.train()
         opt.zero_grad(set_to_none=True)
         with _autocast(device, c.amp):
@@ -189,6 +209,7 @@ def step_functions(c: Contender, model: nn.Module, batch: int, size: int, num_cl
         opt.step()
 
     def infer() -> None:
+        torch.backends.cudnn.benchmark = algos
         model.eval()
         with torch.inference_mode(), _autocast(device, c.amp):
             net(x)
@@ -198,13 +219,18 @@ def step_functions(c: Contender, model: nn.Module, batch: int, size: int, num_cl
 
 def run(batches: list[int], modes: list[str], steps: int, device: torch.device, num_classes: int = 1000,
         ablation: bool = False, compile: bool = False, dtype: str = "auto",
-        log: Callable[[str], None] = print, peak_seconds: float = 0.25) -> dict:
+        log: Callable[[str], None] = print, peak_seconds: float = 0.25,
+        on_block: Callable[[dict], None] | None = None) -> dict:
+    """The contenders' rows, batch by batch and mode by mode; `on_block` gets the report so
+    far after each (batch, mode), so a run cut short keeps what it measured."""
     torch.manual_seed(0)
     cs = contenders(device, ablation, compile, dtype)
+    kind = {c.name: arithmetic(c, device) for c in cs}
     peaks: dict[str, dict] = {}
     for c in cs:
-        if c.dtype not in peaks:
-            peaks[c.dtype] = matmul_peak(device, DTYPES[c.dtype], min_seconds=peak_seconds)
+        if kind[c.name] not in peaks:
+            peaks[kind[c.name]] = matmul_peak(device, DTYPES.get(c.dtype, torch.float32), min_seconds=peak_seconds,
+                                              tf32=kind[c.name] == "tf32")
     if "bf16" not in peaks:  # for the record: what bf16 would give on this device
         peaks["bf16"] = matmul_peak(device, torch.bfloat16, min_seconds=peak_seconds / 2, max_n=2048)
     for p in peaks.values():
@@ -216,7 +242,11 @@ def run(batches: list[int], modes: list[str], steps: int, device: torch.device, 
     flops = {v: training_flops(m) for v, m in first.items()}
     models = {c.name: build(c, num_classes, device, first[c.variant].state_dict()) for c in cs}
     del first
-    rows = []
+    rows: list[dict] = []
+    report = {"machine": machine(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "steps": steps, "peaks": peaks, "results": rows}
+    if device.type == "cuda":
+        report["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
     for batch in batches:
         for mode in modes:
             fns = {}
@@ -233,9 +263,9 @@ def run(batches: list[int], modes: list[str], steps: int, device: torch.device, 
                 t = statistics.median(times[c.name])
                 f = flops[c.variant][1 if mode == "train" else 0] * batch
                 row = {"contender": c.name, "variant": c.variant, "mode": mode, "batch": batch,
-                       "dtype": c.dtype, "channels_last": c.channels_last, "compiled": c.compile,
+                       "dtype": kind[c.name], "channels_last": c.channels_last, "compiled": c.compile,
                        "step_ms": 1000 * t, "img_s": batch / t, "gflops": f / t / 1e9,
-                       "peak_fraction": f / t / 1e9 / peaks[c.dtype]["gflops"],
+                       "peak_fraction": f / t / 1e9 / peaks[kind[c.name]]["gflops"],
                        "step_times_s": times[c.name]}
                 rows.append(row)
             base = {r["contender"]: r["img_s"] for r in rows if r["batch"] == batch and r["mode"] == mode}
@@ -244,8 +274,9 @@ def run(batches: list[int], modes: list[str], steps: int, device: torch.device, 
                 r["vs_owt_plain"] = r["img_s"] / base["owt (plain)"]
                 log(format_row(r))
             log("")
-    return {"machine": machine(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "steps": steps, "peaks": peaks, "results": rows}
+            if on_block is not None:
+                on_block(report)
+    return report
 
 
 def machine(device: torch.device) -> str:

@@ -222,11 +222,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(bench.HEADER, flush=True)
     report = bench.run(args.batch, args.modes, args.steps, device, num_classes=args.num_classes,
                        ablation=args.ablation, compile=args.compile, dtype=args.dtype,
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: print(line, flush=True),
+                       on_block=(lambda so_far: bench.write_json(so_far, args.json)) if args.json else None)
     if args.markdown:
         print(bench.markdown(report))
     if args.json:
-        bench.write_json(report, args.json)
         print(f"wrote {args.json}")
     return 0
 

@@ -57,16 +57,22 @@ def _torch_denominator(x: torch.Tensor, size: int, alpha_sum: float, k: float) -
 
 
 class _TorchLRN(torch.autograd.Function):
+    """In float32 at least, as the C kernel computes: in float16 a^2 overflows from |a| = 256
+    on, and the whole window's outputs became 0."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, alpha_sum: float, beta: float, k: float) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.hyper = (size, alpha_sum, beta, k)
-        return x * _torch_denominator(x, size, alpha_sum, k).pow_(-beta)
+        xf = _wide(x)
+        return (xf * _torch_denominator(xf, size, alpha_sum, k).pow_(-beta)).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: torch.Tensor):
         (x,) = ctx.saved_tensors
+        dtype = x.dtype
+        x, g = _wide(x), _wide(g)
         size, alpha_sum, beta, k = ctx.hyper
         # dy[i]/dx[j] = scale[i] [i == j] - 2 alpha beta x[i] scale[i] / d[i] x[j] for j in window(i);
         # the window is symmetric, so the sum over i runs over window(j).
@@ -74,7 +80,12 @@ class _TorchLRN(torch.autograd.Function):
         gs = g * d.pow(-beta)
         t = gs * x / d
         grad = gs - _window_sum(t, size) * x * (2.0 * alpha_sum * beta)
-        return grad, None, None, None, None
+        return grad.to(dtype), None, None, None, None
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 if it is in a narrower float type (float64 stays)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 # ---------------------------------------------------------------------------------------

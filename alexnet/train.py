@@ -178,8 +178,8 @@ def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether `device` multiplies bf16 in hardware: a CUDA GPU that supports it, or a CPU
     with one of BF16_CPU_FLAGS. (torch.backends.cpu.get_cpu_capability() says "AVX512"
     alike for CPUs with and without AVX-512 BF16, so it cannot tell.)"""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # (torch's default also says yes where bf16 is only emulated: pre-Ampere)
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return bool(cpu_flags(cpuinfo) & BF16_CPU_FLAGS)
 
 
@@ -193,7 +193,7 @@ def resolve_numerics(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype 
     t = cfg.train
     if t.amp == "auto":
         if device.type == "cuda":
-            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            amp = torch.bfloat16 if native_bf16(device) else torch.float16
         else:
             amp = torch.bfloat16 if native_bf16(device) else None
     else:
@@ -388,6 +388,8 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if self.device.type == "cuda":  # the same shapes every step: cuDNN may time its algorithms once
+            torch.backends.cudnn.benchmark = not t.deterministic
         # dropout masks of their own on every process (DDP gives them rank 0's initial weights)
         torch.manual_seed(rank_seed(t.seed, self.info.rank))
         self.amp, self.channels_last = resolve_numerics(cfg, self.device)

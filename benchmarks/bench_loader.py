@@ -40,6 +40,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -213,13 +214,27 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the network of the training comparison")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
-
-    from alexnet.sources import open_dataset
-    from alexnet.store import open_store, prepare
-
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     results: dict = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        _measure(args, results)
+    except KeyboardInterrupt:  # a time limit (timeout --signal=INT): keep what was measured
+        results["cut_short"] = True
+        print("interrupted: the results so far are kept", flush=True)
+    results["load_average_after"] = os.getloadavg()[0]
+    print(f"load average after: {results['load_average_after']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if results.get("cut_short"):
+        sys.exit(130)
+
+
+def _measure(args: argparse.Namespace, results: dict) -> None:
+    from alexnet.sources import open_dataset
+    from alexnet.store import open_store, prepare
+
     with tempfile.TemporaryDirectory() as tmp:
         folder, out = Path(tmp) / "jpegs", Path(tmp) / "store"
         _make_jpegs(folder, args.images)
@@ -277,11 +292,6 @@ def main() -> None:
                       f"{v['cpu_s_per_step']:11.3f} {v['cpu_ratio_vs_memory']:19.3f}x")
             best = max(v["ratio_vs_memory"] for k, v in tr["feeds"].items() if k != "memory")
             print(f"best loader-fed speed ratio {best:.3f} (target >= 0.9): {'met' if best >= 0.9 else 'NOT met'}")
-    results["load_average_after"] = os.getloadavg()[0]
-    print(f"load average after: {results['load_average_after']:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,19 @@ def test_native_bf16_reads_the_first_cpus_flags(tmp_path, cpu, native):
     assert native_bf16(torch.device("cpu"), str(path)) is native
 
 
+@pytest.mark.parametrize("hardware", [True, False])
+def test_amp_auto_on_cuda_takes_bf16_only_where_the_gpu_computes_it(monkeypatch, hardware):
+    """A V100 or T4 emulates bf16 (torch's default answer counts that as supported); there
+    auto means fp16 with its loss scaling, in training and in the bench alike."""
+    from alexnet.config import run_config
+    from alexnet.train import resolve_numerics
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: hardware or including_emulation)
+    want = torch.bfloat16 if hardware else torch.float16
+    assert resolve_numerics(run_config("paper", {}), torch.device("cuda"))[0] is want
+    assert bench.amp_for(torch.device("cuda")) is want
+
+
 def test_contenders_pick_the_dtype_for_the_device():
     cpu = torch.device("cpu")
     auto = bench.contenders(cpu)
@@ -98,6 +111,41 @@ def test_run_times_every_contender_in_every_mode(report):
         assert ours["vs_paper_plain"] == pytest.approx(ours["img_s"] / by["paper (plain)"]["img_s"])
     assert "bf16" in report["peaks"]
     assert any(line.startswith("paper (ours)") for line in report["log"])
+
+
+def test_float32_on_cuda_is_compared_with_the_tf32_peak_its_convolutions_get(monkeypatch):
+    """cuDNN convolves float32 in TF32 by default: those rows' peak is a TF32 product, and
+    they say so; autocast rows keep their dtype, and a CPU has no TF32."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    plain, ours = bench.Contender("p", "paper", False), bench.Contender("o", "paper", True, amp=torch.bfloat16)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert (bench.arithmetic(plain, cuda), bench.arithmetic(ours, cuda), bench.arithmetic(plain, cpu)) == \
+        ("tf32", "bf16", "fp32")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert bench.arithmetic(plain, cuda) == "fp32"
+    before = torch.backends.cuda.matmul.allow_tf32
+    p = bench.matmul_peak(cpu, torch.float32, min_seconds=0.0, max_n=256, tf32=True)
+    assert p["dtype"] == "tf32" and torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_a_bench_cut_short_keeps_the_blocks_it_finished(tmp_path, monkeypatch):
+    """The JSON is written after every (batch, mode): a Ctrl-C (or a time limit) in the
+    second batch size leaves the first one's rows."""
+    small = bench.matmul_peak
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: small(*a, **{**k, "max_n": 256}))
+    steps = bench.step_functions
+
+    def cut(c, model, batch, *rest):
+        if batch == 2:
+            raise KeyboardInterrupt
+        return steps(c, model, batch, *rest)
+
+    monkeypatch.setattr(bench, "step_functions", cut)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--batch", "1", "2", "--steps", "1", "--modes", "infer", "--num-classes", "3",
+                 "--json", str(out)]) == 130
+    doc = json.loads(out.read_text())
+    assert [(r["batch"], r["mode"]) for r in doc["results"]] == [(1, "infer")] * 3
 
 
 def test_markdown_table_has_a_row_per_result_and_names_the_machine(report):

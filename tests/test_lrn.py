@@ -233,6 +233,23 @@ def test_bfloat16_input(path, fmt):
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_activations_beyond_256_do_not_overflow(path, dtype):
+    """In float16, a^2 overflows from |a| = 256: computed in that type, the whole window's
+    outputs were 0. The values are ReLU outputs of the size a first layer gives."""
+    x = torch.tensor([10.0, 100.0, 300.0, 50.0, 20.0, 700.0, 5.0]).reshape(1, 7, 1, 1).repeat(2, 1, 3, 3)
+    x = x.to(dtype).requires_grad_()
+    y = local_response_norm(x, LRNConfig(alpha=1e-4))
+    want = oracle(x.detach().float().numpy(), 5, 1e-4, 0.75, 2.0, "paper")
+    np.testing.assert_allclose(y.detach().float().numpy(), want, rtol=1e-2)
+    g = torch.ones_like(y)
+    y.backward(g)
+    x64 = x.detach().double().requires_grad_()
+    reference(x64, 5, 1e-4, 0.75, 2.0, "paper").backward(g.double())
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-2, atol=1e-3)
+
+
 def test_under_cpu_autocast(path):
     conv = torch.nn.Conv2d(3, 8, 3)
     norm = LocalResponseNorm(LRNConfig(alpha=0.05))
