@@ -113,7 +113,7 @@ def arithmetic(c: Contender, device: torch.device) -> str:
 def matmul_peak(device: torch.device, dtype: torch.dtype, min_seconds: float = 0.25,
                 max_n: int = 8192, tf32: bool = False) -> dict:
     """Best GFLOP/s of an n x n matrix multiply, n doubled from 256 until one takes min_seconds
-    (float32 with `tf32`: in TF32, where the device has it).
+    (float32 with `tf32`: in TF32, where the device has it); "n" is the best way's.
 
     On a CPU the product is timed two ways, and the faster counts: torch.mm (MKL's sgemm for
     float32, which on AMD CPUs keeps to AVX2 code: 200 against oneDNN's 410 GFLOP/s on one
@@ -121,23 +121,28 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, min_seconds: float = 0
     kernels the network's convolutions use."""
     was = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
+    done: dict[str, tuple[int, float]] = {}  # way -> (its n, its best seconds)
     try:
         n = 256
         while True:
-            ways = _products(n, device, dtype)
+            # each way grows on its own: a slow one (bf16 torch.mm on a CPU without bf16, 0.3
+            # GFLOP/s) stops at its own size, not at the fast one's, where it took a minute
+            ways = {k: fn for k, fn in _products(n, device, dtype).items() if k not in done}
             for fn in ways.values():  # untimed: the first call of a size loads its kernel (on a GPU, the
                 _timed(fn, device)    # process's first also creates the cuBLAS handle and wakes the clocks)
-            times = {name: _timed(fn, device) for name, fn in ways.items()}
-            if min(times.values()) >= min_seconds or n >= max_n:
+            for name, fn in ways.items():
+                t = _timed(fn, device)
+                if t >= min_seconds or n >= max_n:
+                    done[name] = n, min([t] + [_timed(fn, device) for _ in range(2)])
+            if len(done) == len(_products(1, device, dtype)):
                 break
             n *= 2
-        best = {name: min([t] + [_timed(ways[name], device) for _ in range(2)]) for name, t in times.items()}
     finally:
         torch.backends.cuda.matmul.allow_tf32 = was
-    via = min(best, key=best.get)
-    return {"dtype": "tf32" if tf32 else str(dtype).removeprefix("torch."), "n": n,
-            "gflops": 2 * n ** 3 / best[via] / 1e9, "via": via,
-            "gflops_by_way": {k: 2 * n ** 3 / t / 1e9 for k, t in best.items()}}
+    rates = {k: 2 * m ** 3 / t / 1e9 for k, (m, t) in done.items()}
+    via = max(rates, key=rates.get)
+    return {"dtype": "tf32" if tf32 else str(dtype).removeprefix("torch."), "n": done[via][0],
+            "gflops": rates[via], "via": via, "gflops_by_way": rates}
 
 
 def _products(n: int, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
