@@ -86,6 +86,14 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
+def _check_levels(images: torch.Tensor) -> None:
+    """The transforms take stored images, uint8 levels: floats in 0..1 would pass as a black
+    image, and floats in 0..255 would skip the rounding the training images had."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images (levels 0..255), got {images.dtype}; "
+                         f"Classifier.prepare or the datasets give them")
+
+
 def _check_batch(images: torch.Tensor, crop: int) -> int:
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected a batch of RGB images (B, 3, H, W), got {tuple(images.shape)}")
@@ -256,8 +264,9 @@ class TrainTransform:
         return params, alpha
 
     def check(self, images: torch.Tensor) -> int:
-        """The side of a batch of square RGB images of the mean image's size; else ValueError."""
+        """The side of a batch of square uint8 RGB images of the mean image's size; else ValueError."""
         size = _check_batch(images, self.crop)
+        _check_levels(images)
         if images.shape[-2:] != self.mean.shape[-2:]:
             raise ValueError(f"images are {size}x{size} but the mean image is "
                              f"{self.mean.shape[-2]}x{self.mean.shape[-1]}")
@@ -390,8 +399,9 @@ class EvalTransform:
         self._device_copies = _DeviceCopies()
 
     def check(self, images: torch.Tensor) -> int:
-        """The side of a batch of square RGB images of the mean image's size; else ValueError."""
+        """The side of a batch of square uint8 RGB images of the mean image's size; else ValueError."""
         size = _check_batch(images, self.crop)
+        _check_levels(images)
         if size != self.size:
             raise ValueError(f"images are {size}x{size} but the mean image is {self.size}x{self.size}")
         return size

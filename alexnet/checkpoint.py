@@ -67,17 +67,37 @@ class Checkpoint:
 
 def save_model(path: str | Path, model: AlexNet, classes: list[str], stats: DataStats | None,
                preprocess: dict, extra: dict | None = None) -> None:
+    """Write a model file (safetensors, written to a temporary name and renamed): the
+    weights of `model` (unwrapped from DDP and torch.compile) and its config; `classes`,
+    one name per output; `stats`, the training set's mean image and PCA (None: the file
+    cannot preprocess images); `preprocess`, {"image_size": the shorter side images are
+    rescaled to, which is the mean image's side, "crop": the network's input side,
+    "pixel_scale": what the mean-subtracted pixels are divided by}; `extra`, any JSON
+    object (the trainer's: epoch, step, errors, readable "class_names"). The metadata is
+    checked as `load_model_file` checks it, so no file is written that could not be read
+    back: a CheckpointError names the problem."""
     module = getattr(model, "module", model)  # unwrap DDP
     module = getattr(module, "_orig_mod", module)  # unwrap torch.compile
+    classes, extra = list(classes), extra or {}
+    _check_metadata(Path(path), module.cfg.num_classes, classes, preprocess, extra)
+    if stats is not None:
+        side, crop = int(stats.mean_image.shape[-1]), module.cfg.input_size
+        if (preprocess.get("image_size"), preprocess.get("crop")) != (side, crop):
+            raise CheckpointError(f"{path}: preprocess must give image_size {side} (the mean image's side) and "
+                                  f"crop {crop} (the network's input), not {preprocess.get('image_size')!r} "
+                                  f"and {preprocess.get('crop')!r}")
+    try:
+        text = {"preprocess": json.dumps(preprocess), "extra": json.dumps(extra)}
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: preprocess and extra must hold JSON values only ({e})") from None
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
     if stats is not None:
         tensors.update({k: v.contiguous() for k, v in stats.to_tensors().items()})
     meta = {
         "format": FORMAT,
         "model_config": json.dumps(to_dict(module.cfg)),
-        "classes": json.dumps(list(classes)),
-        "preprocess": json.dumps(preprocess),
-        "extra": json.dumps(extra or {}),
+        "classes": json.dumps(classes),
+        **text,
     }
     data = st_save(tensors, metadata=meta)
     atomic_write(path, lambda f: f.write(data))

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 VARIANTS = ("paper", "paper-ungrouped", "owt", "bn")
 INPUT_SIZES = (224, 227)
+INITS = ("paper", "kaiming")
 # The largest side an image is stored or trained at (the paper: 256). The statistics sum
 # in int64 (3 x S x S x 8 bytes: 100 MB at 2048) and every image is 3 x S x S bytes, so a
 # far larger side only fails later, out of memory.
@@ -95,6 +96,20 @@ class ModelConfig:
     init_bias_one: tuple[str, ...] = ("conv2", "conv4", "conv5", "fc6", "fc7")
 
     def __post_init__(self) -> None:
+        # (a config read from a file has its types checked by from_dict; these are for
+        # keyword arguments in Python: build_model("paper", num_classes=10.0, init="he"))
+        for name in ("num_classes", "input_size", "fc_width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"{name} must be an integer, not {v!r}")
+        for name in ("dropout", "init_std"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ConfigError(f"{name} must be a number, not {v!r}")
+        if not isinstance(self.lrn, LRNConfig):
+            raise ConfigError(f"lrn must be an LRNConfig, not {self.lrn!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.input_size not in INPUT_SIZES:
@@ -120,11 +135,12 @@ class ModelConfig:
 
 
 def model_config(variant: str = "paper", **overrides: Any) -> ModelConfig:
-    """The config of a named variant, with overrides. `owt` defaults to 224 input
-    (torchvision's); the others to 227."""
+    """The config of a named variant, with overrides. `owt` defaults to torchvision's 224
+    input and inverted dropout (its nn.Dropout), so that torchvision's weights load and
+    compute as there; the others to 227 and the paper's dropout."""
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    defaults: dict[str, Any] = {"input_size": 224} if variant == "owt" else {}
+    defaults: dict[str, Any] = {"input_size": 224, "dropout_form": "inverted"} if variant == "owt" else {}
     return ModelConfig(variant=variant, **{**defaults, **overrides})  # type: ignore[arg-type]
 
 

@@ -111,6 +111,9 @@ class TensorImageDataset(ImageDataset):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < len(classes):
+            raise ValueError(f"labels must be 0 to {len(classes) - 1} for {len(classes)} classes, got "
+                             f"{self.labels.min()} to {self.labels.max()}")
         self.classes = list(classes)
         self.image_size = image_size
 

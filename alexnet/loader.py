@@ -150,7 +150,11 @@ def load_batch(dataset: ImageDataset, transform: Transform | None, idx: np.ndarr
 
 class BatchLoader:
     """See the module docstring. `transform(images uint8 (B, 3, S, S), generator)` makes
-    the batch (`TrainTransform`, `EvalTransform`, or None for the uint8 images)."""
+    the batch (`TrainTransform`, `EvalTransform`, or None for the uint8 images).
+
+    Every draw (the order, the crops, flips and lighting) is fixed by (seed, epoch, batch),
+    so iterating again repeats the same epoch exactly: a training loop of one's own calls
+    `set_epoch(e)` before each epoch, or it sees the same augmentation every time."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int, transform: Transform | None, *, shuffle: bool,
                  seed: int, epoch: int = 0, start_batch: int = 0, drop_last: bool, rank: int = 0,

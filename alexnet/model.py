@@ -11,8 +11,9 @@ well-known variants.
                    place of LRN; those convolutions lose their now redundant biases.
 
 Module names follow torchvision (`features`, `classifier`, indices inside), so a
-torchvision state dict loads into `owt` as it is; the paper's layer names (conv1 ... fc8)
-come from `named_layers()`.
+torchvision state dict loads into `build_model("owt")` as it is and computes the same
+outputs (that config has torchvision's 224 input and inverted dropout); the paper's layer
+names (conv1 ... fc8) come from `named_layers()`.
 
 Speed: each ReLU -> (LRN) -> max-pool run in `features` goes through one fused kernel
 (`alexnet.lrn.relu_lrn_pool`) when the activations are float32 or bfloat16 channels_last

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import operator
 import os
 import sys
 from pathlib import Path
@@ -53,12 +54,25 @@ def _to_pil(image: ImageInput, max_pixels: int) -> Image.Image:
     if t.is_floating_point():
         if not torch.isfinite(t).all():
             raise ValueError("the image has NaN or infinite values; expected RGB levels 0..255")
+        if t.numel() and t.min() >= 0 and t.max() <= 1:  # 0..1, as matplotlib and ToTensor give them
+            t = t * 255  # (as images.as_rgb reads a float "F" image)
         t = t.round()
     if t.numel() and t.dtype != torch.uint8:
         lo, hi = (t if t.is_floating_point() else t.long()).aminmax()  # (uint16/32 have no min)
         if lo < 0 or hi > 255:
             raise ValueError(f"expected RGB levels 0..255, got values from {lo.item():g} to {hi.item():g}")
     return as_rgb(Image.fromarray(t.to(torch.uint8).contiguous().numpy(), "RGB"), max_pixels)
+
+
+def _image_list(images) -> list:
+    """`images` as a list; one image given where a list is expected is a TypeError (a path
+    would be read one character at a time, an array row by row)."""
+    one = isinstance(images, (str, os.PathLike, Image.Image)) or (
+        isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3)
+    if one:
+        raise TypeError(f"expects a list of images, got one {type(images).__name__}; "
+                        f"use the Classifier itself for one image: clf(image)")
+    return list(images)  # an (N, H, W, 3) or (N, 3, H, W) array too: N images
 
 
 NON_FINITE = ("the network's outputs are NaN or infinite: its weights, finite as they are, do not compute "
@@ -119,7 +133,17 @@ class Classifier:
     @torch.inference_mode()
     def probabilities(self, images: list[ImageInput], ten_crop: bool = False, batch_size: int = 64) -> torch.Tensor:
         """Softmax outputs (N, num_classes) on the CPU, float32; with `ten_crop` the mean of
-        the softmax over the paper's ten patches. Runs `batch_size` images at a time."""
+        the softmax over the paper's ten patches. Runs `batch_size` images at a time, the
+        network in eval mode whatever mode `self.model` was left in (given back after)."""
+        images = _image_list(images)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._probabilities(images, bool(ten_crop), batch_size)
+        finally:
+            self.model.train(was_training)
+
+    def _probabilities(self, images: list[ImageInput], ten_crop: bool, batch_size: int) -> torch.Tensor:
         out = []
         for i in range(0, len(images), batch_size):
             batch = torch.stack([self._prepare_named(im, i + k)
@@ -136,7 +160,11 @@ class Classifier:
     def top(self, probs: torch.Tensor, top: int = 5) -> list[list[tuple[int, str, float]]]:
         """(index, name, probability) of the `top` most likely classes (capped at the
         class count) of each row of `probs`, most likely first."""
-        if not isinstance(top, int) or top < 1:
+        try:
+            top = operator.index(top)  # an int, or a NumPy or torch integer
+        except TypeError:
+            raise ValueError(f"top must be a whole number >= 1, not {top!r}") from None
+        if top < 1:
             raise ValueError(f"top must be a whole number >= 1, not {top!r}")
         p, idx = probs.topk(min(top, self.num_classes), dim=-1)
         return [[(i, self.class_names[i], v) for i, v in zip(ri, rp)] for ri, rp in zip(idx.tolist(), p.tolist())]

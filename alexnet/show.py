@@ -17,6 +17,7 @@ square image, its centre crop, minus the mean image, divided by the pixel scale.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,26 +34,41 @@ TITLE_INCHES = 0.5  # the activations figure's title band
 # --- the pure functions -----------------------------------------------------------------
 
 
-def _hook_output(module: torch.nn.Module, store: list) -> torch.utils.hooks.RemovableHandle:
-    # a copy: the next layer's in-place ReLU would otherwise overwrite what we saw
-    return module.register_forward_hook(lambda m, i, out: store.append(out.detach().float().cpu().clone()))
+@contextlib.contextmanager
+def _watching(model, layer: str) -> Iterator[list[torch.Tensor]]:
+    """The model in eval mode, with `layer`'s outputs collected into the list it yields (a
+    copy: the next layer's in-place ReLU would otherwise overwrite what it saw); its
+    hook and its mode (train or eval) are given back after, on an error too."""
+    seen: list[torch.Tensor] = []
+    was_training = model.training
+    handle = model.layer(layer).register_forward_hook(
+        lambda m, i, out: seen.append(out.detach().float().cpu().clone()))
+    model.eval()
+    try:
+        yield seen
+    finally:
+        handle.remove()
+        model.train(was_training)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.inference_mode()
-def features(model, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu",
+def features(model, batches: Iterable[torch.Tensor], device: torch.device | str | None = None,
              layer: str = LAST_HIDDEN) -> Iterator[torch.Tensor]:
     """For each preprocessed batch x (B, 3, crop, crop) of `batches`, the output of `layer`
     flattened to (B, D) float32 on the CPU (D = fc_width for relu7: 4096 in the paper), the
-    network in eval mode."""
-    model.eval()
-    seen: list[torch.Tensor] = []
-    handle = _hook_output(model.layer(layer), seen)
-    try:
-        for x in batches:
+    network in eval mode (its own mode is given back after each batch). `device`: where
+    the batches go, by default the model's."""
+    device = device or _device_of(model)
+    for x in batches:
+        if x.dim() != 4:
+            raise ValueError(f"features takes batches (B, 3, H, W), got a tensor of shape {tuple(x.shape)}")
+        with _watching(model, layer) as seen:
             model(x.to(device).contiguous(memory_format=torch.channels_last))
-            yield seen.pop().flatten(1)
-    finally:
-        handle.remove()
+        yield seen[0].flatten(1)
 
 
 def nearest_in_batches(queries: torch.Tensor, batches: Iterable[torch.Tensor],
@@ -64,6 +80,9 @@ def nearest_in_batches(queries: torch.Tensor, batches: Iterable[torch.Tensor],
 
     Distances are the differences' norms in float64 (not |a|^2 - 2ab + |b|^2), so an exact
     copy of a query is at distance 0."""
+    if queries.dim() != 2:
+        raise ValueError(f"queries must be rows (Q, D), got a tensor of shape {tuple(queries.shape)}; "
+                         f"one query is q[None]")
     q = queries.double()
     best_d = torch.empty(len(q), 0, dtype=torch.float64)
     best_i = torch.empty(len(q), 0, dtype=torch.int64)
@@ -86,14 +105,12 @@ def nearest(queries: torch.Tensor, database: torch.Tensor, k: int) -> tuple[torc
 
 @torch.inference_mode()
 def activations(model, x: torch.Tensor, layer: str) -> torch.Tensor:
-    """The output of `layer` for one preprocessed image x (3, crop, crop): (C, H, W) float32."""
-    model.eval()
-    seen: list[torch.Tensor] = []
-    handle = _hook_output(model.layer(layer), seen)
-    try:
-        model(x[None].contiguous(memory_format=torch.channels_last))
-    finally:
-        handle.remove()
+    """The output of `layer` for one preprocessed image x (3, crop, crop): (C, H, W) float32
+    on the CPU, the network in eval mode (its own mode is given back)."""
+    if x.dim() != 3:
+        raise ValueError(f"activations takes one image (3, H, W), got a tensor of shape {tuple(x.shape)}")
+    with _watching(model, layer) as seen:
+        model(x[None].to(_device_of(model)).contiguous(memory_format=torch.channels_last))
     return seen[0][0]
 
 

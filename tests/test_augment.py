@@ -111,6 +111,19 @@ def test_crop_rejects_bad_shapes():
         random_crop_flip(torch.zeros(2, 3, 8, 9, dtype=torch.uint8), 4)
 
 
+@pytest.mark.parametrize("transform", ["train", "eval"])
+def test_the_transforms_take_uint8_levels_only(transform):
+    """A float batch in 0..1 (ToTensor's) would be a black image to the network; floats in
+    0..255 skip the rounding the stored images had: both are refused, naming the dtype."""
+    stats = _stats(12)
+    tr = TrainTransform(stats, 9) if transform == "train" else EvalTransform(stats, 9)
+    images = _images(2, 12)
+    tr(images)
+    for floats in (images.float() / 255, images.float()):
+        with pytest.raises(ValueError, match=r"expected uint8 images \(levels 0..255\), got torch.float32"):
+            tr(floats)
+
+
 # --- test-time crops ------------------------------------------------------------------
 
 

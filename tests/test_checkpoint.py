@@ -136,3 +136,32 @@ def test_metadata_of_the_wrong_types_is_refused_with_one_line(tmp_path):
         with pytest.raises(CheckpointError) as e:
             load_model_file(bad)
         assert message in str(e.value) and "\n" not in str(e.value), (key, value, str(e.value))
+
+
+def test_save_model_writes_nothing_that_could_not_be_read_back(tmp_path):
+    """The Python API's save_model checks what load_model_file and Classifier.load take for
+    granted: a class list of the wrong length, preprocessing that does not fit the mean
+    image or the network, values JSON cannot hold. It wrote such files, which then failed
+    on load (or in json, with a bare TypeError)."""
+    import numpy as np
+
+    from alexnet.checkpoint import CheckpointError
+    from alexnet.dataset import DataStats
+
+    model = build_model("paper", num_classes=4, fc_width=64)
+    stats = DataStats(torch.zeros(3, 256, 256), torch.ones(3), torch.eye(3))
+    good = {"image_size": 256, "crop": 227, "pixel_scale": 1.0}
+    cases = [
+        (["a", "b", "c"], good, None, "lists 3 class names for a 4-class network"),
+        (CLASSES, {}, None, "preprocess must give image_size 256 (the mean image's side) and crop 227"),
+        (CLASSES, {**good, "crop": 224}, None, "crop 227 (the network's input), not 256 and 224"),
+        (CLASSES, {**good, "image_size": np.int64(256)}, None, "preprocess image_size np.int64(256) is not a positive integer"),
+        (CLASSES, good, {"when": object()}, "preprocess and extra must hold JSON values only"),
+    ]
+    for classes, preprocess, extra, message in cases:
+        path = tmp_path / "m.safetensors"
+        with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            save_model(path, model, classes, stats, preprocess, extra)
+        assert not path.exists(), message
+    save_model(tmp_path / "ok.safetensors", model, tuple(CLASSES), stats, good, {"epoch": 1})
+    assert load_model_file(tmp_path / "ok.safetensors").classes == CLASSES

@@ -1,6 +1,7 @@
 """The config: paper defaults, round trips, and clear errors."""
 
 import json
+import re
 
 import pytest
 
@@ -65,6 +66,38 @@ def test_round_trip_through_json():
 def test_bad_values_name_the_problem(data, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(ModelConfig, data)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"init": "he"}, "init must be one of paper, kaiming, not 'he'"),  # was the paper's init, silently
+    ({"lrn": {"k": 1.0}}, "lrn must be an LRNConfig, not {'k': 1.0}"),  # was an error in forward
+    ({"num_classes": 10.0}, "num_classes must be an integer, not 10.0"),
+    ({"num_classes": True}, "num_classes must be an integer, not True"),
+    ({"input_size": "227"}, "input_size must be an integer, not '227'"),
+    ({"dropout": "0.5"}, "dropout must be a number, not '0.5'"),
+])
+def test_keyword_arguments_in_python_are_checked_as_a_config_file_is(kwargs, message):
+    from alexnet import build_model
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        build_model("paper", **kwargs)
+
+
+def test_owt_from_python_is_torchvisions_module():
+    """build_model("owt") takes a torchvision state dict as it is and gives its outputs:
+    224 input and nn.Dropout's inverted form (reference.plain_alexnet is the oracle)."""
+    import torch
+
+    from alexnet import build_model
+    from alexnet.reference import plain_alexnet
+
+    torch.manual_seed(0)
+    tv = plain_alexnet("owt", num_classes=10, input_size=224).eval()
+    ours = build_model("owt", num_classes=10)
+    ours.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), tv(x))
 
 
 def test_configs_are_frozen():

@@ -252,7 +252,8 @@ def test_matches_the_plain_pytorch_network(variant):
 
     torch.manual_seed(0)
     m = build_model(variant, num_classes=10).eval()
-    ref = plain_alexnet(variant, num_classes=10, input_size=m.cfg.input_size, paper_dropout=True).eval()
+    ref = plain_alexnet(variant, num_classes=10, input_size=m.cfg.input_size,
+                        paper_dropout=m.cfg.dropout_form == "paper").eval()  # (owt: nn.Dropout's form)
     ref.load_state_dict(m.state_dict(), strict=True)
     s = m.cfg.input_size
     x = torch.randn(2, 3, s, s) * 60

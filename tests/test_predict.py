@@ -309,6 +309,40 @@ def test_float_levels_are_rounded_to_the_nearest_level():
     assert np.array_equal(got, np.rint(levels).astype(np.uint8))
 
 
+def test_float_images_in_0_to_1_are_read_as_such(clf, imgs):
+    """matplotlib's imread and ToTensor give floats in 0..1: read as levels 0..255 (as a
+    Pillow "F" image is), not rounded to black and level 1."""
+    hwc = np.asarray(Image.open(imgs[0]).convert("RGB"))
+    want = clf.probabilities([hwc])
+    chw = torch.from_numpy(hwc.copy()).permute(2, 0, 1)
+    unit = [hwc / 255.0, chw.float() / 255, (hwc / 255.0).astype(np.float32)]
+    torch.testing.assert_close(clf.probabilities(unit), want.expand(3, -1))
+
+
+def test_a_classifier_left_in_training_mode_still_predicts_in_eval_mode(clf, imgs):
+    """clf.model.train() (by a notebook cell before) would switch dropout on and let a
+    BatchNorm network overwrite its statistics: probabilities runs in eval mode and gives
+    the mode back."""
+    want = clf.probabilities(imgs[:2])
+    clf.model.train()
+    try:
+        torch.testing.assert_close(clf.probabilities(imgs[:2]), want)
+        assert clf.model.training
+    finally:
+        clf.model.eval()
+
+
+@pytest.mark.parametrize("one", ["path", "Path", "pil", "array"])
+def test_one_image_where_a_list_is_expected_is_a_type_error(clf, imgs, one):
+    from pathlib import Path
+
+    image = {"path": imgs[0], "Path": Path(imgs[0]), "pil": Image.open(imgs[0]),
+             "array": np.asarray(Image.open(imgs[0]).convert("RGB"))}[one]
+    with pytest.raises(TypeError, match=r"expects a list of images, got one .*clf\(image\)"):
+        clf.predict_batch(image)
+    assert clf(image, top=np.int64(2)) == clf(imgs[0], top=2)  # (a NumPy integer is a whole number)
+
+
 def test_an_error_of_the_python_api_names_the_image(clf, imgs, tmp_path):
     """A batch of many paths failing on one must say which: the path, or for an array
     its place in the list."""

@@ -149,6 +149,12 @@ def test_nearest_equals_brute_force_with_ties_and_duplicates():
     assert torch.equal(i2, i) and torch.equal(d2, d)
 
 
+def test_one_query_must_be_a_row():
+    words = r"queries must be rows \(Q, D\), got a tensor of shape \(4,\); one query is q\[None\]"
+    with pytest.raises(ValueError, match=words):
+        nearest(torch.zeros(4), torch.zeros(3, 4), k=1)
+
+
 def test_nearest_random_vectors_and_k_beyond_database():
     g = torch.Generator().manual_seed(1)
     db, q = 100 * torch.randn(30, 16, generator=g), 100 * torch.randn(4, 16, generator=g)
@@ -251,6 +257,27 @@ def test_conv1_and_pool1_maps_equal_the_formulas(ck, photo):
     denom = (2 + 1e-4 * sum(sq[i:i + 96] for i in range(5))) ** 0.75
     pool = F.max_pool2d((a / denom)[None], 3, 2)[0]  # (96, 27, 27)
     torch.testing.assert_close(activations(model, x, "pool1"), pool, rtol=1e-4, atol=1e-4)
+
+
+def test_feature_helpers_give_the_model_back_as_they_found_it(ck, photo):
+    """A model in training mode (a notebook's training loop) is read in eval mode and left
+    in training mode, with no hook left on it, also by a features generator given up
+    after its first batch; a batch given as one image, or one image as a batch, is named."""
+    from alexnet.predict import Classifier
+    from alexnet.show import features
+
+    c, x = preprocessed(ck, photo)
+    model = Classifier.load(ck, "cpu").model
+    want = activations(model, x, "relu7")
+    model.train()
+    torch.testing.assert_close(activations(model, x, "relu7"), want)  # no dropout: eval mode
+    gen = features(model, [x[None], x[None]])
+    torch.testing.assert_close(next(gen)[0], want)
+    assert model.training and not model.layer("relu7")._forward_hooks
+    with pytest.raises(ValueError, match=r"one image \(3, H, W\), got a tensor of shape \(1, 3, 227, 227\)"):
+        activations(model, x[None], "conv1")
+    with pytest.raises(ValueError, match=r"batches \(B, 3, H, W\), got a tensor of shape \(3, 227, 227\)"):
+        next(features(model, [x]))
 
 
 def test_map_grid_places_maps_on_one_shared_scale():

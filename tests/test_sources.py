@@ -575,3 +575,12 @@ def test_stats_on_the_fly_folder_and_cache(tmp_path, monkeypatch):
     again = dataset_stats(open_dataset(tmp_path / "d", image_size=32), held_out=np.array([order[4], order[1]]))
     assert torch.equal(again.mean_image, less.mean_image) and torch.equal(again.eigval, less.eigval)
     assert torch.equal(dataset_stats(ds).mean_image, s.mean_image)  # the whole again, not the last asked
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2], [0, -1, 1]])
+def test_labels_outside_the_classes_are_refused_when_the_dataset_is_made(labels):
+    """They used to pass, and evaluation failed later with torch's 'Target 2 is out of bounds'."""
+    images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"labels must be 0 to 1 for 2 classes, got -?\d to \d"):
+        TensorImageDataset(images, np.array(labels), ["a", "b"])
+    TensorImageDataset(images, np.array([0, 1, 1]), ["a", "b"])
