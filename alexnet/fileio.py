@@ -4,10 +4,11 @@ durable. Readers see the old file or the new one, never a mix."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -104,6 +105,24 @@ def make_dir(folder: str | Path) -> Path:
     except OSError as e:
         raise WriteError.of(e, folder) from e
     return folder
+
+
+@contextlib.contextmanager
+def output_dir(folder: str | Path) -> Iterator[Path]:
+    """`make_dir(folder)` for the outputs of the body; the folders it made are removed
+    again if the body fails (or is interrupted) and leaves them empty."""
+    folder = Path(folder)
+    made = [p for p in [folder, *folder.parents] if not os.path.lexists(p)]  # deepest first
+    make_dir(folder)
+    try:
+        yield folder
+    except BaseException:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:  # not empty: something was written there after all
+                break
+        raise
 
 
 def _umask() -> int:

@@ -310,10 +310,10 @@ def test_a_model_whose_finite_weights_compute_nan_is_refused_by_predict_evaluate
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tree's bad files
         rc, out, err = main(capsys, "evaluate", broken, "--data", root / "train", "--split", "train",
-                            "--out", tmp_path / "ev")
+                            "--out", tmp_path / "ev" / "deep")
     assert rc == 2 and err.splitlines()[-1].startswith(  # after the progress line
         f"alexnet: error: {broken}: the network's outputs are NaN or infinite"), err
-    assert not (tmp_path / "ev" / "eval.json").exists()
+    assert not (tmp_path / "ev").exists()  # the folders made for the report are gone again
     with TestClient(create_app(Classifier.load(broken, device="cpu"))) as c:
         r = c.post("/api/predict", files={"file": ("x.png", image.read_bytes(), "image/png")})
     assert r.status_code == 500 and "NaN or infinite" in r.json()["detail"]
