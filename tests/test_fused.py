@@ -200,7 +200,8 @@ def test_fast_path_matches_the_plain_network(variant, blocks, monkeypatch):
     torch.manual_seed(0)
     calls = count_fused(monkeypatch)
     m = build_model(variant, num_classes=10, init="kaiming").eval().to(memory_format=CL)
-    ref = plain_alexnet(variant, num_classes=10, input_size=m.cfg.input_size, paper_dropout=True).eval()
+    ref = plain_alexnet(variant, num_classes=10, input_size=m.cfg.input_size,
+                        paper_dropout=m.cfg.dropout_form == "paper").eval()  # (owt: nn.Dropout's form)
     ref.load_state_dict(m.state_dict(), strict=True)
     s = m.cfg.input_size
     x = torch.randn(2, 3, s, s) * 60

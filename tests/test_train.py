@@ -807,14 +807,28 @@ def test_a_step_folder_a_kill_left_unnamed_never_costs_the_checkpoint_resumed_fr
     assert done.fit()["stopped"] is False and done.step == 5 and step_folders(run) == ["step-00000005"]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    """The folder of an uninterrupted tiny_config run of `epochs` epochs (made once)."""
+    runs = {}
+
+    def run(epochs):
+        if epochs not in runs:
+            runs[epochs] = tmp_path_factory.mktemp("whole")
+            Trainer(tiny_config(data, epochs=epochs), runs[epochs], quiet=True).fit()
+        return runs[epochs]
+
+    return run
+
+
 @pytest.mark.parametrize("epochs", [1, 2])
-def test_a_kill_between_the_epoch_checkpoint_and_best_is_mended_by_the_resume(data, tmp_path, monkeypatch, epochs):
+def test_a_kill_between_the_epoch_checkpoint_and_best_is_mended_by_the_resume(data, tmp_path, monkeypatch, epochs,
+                                                                              uninterrupted):
     """best.safetensors comes after the epoch's checkpoint: a kill between them leaves the
     epoch's best unwritten, and the resume (even one with nothing left to train) writes it
     from the checkpoint; it never holds the weights of an epoch that a resume redoes."""
     cfg = tiny_config(data, epochs=epochs)
-    whole = tmp_path / "whole"
-    Trainer(cfg, whole, quiet=True).fit()
+    whole = uninterrupted(epochs)
 
     def killed(trainer, *args):
         raise Killed
@@ -836,13 +850,12 @@ def test_a_kill_between_the_epoch_checkpoint_and_best_is_mended_by_the_resume(da
 
 
 @pytest.mark.parametrize("damage", ["missing", "unreadable"])
-def test_a_lost_last_json_resumes_from_the_newest_step_folder(data, tmp_path, damage):
+def test_a_lost_last_json_resumes_from_the_newest_step_folder(data, tmp_path, damage, uninterrupted):
     """Step folders are complete once they have their names, so without a readable
     last.json the resume takes the newest, says so, names it again in last.json and ends
     with the uninterrupted run's weights; a new run into that folder is pointed at --resume."""
     cfg = tiny_config(data, checkpoint_every=2)
-    whole = tmp_path / "whole"
-    Trainer(cfg, whole, quiet=True).fit()
+    whole = uninterrupted(cfg.train.epochs)  # (checkpoints change no weight)
     run = tmp_path / "r"
     t = Trainer(cfg, run, quiet=True)
     stop_at(t, 3)
