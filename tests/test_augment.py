@@ -119,9 +119,9 @@ def test_the_transforms_take_uint8_levels_only(transform):
     tr = TrainTransform(stats, 9) if transform == "train" else EvalTransform(stats, 9)
     images = _images(2, 12)
     tr(images)
-    for floats in (images.float() / 255, images.float()):
-        with pytest.raises(ValueError, match=r"expected uint8 images \(levels 0..255\), got torch.float32"):
-            tr(floats)
+    for other in (images.float() / 255, images.float(), images.to(torch.int16)):
+        with pytest.raises(ValueError, match=rf"expected uint8 images \(levels 0..255\), got {other.dtype}"):
+            tr(other)
 
 
 # --- test-time crops ------------------------------------------------------------------

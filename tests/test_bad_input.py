@@ -319,6 +319,26 @@ def test_a_model_whose_finite_weights_compute_nan_is_refused_by_predict_evaluate
     assert r.status_code == 500 and "NaN or infinite" in r.json()["detail"]
 
 
+def test_an_evaluation_stopped_midway_leaves_no_report_folder(tree, tmp_path, monkeypatch):
+    """Ctrl-C during the evaluation: the folders made for the report go again; a folder
+    that was there before stays."""
+    import alexnet.evaluate as evaluate_module
+
+    root, _, info = tree
+    ck = checkpoint(tmp_path / "ok.safetensors", info["train_classes"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "evaluate_model", interrupted)
+    (tmp_path / "mine").mkdir()
+    for out, gone in ((tmp_path / "ev" / "deep", tmp_path / "ev"), (tmp_path / "mine", None)):
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_module.evaluate_checkpoint(ck, root / "train", split="train", out_dir=out, workers=0)
+        assert gone is None or not gone.exists()
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_evaluate_a_checkpoint_of_other_classes_is_a_one_line_error(tree, tmp_path, capsys):
     root, _, _ = tree
     ck = checkpoint(tmp_path / "three.safetensors", ["c0", "c1", "c2"])

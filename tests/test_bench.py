@@ -128,6 +128,52 @@ def test_float32_on_cuda_is_compared_with_the_tf32_peak_its_convolutions_get(mon
     assert p["dtype"] == "tf32" and torch.backends.cuda.matmul.allow_tf32 == before
 
 
+def test_each_way_of_the_peak_grows_to_its_own_size_and_its_first_call_is_not_timed(monkeypatch):
+    """Scripted times: way "fast" reaches min_seconds at n=1024, way "slow" at n=256, and
+    every first call of a size takes 10 s (a kernel loading). The slow way stops at its own
+    size; the first calls never count; the peak and its n are the faster way's."""
+    calls = {}
+
+    def products(n, device, dtype):
+        return {"fast": ("fast", n), "slow": ("slow", n)}
+
+    def timed(fn, device):
+        calls[fn] = calls.get(fn, 0) + 1
+        if calls[fn] == 1:
+            return 10.0
+        way, n = fn
+        return n ** 3 * (1e-9 if way == "fast" else 1e-7)  # fast: 1,000 GFLOP/s x 2; slow: 20
+
+    monkeypatch.setattr(bench, "_products", products)
+    monkeypatch.setattr(bench, "_timed", timed)
+    p = bench.matmul_peak(torch.device("cpu"), torch.float32, min_seconds=1.0, max_n=4096)
+    assert {way for way, n in calls} == {"fast", "slow"}
+    assert max(n for way, n in calls if way == "slow") == 256 and max(n for way, n in calls if way == "fast") == 1024
+    assert p["via"] == "fast" and p["n"] == 1024 and p["gflops"] == pytest.approx(2 / 1e-9 / 1e9)
+    assert p["gflops_by_way"]["slow"] == pytest.approx(2 / 1e-7 / 1e9)
+
+
+def test_rows_in_tf32_are_measured_against_the_tf32_peak(monkeypatch):
+    """Where the float32 contenders compute in TF32 (a GPU), their rows say so and their
+    fraction is of a TF32 product's peak; the plain contenders never ask cuDNN to time
+    its algorithms."""
+    asked = []
+    real = bench.matmul_peak
+
+    def peak(device, dtype, min_seconds=0.25, max_n=8192, tf32=False):
+        asked.append(tf32)
+        return {**real(device, dtype, min_seconds=0.0, max_n=256, tf32=tf32), "gflops": 1000.0 if tf32 else 10.0}
+
+    monkeypatch.setattr(bench, "matmul_peak", peak)
+    monkeypatch.setattr(bench, "arithmetic", lambda c, device: "tf32" if c.amp is None else c.dtype)
+    torch.backends.cudnn.benchmark = True
+    r = bench.run([1], ["infer"], 1, torch.device("cpu"), num_classes=3, log=lambda line: None, dtype="fp32")
+    assert torch.backends.cudnn.benchmark is False  # set by the last (plain) contender's steps
+    assert r["peaks"]["tf32"]["dtype"] == "tf32" and True in asked
+    for row in r["results"]:
+        assert row["dtype"] == "tf32" and row["peak_fraction"] == pytest.approx(row["gflops"] / 1000.0)
+
+
 def test_a_bench_cut_short_keeps_the_blocks_it_finished(tmp_path, monkeypatch):
     """The JSON is written after every (batch, mode): a Ctrl-C (or a time limit) in the
     second batch size leaves the first one's rows."""

@@ -165,3 +165,15 @@ def test_save_model_writes_nothing_that_could_not_be_read_back(tmp_path):
         assert not path.exists(), message
     save_model(tmp_path / "ok.safetensors", model, tuple(CLASSES), stats, good, {"epoch": 1})
     assert load_model_file(tmp_path / "ok.safetensors").classes == CLASSES
+
+
+def test_saved_extra_reads_the_header_alone(tmp_path):
+    from alexnet.checkpoint import saved_extra
+
+    path = tmp_path / "m.safetensors"
+    save_model(path, build_model("owt", num_classes=4, fc_width=16), CLASSES, None, {}, {"epoch": 3})
+    assert saved_extra(path) == {"epoch": 3}
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "list.safetensors"), metadata={"extra": "[1, 2]"})
+    for bad in ("missing.safetensors", "junk.safetensors", "list.safetensors"):
+        assert saved_extra(tmp_path / bad) is None, bad

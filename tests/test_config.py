@@ -75,6 +75,8 @@ def test_bad_values_name_the_problem(data, message):
     ({"num_classes": True}, "num_classes must be an integer, not True"),
     ({"input_size": "227"}, "input_size must be an integer, not '227'"),
     ({"dropout": "0.5"}, "dropout must be a number, not '0.5'"),
+    ({"fc_width": 4096.0}, "fc_width must be an integer, not 4096.0"),
+    ({"init_std": "0.01"}, "init_std must be a number, not '0.01'"),
 ])
 def test_keyword_arguments_in_python_are_checked_as_a_config_file_is(kwargs, message):
     from alexnet import build_model
@@ -103,3 +105,24 @@ def test_owt_from_python_is_torchvisions_module():
 def test_configs_are_frozen():
     with pytest.raises(Exception):
         ModelConfig().num_classes = 3  # type: ignore[misc]
+
+
+def test_the_package_names_its_public_objects_without_importing_torch():
+    """`import alexnet` (the command's first step) leaves torch alone; each name of
+    __all__ is its home module's object, listed by dir(); others are AttributeErrors."""
+    import subprocess
+    import sys
+
+    import alexnet
+    from alexnet import config, model
+
+    code = "import sys, alexnet; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "False\n"
+    homes = {"AlexNet": model, "build_model": model, "LRNConfig": config, "ModelConfig": config,
+             "model_config": config}
+    assert sorted(alexnet.__all__) == sorted(homes)
+    for name, home in homes.items():
+        assert getattr(alexnet, name) is getattr(home, name), name
+    assert set(alexnet.__all__) <= set(dir(alexnet))
+    with pytest.raises(AttributeError, match="module 'alexnet' has no attribute 'nope'"):
+        alexnet.nope

@@ -847,6 +847,10 @@ def test_a_kill_between_the_epoch_checkpoint_and_best_is_mended_by_the_resume(da
     assert got.extra == want.extra
     for k, v in want.state_dict.items():
         assert torch.equal(got.state_dict[k], v), k
+    before = (run / "best.safetensors").stat()
+    Trainer(None, run, resume=True, quiet=True).close()  # best is the epoch's already: not written again
+    after = (run / "best.safetensors").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
 @pytest.mark.parametrize("damage", ["missing", "unreadable"])
