@@ -36,6 +36,7 @@ from alexnet.config import ConfigError, LRNConfig
 from alexnet.dataset import DataStats
 from alexnet.fileio import check_writable, not_a_file, refuse_overwriting, require_suffix
 from alexnet.model import AlexNet, build_model
+from alexnet.progress import first_few
 
 # The per-channel mean of ILSVRC2012's training images (ilsvrc_2012_mean.npy averaged over
 # pixels, as Caffe's classification examples use it), in Caffe's B, G, R order.
@@ -300,7 +301,7 @@ def convert_torchvision(src: str | Path, out: str | Path) -> AlexNet:
     want = model.state_dict()
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or unexpected:
-        parts = [f"{what} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+        parts = [f"{what} {first_few(keys, 4)}"
                  for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise CheckpointError(f"{src} is not torchvision's AlexNet: {'; '.join(parts)}")
     for k, v in want.items():

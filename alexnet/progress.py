@@ -12,6 +12,11 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def first_few(names: list[str], shown: int) -> str:
+    """'a, b, c ...': the first `shown` names, and '...' when there are more (for messages)."""
+    return ", ".join(names[:shown]) + (" ..." if len(names) > shown else "")
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)

@@ -57,7 +57,7 @@ from alexnet.dataset import (DataStats, ImageDataset, SubsetDataset, TensorImage
                              load_stats, save_stats)
 from alexnet.fileio import cache_dir
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
-from alexnet.progress import plural
+from alexnet.progress import first_few, plural
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -486,8 +486,8 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
         paths += files
         labels += [index[d]] * len(files)
     if not paths and extra:
-        raise DataSourceError(f"none of the class folders of {root} ({', '.join(extra[:5])}"
-                              f"{' ...' if len(extra) > 5 else ''}) is among the {len(classes)} training classes")
+        raise DataSourceError(f"none of the class folders of {root} ({first_few(extra, 5)}) is among the "
+                              f"{len(classes)} training classes")
     if not paths:
         raise DataSourceError(f"no images in the {len(dirs)} class folders of {root}")
     return Listing(str(root), paths, np.array(labels, np.int64), classes, readable_names(classes),
@@ -807,7 +807,7 @@ def open_dataset(path: str | os.PathLike | None, split: str = "train", image_siz
     if extra:  # their images would silently be left out of a run or an evaluation
         kind = "class folder" if src.listing.kind == "imagefolder" else "label"
         raise ClassMismatchError(f"{src.path} has {kind}{'s' if len(extra) > 1 else ''} "
-                              f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} "
+                              f"{first_few(extra, 5)} "
                               f"({plural(src.listing.extra_images, 'image')}) "
                               f"not among the {len(src.listing.classes)} training classes")
     _warn_unlabelled(src.listing)

@@ -50,7 +50,7 @@ import torch
 from alexnet.config import MAX_IMAGE_SIZE
 from alexnet.dataset import DataStats, ImageDataset, load_stats, resize_batch, save_stats
 from alexnet.fileio import WriteError, atomic_write, atomic_write_json, json_bytes, make_dir
-from alexnet.progress import Progress, plural
+from alexnet.progress import Progress, first_few, plural
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.sources import (DataSourceError, SourceNotFoundError, StatsAccumulator,
                              open_idx, resolve_source)
@@ -595,7 +595,7 @@ class StoreDataset(ImageDataset):
         missing = [c for c in self.classes if c not in index]
         if missing:
             raise DataSourceError(f"{self.path} has classes that are not among the {len(classes)} "
-                                  f"given ones: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+                                  f"given ones: {first_few(missing, 5)}")
         from alexnet.sources import readable_names
 
         names = dict(zip(self.classes, self.class_names))

@@ -48,7 +48,7 @@ from alexnet.distributed import (all_reduce_sum, any_process, broadcast_object, 
 from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
 from alexnet.loader import BatchLoader, LoaderWorkerError
 from alexnet.model import AlexNet
-from alexnet.progress import Progress
+from alexnet.progress import Progress, first_few
 
 
 
@@ -297,9 +297,8 @@ def _step_folders(ck: Path) -> list[Path]:
 
 
 def _names(classes: list[str], shown: int = 4) -> str:
-    """A class list in a message: the first few names and the count."""
-    more = f", ... ({len(classes)})" if len(classes) > shown else ""
-    return ", ".join(classes[:shown]) + more
+    """A class list in a message: the first few names, and the count when there are more."""
+    return first_few(classes, shown) + (f" ({len(classes)})" if len(classes) > shown else "")
 
 
 def _first_difference(a, b) -> str:
@@ -491,8 +490,7 @@ class Trainer:
             foreign = sorted(n for n in names if n not in ours and not TEMP_ENTRY.fullmatch(n))
             if foreign:
                 raise ConfigError(f"{self.run_dir} is not empty and is not a run folder (it holds "
-                                  f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
-                                  f"choose another --out")
+                                  f"{first_few(foreign, 3)}); choose another --out")
             if (self.run_dir / "config.json").exists():
                 try:  # a config.json of the user's is not written over
                     self._read_config()
