@@ -81,11 +81,7 @@ def save_model(path: str | Path, model: AlexNet, classes: list[str], stats: Data
     classes, extra = list(classes), extra or {}
     _check_metadata(Path(path), module.cfg.num_classes, classes, preprocess, extra)
     if stats is not None:
-        side, crop = int(stats.mean_image.shape[-1]), module.cfg.input_size
-        if (preprocess.get("image_size"), preprocess.get("crop")) != (side, crop):
-            raise CheckpointError(f"{path}: preprocess must give image_size {side} (the mean image's side) and "
-                                  f"crop {crop} (the network's input), not {preprocess.get('image_size')!r} "
-                                  f"and {preprocess.get('crop')!r}")
+        check_preprocess_fits(path, module.cfg, stats, preprocess)
     try:
         text = {"preprocess": json.dumps(preprocess), "extra": json.dumps(extra)}
     except (TypeError, ValueError) as e:
@@ -101,6 +97,16 @@ def save_model(path: str | Path, model: AlexNet, classes: list[str], stats: Data
     }
     data = st_save(tensors, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
+
+
+def check_preprocess_fits(path: str | Path, cfg: ModelConfig, stats: DataStats, preprocess: dict) -> None:
+    """A CheckpointError unless `preprocess` rescales images to the mean image's side and
+    crops the network's input: what a model file needs to preprocess images for itself."""
+    side, crop = int(stats.mean_image.shape[-1]), cfg.input_size
+    if (preprocess.get("image_size"), preprocess.get("crop")) != (side, crop):
+        raise CheckpointError(f"{path}: preprocess must give image_size {side} (the mean image's side) and "
+                              f"crop {crop} (the network's input), not {preprocess.get('image_size')!r} "
+                              f"and {preprocess.get('crop')!r}")
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:

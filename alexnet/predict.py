@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from alexnet.augment import EvalTransform, average_ten_crop
-from alexnet.checkpoint import CheckpointError, load_model_file
+from alexnet.checkpoint import CheckpointError, check_preprocess_fits, load_model_file
 from alexnet.images import MAX_PIXELS, ImageError, as_rgb, load_rgb, resize_center_crop
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
@@ -103,12 +103,9 @@ class Classifier:
         ck = load_model_file(path)
         if ck.stats is None:
             raise CheckpointError(f"{path} has no data statistics (mean image); it cannot preprocess images")
-        size, crop = ck.preprocess.get("image_size"), ck.preprocess.get("crop")
+        check_preprocess_fits(path, ck.model_config, ck.stats, ck.preprocess)
+        size, crop = ck.preprocess["image_size"], ck.preprocess["crop"]
         scale = ck.preprocess.get("pixel_scale", 1.0)
-        if crop != ck.model_config.input_size or size != ck.stats.mean_image.shape[-1]:
-            raise CheckpointError(f"{path}: preprocessing (image size {size}, crop {crop}) does not fit its "
-                                  f"{ck.stats.mean_image.shape[-1]}px mean image and "
-                                  f"{ck.model_config.input_size}px network input")
         names = ck.extra.get("class_names") or readable_names(ck.classes)
         return cls(ck.build_model(), EvalTransform(ck.stats, crop, ten_crop=False, scale=scale),
                    EvalTransform(ck.stats, crop, ten_crop=True, scale=scale), list(names), size,

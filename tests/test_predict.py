@@ -125,6 +125,23 @@ def test_preprocessing_comes_from_the_checkpoint(tmp_path, imgs):
     torch.testing.assert_close(owt.probabilities(imgs[:2]), direct(path, imgs[:2]), rtol=1e-4, atol=1e-5)
 
 
+def test_a_file_whose_preprocessing_does_not_fit_its_mean_image_is_refused(paper, tmp_path):
+    """Written by hand (save_model refuses it, with the same check): a crop that is not
+    the network's input cannot be preprocessed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from alexnet.checkpoint import CheckpointError
+
+    with safe_open(str(paper), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "preprocess": json.dumps({"image_size": 256, "crop": 224})})
+    with pytest.raises(CheckpointError, match=r"preprocess must give image_size 256 \(the mean image's side\) and "
+                                              r"crop 227 \(the network's input\), not 256 and 224"):
+        Classifier.load(bad, device="cpu")
+
+
 def test_path_pil_and_tensor_inputs_agree(clf, imgs):
     pil = Image.open(imgs[0]).convert("RGB")
     hwc = torch.from_numpy(np.asarray(pil).copy())  # (H, W, 3) uint8
