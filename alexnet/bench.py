@@ -127,14 +127,15 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, min_seconds: float = 0
         while True:
             # each way grows on its own: a slow one (bf16 torch.mm on a CPU without bf16, 0.3
             # GFLOP/s) stops at its own size, not at the fast one's, where it took a minute
-            ways = {k: fn for k, fn in _products(n, device, dtype).items() if k not in done}
+            every = _products(n, device, dtype)
+            ways = {k: fn for k, fn in every.items() if k not in done}
             for fn in ways.values():  # untimed: the first call of a size loads its kernel (on a GPU, the
                 _timed(fn, device)    # process's first also creates the cuBLAS handle and wakes the clocks)
             for name, fn in ways.items():
                 t = _timed(fn, device)
                 if t >= min_seconds or n >= max_n:
                     done[name] = n, min([t] + [_timed(fn, device) for _ in range(2)])
-            if len(done) == len(_products(1, device, dtype)):
+            if len(done) == len(every):
                 break
             n *= 2
     finally:
@@ -234,7 +235,7 @@ def run(batches: list[int], modes: list[str], steps: int, device: torch.device, 
     peaks: dict[str, dict] = {}
     for c in cs:
         if kind[c.name] not in peaks:
-            peaks[kind[c.name]] = matmul_peak(device, DTYPES.get(c.dtype, torch.float32), min_seconds=peak_seconds,
+            peaks[kind[c.name]] = matmul_peak(device, DTYPES[c.dtype], min_seconds=peak_seconds,
                                               tf32=kind[c.name] == "tf32")
     if "bf16" not in peaks:  # for the record: what bf16 would give on this device
         peaks["bf16"] = matmul_peak(device, torch.bfloat16, min_seconds=peak_seconds / 2, max_n=2048)

@@ -342,7 +342,7 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
         for k in (IMAGES, LABELS_RAW, SOURCES, REPORT_PARTIAL):
             (out / k).write_bytes(b"")
 
-    done = _done_sources(out, state)
+    done = _listed(out, REPORT_PARTIAL)
     todo = [i for i, n in enumerate(names) if n not in done]
     total = len(names)
     writer = _Writer(out, meta, state, acc)
@@ -452,10 +452,6 @@ def _truncate(out: Path, state: dict) -> None:
             p.unlink(missing_ok=True)
     for p in [*out.glob("*.tmp"), *out.glob(".*.tmp")]:
         p.unlink(missing_ok=True)
-
-
-def _done_sources(out: Path, state: dict) -> set[str]:
-    return _listed(out, REPORT_PARTIAL)
 
 
 def _listed(out: Path, report: str) -> set[str]:
