@@ -58,9 +58,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from alexnet.config import DataConfig
 from alexnet.dataset import DataStats, covariance_eigen
 
-LIGHTING_STD = 0.1  # "alpha_i drawn from a Gaussian with mean zero and standard deviation 0.1" (section 4.1)
+LIGHTING_STD = DataConfig.lighting_std  # "alpha_i ... standard deviation 0.1" (section 4.1)
 PIXEL_RANGE = 255.0  # eigenvalues are taken in 0..1 units: DataStats.eigval / PIXEL_RANGE**2
 
 

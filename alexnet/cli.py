@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from alexnet.checkpoint import CheckpointError
-from alexnet.config import INPUT_SIZES, RECIPES, VARIANTS, ConfigError
+from alexnet.config import INPUT_SIZES, RECIPES, VARIANTS, ConfigError, ModelConfig
 from alexnet.export import ExportError
 from alexnet.fileio import OutputError, WriteError, check_writable
 from alexnet.sources import ClassMismatchError
@@ -96,6 +96,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toml():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise UserError("TOML configs need Python 3.11 or newer (tomllib); write the config as JSON") from None
+    return tomllib
+
+
 def _load_config_file(path: str) -> dict:
     from pathlib import Path
 
@@ -107,13 +115,13 @@ def _load_config_file(path: str) -> dict:
     try:
         text = p.read_text(encoding="utf-8")
         if p.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
+            data = _toml().loads(text)
         else:
             data = json.loads(text)
     except UnicodeDecodeError as e:
         raise UserError(f"cannot parse {path}: not UTF-8 text (byte {e.start})") from None
+    except UserError:
+        raise
     except Exception as e:  # JSON and TOML parsers raise their own types
         raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -251,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 227, 224 for owt")
     p.add_argument("--num-classes", type=_positive_int, default=1000, metavar="N",
                    help="classes of the last layer (default 1000)")
-    p.add_argument("--fc-width", type=_positive_int, default=4096, metavar="N",
-                   help="units of fc6 and fc7 (default 4096, the paper's; model.fc_width)")
+    p.add_argument("--fc-width", type=_positive_int, default=ModelConfig.fc_width, metavar="N",
+                   help=f"units of fc6 and fc7 (default {ModelConfig.fc_width}, the paper's; model.fc_width)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=_cmd_summary)
 

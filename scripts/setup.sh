@@ -35,6 +35,9 @@ fi
 echo "setup: creating $venv" >&2
 python3 -m venv "$venv"
 # torch first and exactly: the CPU build 2.13.0. A looser spelling can pull several GB of CUDA.
-"$venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
+# Machines of this project's kind get the CPU build from pip's configured wheel folders; a
+# machine whose pip reaches PyPI directly (where Linux wheels are CUDA builds) can say
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to have the CPU build from there.
+"$venv/bin/python" -m pip install -q --disable-pip-version-check ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]"
 echo "$want" > "$stamp"

@@ -253,3 +253,18 @@ def test_a_stop_during_the_test_evaluation_says_how_to_finish_it(capsys, tmp_pat
                                     f"weights: {tmp_path / 'r' / 'best.safetensors'}); finish it with: alexnet "
                                     f"train --resume {tmp_path / 'r'}")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_toml_config_without_tomllib_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    # Python 3.10 has no tomllib: a TOML config is refused with the reason, JSON still works
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now fails as on 3.10
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nlr = 0.3\n")
+    code, out, err = run(capsys, "train", "--config", str(f), "--data", str(tmp_path))
+    assert code == 2 and err == "alexnet: error: TOML configs need Python 3.11 or newer (tomllib); " \
+                                "write the config as JSON\n", err
+    from alexnet.cli import _load_config_file
+
+    g = tmp_path / "c.json"
+    g.write_text('{"train": {"lr": 0.3}}')
+    assert _load_config_file(str(g)) == {"train": {"lr": 0.3}}
