@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alexnet.augment import DeferredEvalTransform, EvalTransform, average_ten_crop, to_device
+from alexnet.augment import DeferredEvalTransform, EvalTransform, to_device
 from alexnet.distributed import DistInfo, all_reduce_sum
 from alexnet.fileio import output_dir
 from alexnet.loader import BatchLoader
@@ -91,12 +91,16 @@ def evaluate_model(model: torch.nn.Module, loader: BatchLoader, num_classes: int
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp_dtype):
             logits = model(x).float()
-        probs = average_ten_crop(logits.view(b, -1, logits.shape[-1])) if ten else logits.softmax(-1)
+        if ten:  # log of the crops' mean probability, from log-probabilities (no underflow)
+            crops = logits.view(b, -1, logits.shape[-1])
+            logp = torch.logsumexp(crops.log_softmax(-1), dim=1) - math.log(crops.shape[1])
+        else:
+            logp = logits.log_softmax(-1)
         keep = y >= 0
         y_ = y.clamp_min(0)
         stats[0] += keep.sum()
-        stats[1] += (F.nll_loss(probs.clamp_min(1e-12).log(), y_, reduction="none") * keep).sum()
-        top = probs.topk(k5, dim=-1).indices
+        stats[1] += (F.nll_loss(logp, y_, reduction="none") * keep).sum()
+        top = logp.topk(k5, dim=-1).indices
         stats[2] += ((top == y_[:, None]).any(-1) & keep).sum()
         stats[3] += b - keep.sum()
         codes.append(torch.where(keep, y_ * num_classes + top[:, 0], num_classes ** 2))  # K*K: left out

@@ -121,6 +121,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             a8 = a.astype(np.uint8)  # 32-bit container holding 8-bit values
         else:
             a8 = ((np.clip(a, 0, 65535) + 128) // 257).astype(np.uint8)
+        key = img.info.get("transparency")  # a PNG's colour key, in the image's own levels
+        if isinstance(key, int):
+            a8[a == key] = 255  # over white, as every other transparency
         return Image.fromarray(a8, "L").convert("RGB")
     if mode == "F":
         a = np.asarray(img, dtype=np.float64)

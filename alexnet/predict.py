@@ -42,8 +42,9 @@ def _to_pil(image: ImageInput, max_pixels: int) -> Image.Image:
         return as_rgb(image, max_pixels)
     if isinstance(image, (str, os.PathLike)):
         return load_rgb(image, max_pixels=max_pixels)
-    if isinstance(image, np.ndarray) and not image.flags.writeable:
-        image = image.copy()  # torch would warn that it cannot share a read-only array
+    if isinstance(image, np.ndarray) and (not image.flags.writeable or min(image.strides, default=0) < 0):
+        image = image.copy()  # torch cannot share a read-only array (a warning) or a reversed one
+        # (an error), as OpenCV's BGR-to-RGB idiom bgr[..., ::-1] gives
     t = torch.as_tensor(image).detach().cpu()
     if t.dim() != 3 or 3 not in (t.shape[0], t.shape[-1]):
         raise ValueError(f"expected an RGB image tensor (3, H, W) or (H, W, 3), got {tuple(t.shape)}")
@@ -61,7 +62,9 @@ def _to_pil(image: ImageInput, max_pixels: int) -> Image.Image:
         lo, hi = (t if t.is_floating_point() else t.long()).aminmax()  # (uint16/32 have no min)
         if lo < 0 or hi > 255:
             raise ValueError(f"expected RGB levels 0..255, got values from {lo.item():g} to {hi.item():g}")
-    return as_rgb(Image.fromarray(t.to(torch.uint8).contiguous().numpy(), "RGB"), max_pixels)
+    # no pixel limit here: it refuses files whose header claims too many pixels before
+    # they are decoded, and this image is decoded already (e.g. `prepare`'s output)
+    return as_rgb(Image.fromarray(t.to(torch.uint8).contiguous().numpy(), "RGB"), sys.maxsize)
 
 
 def _image_list(images) -> list:

@@ -85,6 +85,11 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
+            # a request whose caller gave up (its future cancelled) is dropped; setting the
+            # result of a cancelled future would raise and end this thread for everyone
+            batch = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             self.batch_sizes[len(batch)] += 1
             try:
                 results = self.run([item for item, _ in batch])

@@ -372,3 +372,28 @@ def test_an_error_of_the_python_api_names_the_image(clf, imgs, tmp_path):
         clf.probabilities([imgs[0], np.full((20, 20, 3), np.nan)])
     with pytest.raises(ValueError, match=r"^image 2: "):  # its place in the whole list, not in its batch
         clf.probabilities([imgs[0], imgs[0], np.full((20, 20, 3), np.nan)], batch_size=2)
+
+
+def test_a_pixel_limit_below_the_image_size_refuses_only_large_files(capsys, paper, tmp_path):
+    """--max-pixels refuses files by their header; the 256x256 images that predict (and
+    serve) prepare from the small ones are decoded already and not held to it."""
+    small = [make_image(tmp_path / "s1.png", 50, 50, 11), make_image(tmp_path / "s2.png", 80, 60, 12)]
+    big = make_image(tmp_path / "big.png", 100, 100, 13)  # 10,000 pixels
+    rc, out, err = run(capsys, paper, small[0], big, small[1], "--max-pixels", "5000")
+    assert rc == 1 and [line for line in out.splitlines() if not line.startswith(" ")] == small
+    assert err.startswith(f"alexnet: error: {big}: too large") and err.count("\n") == 1, err
+    clf = Classifier.load(paper, device="cpu", max_pixels=5000)
+    prepared = [clf.prepare(p) for p in small]  # the README's way past bad files
+    assert torch.equal(clf.probabilities(prepared), clf.probabilities(small))
+    with pytest.raises(ImageError, match="too large"):
+        clf.prepare(big)
+
+
+def test_a_reversed_numpy_view_is_an_image_like_its_copy(clf):
+    """OpenCV's BGR-to-RGB idiom, bgr[..., ::-1], gives negative strides, which torch
+    cannot wrap; any numpy layout is an image."""
+    rng = np.random.default_rng(5)
+    bgr = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    for view in (bgr[..., ::-1], bgr[::-1, ::-2], np.moveaxis(bgr, -1, 0)[::-1]):
+        assert min(view.strides) < 0
+        assert torch.equal(clf.probabilities([view]), clf.probabilities([view.copy()]))

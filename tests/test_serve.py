@@ -403,3 +403,25 @@ def test_page_in_headless_chromium(url, tmp_path, monkeypatch):
         wait.until(lambda b: "not an image" in b.find_element(By.ID, "error").text)
     finally:
         browser.quit()
+
+
+def test_a_request_given_up_does_not_stop_the_batcher():
+    """A caller that gives up cancels its future (asyncio.wrap_future does so when the
+    awaiting task is cancelled); its item is dropped and later requests are answered."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def run(items):
+        entered.set()
+        gate.wait(5)
+        return [x * 2 for x in items]
+
+    batcher = MicroBatcher(run, max_batch=4, max_wait_ms=0)
+    first = batcher.submit(1)
+    assert entered.wait(5)
+    gone, kept = batcher.submit(2), batcher.submit(3)
+    assert gone.cancel()  # still queued: cancellable
+    gate.set()
+    assert first.result(5) == 2 and kept.result(5) == 6
+    assert batcher.submit(4).result(5) == 8  # the worker lives on
+    assert gone.cancelled() and batcher.batch_sizes == {1: 3}
+    batcher.close()

@@ -118,6 +118,14 @@ def test_alpha_composited_on_white():
     out = np.asarray(load_rgb(png_bytes(pal, transparency=int(idx))))
     assert (out[np.asarray(pal) == idx] == 255).all()
 
+    # 16-bit grey with a colour key (PNG tRNS): the key's pixels white too, the rest scaled
+    v = RNG.integers(0, 65536, (12, 12)).astype(np.uint16)
+    v[:3] = 4097
+    out = np.asarray(load_rgb(png_bytes(Image.fromarray(v), transparency=4097)))
+    assert (out[:3] == 255).all()
+    rest = v[3:] != 4097
+    assert np.array_equal(out[3:, :, 0][rest], np.round(v[3:][rest] / 257).astype(np.uint8))
+
 
 def test_exif_orientation_applied(tmp_path):
     a = rgb_array(30, 60)  # landscape as stored

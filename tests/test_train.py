@@ -554,6 +554,38 @@ def test_evaluation_figures_match_a_count_by_hand():
     assert np.array_equal(m.confusion, expected)
 
 
+def test_the_loss_of_a_confident_mistake_is_not_capped():
+    """Cross-entropy from log-probabilities: a wrong answer at logit odds of 100 costs 100,
+    not the 27.6 of log(1e-12), and ten crops give the log of their mean probability."""
+    from alexnet.evaluate import evaluate_model
+
+    class Lookup(torch.nn.Module):
+        def __init__(self, table):
+            super().__init__()
+            self.table = table
+
+        def forward(self, x):
+            return self.table[x.flatten(1)[:, 0].long()]
+
+    class One:
+        transform = None
+
+        def __init__(self, x):
+            self.x = x
+
+        def __iter__(self):
+            yield self.x, torch.tensor([0])
+
+    cpu = torch.device("cpu")
+    m = evaluate_model(Lookup(torch.tensor([[0.0, 100.0]])), One(torch.zeros(1, 1)), 2, cpu)
+    assert m.loss == pytest.approx(100.0, rel=1e-6) and m.top1_err == 1.0
+    crops = torch.zeros(10, 2)
+    crops[:, 1] = torch.arange(60.0, 160.0, 10.0)  # every crop sure of the wrong class
+    m = evaluate_model(Lookup(crops), One(torch.arange(10.0).view(1, 10, 1, 1, 1)), 2, cpu)
+    want = -torch.log(torch.softmax(crops.double(), -1)[:, 0].mean()).item()  # about 62.3
+    assert m.loss == pytest.approx(want, rel=1e-6) and m.top1_err == 1.0
+
+
 def test_plateau_schedule_divides_by_ten_at_most_three_times():
     s = LRSchedule(run_config("paper"), total_steps=100)
     errs = [0.5, 0.4, 0.4, 0.39, 0.39, 0.39, 0.39, 0.39, 0.39]
