@@ -179,6 +179,25 @@ def _stop_raises():
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from alexnet.progress import GoneReader
+
+    run = {"trainer": None, "gone": False}
+
+    def reader_gone():  # stdout's or stderr's reader is gone: stop after this step, and save
+        run["gone"] = True
+        if run["trainer"] is not None:
+            run["trainer"].stop_requested = True
+
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (GoneReader(s, reader_gone) for s in streams)
+    try:
+        code = _train(args, run)
+    finally:
+        sys.stdout, sys.stderr = streams
+    return 141 if run["gone"] else code  # as a SIGPIPE would end it, but with the checkpoint saved
+
+
+def _train(args: argparse.Namespace, run: dict) -> int:
     from alexnet.train import Trainer, TrainingError, finish_run
 
     if args.resume:
@@ -190,6 +209,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     trainer = None
     try:  # a resume rewrites the log: a full or read-only disk is a TrainingError there too
         trainer = Trainer(None, args.resume, resume=True) if args.resume else Trainer(cfg, args.out)
+        run["trainer"], trainer.stop_requested = trainer, run["gone"]
         result = trainer.fit(keep_lock=True)  # held through the test evaluation: close() gives it up
         if not result["stopped"] and trainer.info.is_main:
             with _stop_raises():  # fit() gave its own SIGINT/SIGTERM handlers back
@@ -205,7 +225,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             trainer.close()
     if result["stopped"] and trainer.info.is_main:
         print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}; "
-              f"continue with: {trainer.resume_command()}")
+              f"continue with: {trainer.resume_command()}", file=sys.stderr if sys.stdout.broken else sys.stdout)
     return 0
 
 

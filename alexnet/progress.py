@@ -3,6 +3,7 @@ a terminal and printed every so often otherwise (logs of batch jobs)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -68,3 +69,41 @@ class Progress:
             self._draw(now, figures, final=True)
         elapsed = now - self.start
         return (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+
+
+class GoneReader:
+    """A text stream (stdout, stderr) that outlives its reader: when the pipe it writes to
+    breaks (`alexnet train | tee log` and a Ctrl-C that ends tee too, or `| head`), later
+    writes go nowhere and `on_break` is called once, instead of a BrokenPipeError ending
+    the process wherever it was printing (a signal handler, or a step) before it saved."""
+
+    def __init__(self, stream, on_break):
+        self._stream, self._on_break, self.broken = stream, on_break, False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._broke()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._broke()
+
+    def _broke(self) -> None:
+        self.broken = True
+        try:  # what is left in the stream's buffer, and the exit's flush, go nowhere
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+        self._on_break()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)

@@ -811,9 +811,10 @@ class Trainer:
         return m
 
     def _request_stop(self, signum, frame) -> None:
-        if not self.quiet:
-            print(f"\nalexnet: {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
         self.stop_requested = True
+        if not self.quiet:
+            with contextlib.suppress(OSError):  # (stdout's reader may be gone: Ctrl-C ended `| tee` too)
+                print(f"\nalexnet: {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
 
     def fit(self, keep_lock: bool = False) -> dict:
         """Train to the end (or a stop request); returns a summary dict. The run folder's

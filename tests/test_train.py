@@ -926,3 +926,37 @@ def test_the_report_keeps_classes_whose_readable_names_repeat(tmp_path):
     assert on_disk["per_class_accuracy"] == {"n03773504": 1.0, "n04008634": 0.5, "n01440764": None}
     assert on_disk["class_names"] == {"n03773504": "missile", "n04008634": "missile", "n01440764": "tench"}
     assert doc["per_class_accuracy"] == on_disk["per_class_accuracy"]
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "reader gone"])
+def test_a_stop_with_stdouts_reader_gone_still_saves(data, tmp_path, how):
+    """`alexnet train | tee log`: a Ctrl-C ends tee too, and the printing that follows (the
+    signal's own line, then the stop's) met a broken pipe, which ended the process before it
+    saved. The same when the reader leaves by itself (`| head -1`). The run now stops after
+    the step, saves, and exits 141 as a SIGPIPE would, its last words on stderr."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "alexnet", "train", "--data", str(data), "--out", str(out),
+                          "--epochs", "40", "--batch-size", "8", "--no-test", "--set", "data.num_workers=0",
+                          "--set", f"model.fc_width={TEST_FC_WIDTH}", "--set", "train.checkpoint_every=0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert p.stdout.readline().startswith("run ")  # training has begun
+        p.stdout.close()  # the reader is gone
+        if how == "ctrl-c":
+            p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=120)[1]
+    finally:
+        p.kill()
+    assert p.returncode == 141, err
+    last = json.loads((out / "checkpoints" / "last.json").read_text())
+    assert (out / "stopped").read_text() == f"stopped at step {last['step']}\n"
+    assert f"stopped at step {last['step']}; checkpoint" in err and "Traceback" not in err, err
+    if how == "reader gone":  # the first validation line was the first write to meet the broken pipe
+        assert last["epoch"] == 1 and last["step"] == 5
+    resumed = Trainer(None, out, resume=True, quiet=True)
+    assert resumed.step == last["step"]
+    resumed.close()
