@@ -851,7 +851,9 @@ class FolderDataset(ImageDataset):
     remembered in `bad` (index -> reason, never decoded again) and counted in
     `substitutions`. With `drop_unreadable` (evaluation) the stand-in gets label -1
     instead, which `evaluate_model` leaves out of the figures and counts as unreadable.
-    Use `alexnet prepare` to find all bad files up front."""
+    `stand_ins` (sorted record indices, or None: all) limits where a stand-in may come
+    from: the training part of a folder with a held-out part must never train on a
+    held-out image. Use `alexnet prepare` to find all bad files up front."""
 
     def __init__(self, listing: Listing, image_size: int = 256, max_pixels: int = MAX_PIXELS,
                  threads: int | None = None):
@@ -868,6 +870,7 @@ class FolderDataset(ImageDataset):
         self.bad: dict[int, str] = {}
         self.substitutions = 0
         self.drop_unreadable = False
+        self.stand_ins: np.ndarray | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
         self._lock = threading.Lock()
@@ -914,12 +917,16 @@ class FolderDataset(ImageDataset):
         idx = idx % max(n, 1)
         out = np.empty((len(idx), 3, self.image_size, self.image_size), np.uint8)
         labels = self.labels[idx].copy()
+        pool = self.stand_ins
         for k, (i, img) in enumerate(zip(idx, self._map(idx))):
             j = int(i)
-            for _ in range(n):
+            for step in range(n if pool is None else len(pool)):
                 if img is not None:
                     break
-                j = (j + 1) % n
+                if pool is None:
+                    j = (j + 1) % n
+                else:  # the next record of the pool after i, wrapping around
+                    j = int(pool[(np.searchsorted(pool, i, side="right") + step) % len(pool)])
                 img = self._decode(j)
             if img is None:
                 raise DataSourceError(f"no image in {self.root} can be decoded")

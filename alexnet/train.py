@@ -118,6 +118,17 @@ def for_validation(ds: ImageDataset) -> ImageDataset:
     return ds
 
 
+def for_training(ds: ImageDataset, indices: np.ndarray) -> ImageDataset:
+    """`ds` as training reads the records `indices` of it: an on-the-fly folder's stand-ins
+    for unreadable files come from those records alone, never from a held-out validation
+    image. A copy, sharing what it learns of bad files, as `for_validation` is."""
+    if not hasattr(ds, "stand_ins"):
+        return ds
+    ds = copy.copy(ds)
+    ds.stand_ins = np.asarray(indices, dtype=np.int64)
+    return ds
+
+
 def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
     """The run's splits, and the statistics of its training images (a held-out validation
     part left out), or `stats` as given (a resumed run keeps those it started with)."""
@@ -143,7 +154,7 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
             if holdout < 1:
                 raise ConfigError(f"{len(full)} training images are too few to hold out a validation set")
             tr, held_out = holdout_split(len(full), holdout)
-            train, val = SubsetDataset(full, tr), SubsetDataset(for_validation(full), held_out)
+            train, val = SubsetDataset(for_training(full, tr), tr), SubsetDataset(for_validation(full), held_out)
         else:
             train, val = full, for_validation(val)
     if list(val.classes) != list(full.classes):

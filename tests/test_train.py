@@ -620,6 +620,33 @@ def test_training_statistics_leave_the_held_out_validation_images_out(data):
     assert not torch.allclose(d.stats.mean_image, whole.mean_image)
 
 
+@pytest.mark.filterwarnings("ignore:unreadable image")
+def test_a_stand_in_for_an_unreadable_training_file_is_never_a_held_out_image(tmp_path):
+    """A folder without val/ holds part of its images out for validation; an unreadable
+    training file's stand-in (the next readable record) used to be whatever came next in
+    the folder, a held-out image too, which training then learned from."""
+    from PIL import Image
+
+    from alexnet.sources import open_dataset
+
+    root, n = tmp_path / "tree", 40
+    for k in range(n):  # file k is all 5 * k, so a pixel names its file
+        (root / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 5 * k, np.uint8)).save(root / f"c{k % 2}" / f"{k:03d}.png")
+    records = open_dataset(root, "train").sources
+    record_of_file = {int(Path(s).stem): j for j, s in enumerate(records)}
+    tr, held = holdout_split(n, 4)
+    bad = next(int(i) for i in tr if (i + 1) % n in held)  # the next record is a held-out one
+    (root / records[bad]).write_bytes(b"not a PNG")
+    cfg = run_config("paper", {"data": {"path": str(root), "val_holdout": 4, "num_workers": 0}})
+    d = train_module.open_data(cfg)
+    assert np.array_equal(d.train.indices, tr)
+    x, y = d.train.read([int(np.searchsorted(tr, bad))])
+    stand_in = record_of_file[int(x[0, 0, 0, 0]) // 5]
+    assert stand_in in tr and stand_in not in held and stand_in != bad
+    assert int(y[0]) == int(d.train.base.labels[stand_in]) and bad in d.train.base.bad
+
+
 def test_resume_keeps_the_statistics_the_run_started_with(data, tmp_path, monkeypatch):
     t = Trainer(tiny_config(data), tmp_path / "run", quiet=True)
     stop_at(t, 2)
