@@ -701,9 +701,16 @@ class Trainer:
                                       f"{self.run_dir / 'config.json'} now says {getattr(self.cfg.train, key)}: "
                                       f"the epochs' order would not be the run's; put it back or start a new run")
         self.model.load_state_dict(model_file.state_dict)
+        # the momentum buffers and the rate they were made at come from the checkpoint;
+        # momentum, weight decay and the update's form from the config as it is now (an
+        # edit of config.json is taken, as for the other train settings), and the device
+        fresh = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, fresh):
+            group.update(settings)
         self.schedule.load_state_dict(state["schedule"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # (empty: saved without fp16; a resume into fp16 starts its scale afresh)
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         # the sum over all processes: rank 0 carries it on, the others add from zero
         self.epoch_loss = list(state["epoch_loss"]) if self.info.is_main else [0.0, 0]
@@ -905,7 +912,7 @@ class Trainer:
             if any_process(self.stop_requested, self.info):  # asked during validation: the
                 return self._stop()                         # epoch's checkpoint is written
             self.net.train()
-            steps_left = min(self.steps_per_epoch - self.batch_in_epoch, self.total_steps - self.step)
+            steps_left = max(0, min(self.steps_per_epoch - self.batch_in_epoch, self.total_steps - self.step))
             loader = self._train_loader(self.epoch, self.batch_in_epoch) if steps_left else ()
             prog = Progress(steps_left * t.batch_size, f"epoch {self.epoch + 1}/{t.epochs}",
                             enabled=not self.quiet and steps_left > 0)

@@ -399,6 +399,19 @@ def test_a_resume_refuses_what_would_change_the_runs_data(tmp_path):
         with pytest.raises(CheckpointError, match=rf"was saved with train.{key} {saved} and .*config.json now "
                                                   rf"says {value}: the epochs' order"):
             Trainer(None, edited(key, key, value), resume=True, quiet=True)
+    # momentum and weight decay edited there are taken (the optimizer's saved groups used
+    # to override them), the momentum buffers kept
+    run = edited("hyper", "weight_decay", 0.05)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["momentum"] = 0.5
+    (run / "config.json").write_text(json.dumps(cfg))
+    t = Trainer(None, run, resume=True, quiet=True)
+    assert {(g["weight_decay"], g["momentum"]) for g in t.optimizer.param_groups} == {(0.05, 0.5)}
+    saved = load_state(run / "checkpoints" / "step-00000002" / "state.pt")["optimizer"]["state"]
+    buffers = [t.optimizer.state[p]["momentum_buffer"] for p in t.model.parameters()]
+    assert len(buffers) == len(saved) and all(torch.equal(b, saved[i]["momentum_buffer"])
+                                              for i, b in enumerate(buffers))
+    t.close()
     (data / "classes.txt").write_text("a\nb\nc\nd\n")  # the classes "0".."3" renamed
     with pytest.raises(CheckpointError, match="was saved with the classes 0, 1, 2, 3 and the data now has "
                                               "a, b, c, d: its labels would mean other classes"):
@@ -412,6 +425,38 @@ def test_a_resume_refuses_what_would_change_the_runs_data(tmp_path):
     t = Trainer(None, tmp_path / "r", resume=True, quiet=True)  # as it was: resumes
     assert t.step == 2
     t.close()
+
+
+def test_a_max_steps_lowered_below_the_checkpoint_trains_no_further(data, tmp_path):
+    """train.max_steps edited below the step of the checkpoint: the resume validates the
+    epoch under way and ends (it ran one more step: the steps left were negative)."""
+    t = Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True)
+    stop_at(t, 3)
+    assert t.fit()["stopped"]
+    t.close()
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    cfg["train"]["max_steps"] = 2
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg))
+    again = Trainer(None, tmp_path / "r", resume=True, quiet=True)
+    r = again.fit()
+    again.close()
+    assert r["stopped"] is False and r["step"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [(row["epoch"], row["step"]) for row in rows] == [(1, 3)]
+
+
+def test_a_resume_into_fp16_starts_its_loss_scale_afresh(data, tmp_path, monkeypatch):
+    """A run saved without fp16 (a CPU, or a GPU with bf16) resumed where amp=auto picks
+    fp16 (a GPU without bf16): the empty loss-scaler state was a traceback."""
+    t = Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True)
+    stop_at(t, 2)
+    assert t.fit()["stopped"]
+    t.close()
+    monkeypatch.setattr(train_module, "resolve_numerics", lambda cfg, device: (torch.float16, False))
+    again = Trainer(None, tmp_path / "r", resume=True, quiet=True)
+    assert again.scaler.is_enabled() and again.step == 2
+    assert again.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()  # the initial scale
+    again.close()
 
 
 def test_a_failure_before_the_first_checkpoint_says_how_to_start_over(tmp_path):
