@@ -94,6 +94,20 @@ def check_writable(out: str | Path, example: str = "out.json") -> None:
         raise OutputError(f"cannot write {out}: {folder} is not a writable folder")
 
 
+def check_folder_possible(folder: str | Path) -> None:
+    """An OutputError, before any work, if the folder `folder` could not be made: a file
+    in its place or in a parent's, or no writable folder above it (an existing folder is
+    the caller's to judge)."""
+    folder = Path(folder)
+    existing = next((p for p in [folder, *folder.parents] if os.path.lexists(p)), None)
+    if existing is None or existing == folder and existing.is_dir():
+        return
+    if not existing.is_dir():
+        raise OutputError(f"cannot make the folder {folder}: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"cannot make the folder {folder}: {existing} is not a writable folder")
+
+
 def make_dir(folder: str | Path) -> Path:
     """`mkdir -p folder`, or an OutputError naming the part of the path that is a file."""
     folder = Path(folder)

@@ -422,7 +422,9 @@ class _WorkerPool:
                     self._raise_dead(w)
                 raise
             if err is not None:
-                raise LoaderWorkerError(f"loader worker {w} failed on batch {got}:\n{err}")
+                # the reason (the traceback's last line) first, as a one-line message shows it
+                reason = next((line for line in reversed(err.splitlines()) if line.strip()), "unknown error")
+                raise LoaderWorkerError(f"loader worker {w} failed on batch {got}: {reason}\n{err}")
             if got != b:  # cannot happen: each worker answers its tasks in order
                 raise LoaderWorkerError(f"loader worker {w} sent batch {got}, expected {b}")
             self.pending[w].discard(k)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from alexnet.augment import DeferredTrainTransform, RawBatch, TrainTransform, to_device
 from alexnet.checkpoint import (Checkpoint, CheckpointError, load_model_file, load_state, save_model,
                                save_state, saved_extra)
-from alexnet.fileio import OutputError, WriteError, atomic_write_text, make_dir
+from alexnet.fileio import OutputError, WriteError, atomic_write_text, check_folder_possible, make_dir
 from alexnet.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
 from alexnet.dataset import DataStats, ImageDataset, SubsetDataset
 from alexnet.distributed import (all_reduce_sum, any_process, broadcast_object, gather_objects, init_distributed,
@@ -136,7 +136,7 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
 
     d = cfg.data
     full = open_dataset(d.path, "train", d.image_size)
-    test, held_out = None, None
+    held_out = None
     if d.val_path is not None:
         train, val = full, for_validation(open_dataset(d.val_path, "val", d.image_size, classes=full.classes))
     else:
@@ -148,8 +148,6 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
         if val is None or is_idx:
             # No validation split of its own (or, for IDX data, the "val" split is the test
             # set, which must not steer training): hold out part of the training images.
-            if is_idx and val is not None:
-                test = val
             holdout = min(d.val_holdout, len(full) // 10)
             if holdout < 1:
                 raise ConfigError(f"{len(full)} training images are too few to hold out a validation set")
@@ -160,9 +158,27 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
     if list(val.classes) != list(full.classes):
         raise ConfigError(f"the validation classes differ from the training classes "
                           f"({len(val.classes)} vs {len(full.classes)})")
+    test = _test_split(d, full)
     if stats is None:
         stats = dataset_stats(full, held_out=held_out)
     return Data(train, val, test, stats)
+
+
+def _test_split(d, full: ImageDataset) -> ImageDataset | None:
+    """The source's own test split, evaluated after training: IDX data's t10k files, or a
+    tree's test/ folder (of images, or a prepared store); None where there is none. One
+    that cannot be used (unlabelled, as ILSVRC's test images are) is a warning, not an
+    error: training does not need it."""
+    from alexnet.sources import IdxDataset, _split_dir, open_dataset
+
+    idx = isinstance(full, IdxDataset)
+    if not idx and (d.path is None or _split_dir(Path(d.path).expanduser(), "test") is None):
+        return None
+    try:
+        return open_dataset(d.path, "test", d.image_size, classes=None if idx else full.classes)
+    except ConfigError as e:
+        warnings.warn(f"the test split is left out: {e}", RuntimeWarning, stacklevel=2)
+        return None
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -362,7 +378,7 @@ class Trainer:
             # before the data is opened (a large folder takes a while to list)
             if resume:
                 self._on_main_first(self._lock)
-            elif self._named:
+            else:
                 self._on_main_first(self._claim_existing)
             self._setup(cfg, resume)
         except BaseException:  # no trainer to close: the folder is free again at once, and the
@@ -517,9 +533,12 @@ class Trainer:
                               f"continue it with --resume {self.run_dir} or choose another --out")
 
     def _claim_existing(self) -> None:
-        """`_claim` a named --out that exists already (a new one is made once the data is open)."""
-        if self.run_dir.is_dir():
+        """`_claim` a named --out that exists already; of one to be made (once the data is
+        open), check that it can be (not a file, nor under one, and writable)."""
+        if self._named and self.run_dir.is_dir():
             self._claim()
+        else:
+            check_folder_possible(self.run_dir)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import signal
 import time
 
@@ -257,8 +258,12 @@ def test_a_killed_worker_raises_promptly():
 def test_an_exception_in_a_worker_is_raised_with_its_traceback():
     base = _dataset(40)
     ds = _Failing(base.images, base.labels, base.classes, image_size=S)
-    with pytest.raises(LoaderWorkerError, match="disk on fire"):
+    with pytest.raises(LoaderWorkerError, match="disk on fire") as e:
         _epoch(_loader(ds, num_workers=2, shuffle=False))
+    # the reason on the first line, which a one-line message (train's) keeps; the traceback after it
+    first, *rest = str(e.value).splitlines()
+    assert re.fullmatch(r"loader worker \d failed on batch \d+: OSError: disk on fire reading image 13", first), first
+    assert rest[0].startswith("Traceback") and "_read" in str(e.value)
 
 
 LONG_BATCHES = """

@@ -15,6 +15,7 @@ import torch
 
 from alexnet.checkpoint import CheckpointError, load_model_file, load_state
 from alexnet.config import ConfigError, run_config, to_dict
+from alexnet.fileio import OutputError
 import alexnet.train as train_module
 from alexnet.train import LRSchedule, Trainer, TrainingError, holdout_split
 from tests.helpers import TEST_FC_WIDTH
@@ -344,7 +345,7 @@ def test_a_relative_data_path_is_saved_absolute_so_a_resume_from_elsewhere_finds
     assert again.fit()["stopped"] is False and again.step == 2
 
 
-def test_a_new_run_writes_into_no_folder_of_the_users_nor_into_its_data(data, tmp_path):
+def test_a_new_run_writes_into_no_folder_of_the_users_nor_into_its_data(data, tmp_path, monkeypatch):
     """--out may name a new or empty folder, or a run of ours that stopped before its first
     checkpoint (started over); any other folder is refused before a file is written in it,
     and so is a folder inside the data, whose files would become images of it."""
@@ -362,6 +363,17 @@ def test_a_new_run_writes_into_no_folder_of_the_users_nor_into_its_data(data, tm
     with pytest.raises(ConfigError, match=inside):
         Trainer(tiny_config(data, epochs=1), data / "run", quiet=True)
     assert not (data / "run").exists()
+    # a file where the folder, or one of its parents, would go: refused before the data is
+    # opened (a large folder's listing and statistics pass came first)
+    (tmp_path / "afile").write_text("mine")
+    opened = []
+    with monkeypatch.context() as m:
+        real_open = train_module.open_data
+        m.setattr(train_module, "open_data", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+        for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+            with pytest.raises(OutputError, match=f"cannot make the folder {out}: {tmp_path / 'afile'} is a file"):
+                Trainer(tiny_config(data, epochs=1), out, quiet=True)
+    assert opened == [] and (tmp_path / "afile").read_text() == "mine"
     # a run stopped before its first checkpoint is started over by the same command
     t = Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True)
     t.stop_requested = True
@@ -690,6 +702,33 @@ def test_a_stand_in_for_an_unreadable_training_file_is_never_a_held_out_image(tm
     stand_in = record_of_file[int(x[0, 0, 0, 0]) // 5]
     assert stand_in in tr and stand_in not in held and stand_in != bad
     assert int(y[0]) == int(d.train.base.labels[stand_in]) and bad in d.train.base.bad
+
+
+def test_the_test_split_of_every_kind_of_source_is_found(data, tmp_path):
+    """The test split that training's end evaluates: a tree's test/ folder (only IDX data's
+    t10k files were), IDX data's also when validation comes from elsewhere (--val-data),
+    and an unusable test/ (unlabelled, as ILSVRC's) a warning, not the end of the run."""
+    from PIL import Image
+
+    tree = tmp_path / "tree"
+    for split, n in (("train", 12), ("val", 4), ("test", 6)):
+        for k in range(n):
+            (tree / split / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 10 * k, np.uint8)).save(tree / split / f"c{k % 2}" / f"{k}.png")
+    d = train_module.open_data(run_config("paper", {"data": {"path": str(tree), "num_workers": 0}}))
+    assert len(d.val) == 4 and len(d.test) == 6 and list(d.test.classes) == ["c0", "c1"]
+    assert {Path(s).parts[0] for s in d.test.sources} == {"c0", "c1"} and d.test.root.endswith("test")
+    d = train_module.open_data(tiny_config(data))  # IDX: t10k is the test split, train's tenth validates
+    assert len(d.test) == 12 and len(d.val) == 4
+    d = train_module.open_data(run_config("paper", {"data": {"path": str(data), "val_path": str(data)}}))
+    assert len(d.test) == 12
+    for f in (tree / "test").rglob("*.png"):  # test/ as a flat folder of unlabelled images
+        f.rename(tree / "test" / f"{f.parent.name}-{f.name}")
+    for c in ("c0", "c1"):
+        (tree / "test" / c).rmdir()
+    with pytest.warns(RuntimeWarning, match="the test split is left out: "):
+        d = train_module.open_data(run_config("paper", {"data": {"path": str(tree), "num_workers": 0}}))
+    assert d.test is None and len(d.val) == 4
 
 
 def test_resume_keeps_the_statistics_the_run_started_with(data, tmp_path, monkeypatch):
