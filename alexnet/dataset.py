@@ -89,6 +89,12 @@ class ImageDataset:
     def _read(self, idx: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
 
+    def unreadable(self) -> dict[int, str]:
+        """The records found unreadable so far (index -> reason), as a dict that may be
+        updated: loader workers send theirs back, so that a file is decoded, and warned
+        about, once per run rather than once per epoch's new workers. Empty here."""
+        return {}
+
 
 def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (B, C, h, w) square images to uint8 (B, 3, size, size), bilinear, grey -> RGB."""
@@ -139,3 +145,6 @@ class SubsetDataset(ImageDataset):
 
     def _read(self, idx: np.ndarray) -> torch.Tensor:
         return self.base._read(self.indices[idx])
+
+    def unreadable(self) -> dict[int, str]:
+        return self.base.unreadable()  # (indices of the base)

@@ -255,6 +255,8 @@ def _worker_main(wid: int, dataset: ImageDataset, transform: Transform | None, t
         c.close()
     torch.set_num_threads(1)
     slots: list[torch.UntypedStorage | None] = []  # this worker's reused shared buffers
+    bad = getattr(dataset, "unreadable", dict)()  # what this worker learns of unreadable files goes back with its batch
+    told = len(bad)
     if nice > 0:
         try:
             os.nice(nice)
@@ -276,9 +278,10 @@ def _worker_main(wid: int, dataset: ImageDataset, transform: Transform | None, t
             idx = idx.numpy()
         try:
             x, y = load_batch(dataset, transform, idx, seed, lambda shape, dtype: _slot(slots, k, shape, dtype))
-            msg = (b, k, x, y.numpy(), None)
+            msg = (b, k, x, y.numpy(), None, dict(list(bad.items())[told:]) if len(bad) > told else None)
+            told = len(bad)
         except Exception:
-            msg = (b, k, None, None, traceback.format_exc())
+            msg = (b, k, None, None, traceback.format_exc(), None)
         try:
             results.send(msg)
         except (BrokenPipeError, OSError):
@@ -414,7 +417,7 @@ class _WorkerPool:
                 if r in sentinels:
                     self._raise_dead(sentinels[r])
             try:
-                got, k, x, y, err = conn.recv()
+                got, k, x, y, err, learned = conn.recv()
             except (EOFError, OSError):
                 self._raise_dead(w)
             except Exception:
@@ -425,6 +428,8 @@ class _WorkerPool:
                 # the reason (the traceback's last line) first, as a one-line message shows it
                 reason = next((line for line in reversed(err.splitlines()) if line.strip()), "unknown error")
                 raise LoaderWorkerError(f"loader worker {w} failed on batch {got}: {reason}\n{err}")
+            if learned:  # later workers (the next epoch's) are forked knowing them
+                getattr(self.loader.dataset, "unreadable", dict)().update(learned)
             if got != b:  # cannot happen: each worker answers its tasks in order
                 raise LoaderWorkerError(f"loader worker {w} sent batch {got}, expected {b}")
             self.pending[w].discard(k)

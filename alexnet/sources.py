@@ -888,6 +888,9 @@ class FolderDataset(ImageDataset):
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.sources[i])
 
+    def unreadable(self) -> dict[int, str]:
+        return self.bad
+
     def _decode(self, i: int) -> np.ndarray | None:
         if i in self.bad:
             return None

@@ -629,6 +629,11 @@ class Trainer:
         step folders beyond `keep_checkpoints` are removed only after that. A step saved
         again (mid-epoch, then at the epoch's end, with validation done) goes to step-N.1, step-N.2,
         ...: the folder last.json names is never touched until last.json names another."""
+        tensors = [t.detach() for t in self.model.state_dict().values() if t.is_floating_point()]
+        if not bool(torch.stack([t.abs().amax() for t in tensors if t.numel()]).isfinite().all()):
+            # a finite loss, then an update that overflowed: no checkpoint for a resume to refuse
+            raise TrainingError(f"the weights became NaN or infinite by step {self.step} (epoch {self.epoch + 1}), "
+                                f"the loss still finite; a lower learning rate may help")
         ck = self.run_dir / "checkpoints"
         name = f"step-{self.step:08d}"
         final = ck / name

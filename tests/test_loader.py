@@ -324,3 +324,41 @@ def test_bad_arguments():
                {"epoch": -1}, {"num_workers": -1}):
         with pytest.raises(ValueError):
             _loader(ds, **kw)
+
+
+ONE_BAD_FILE = """
+import sys
+import numpy as np
+from PIL import Image
+from alexnet.loader import BatchLoader
+from alexnet.sources import open_dataset
+root = sys.argv[1]
+for k in range(16):
+    Image.fromarray(np.full((8, 8, 3), k, np.uint8)).save(f"{root}/c{k % 2}/{k:02d}.png")
+with open(f"{root}/c1/05.png", "wb") as f:
+    f.write(b"not a PNG")
+ds = open_dataset(root, "train", 16)
+loader = BatchLoader(ds, 4, None, shuffle=True, seed=0, drop_last=False, num_workers=int(sys.argv[2]))
+for epoch in range(3):
+    loader.set_epoch(epoch)
+    n = sum(len(y) for _, y in loader)
+    assert n == 16, n
+print(sorted(ds.bad), flush=True)
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_file_is_decoded_and_warned_about_once_per_run(tmp_path, workers):
+    """Workers are forked afresh each epoch from the main process: what they learned of
+    an unreadable file went with them, so it was decoded, and warned about, every epoch."""
+    import subprocess
+    import sys
+
+    for c in ("c0", "c1"):
+        (tmp_path / c).mkdir()
+    r = subprocess.run([sys.executable, "-c", ONE_BAD_FILE, str(tmp_path), str(workers)], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "always"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    bad = sorted(os.listdir(tmp_path / "c0")) + sorted(os.listdir(tmp_path / "c1"))
+    assert r.stdout.strip() == f"[{bad.index('05.png')}]"  # the main process knows it too
+    assert r.stderr.count("unreadable image c1/05.png") == 1, r.stderr

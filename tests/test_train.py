@@ -164,6 +164,26 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "r").values())
     assert (tmp_path / "r" / "diverged").read_text().startswith("the loss became nan")
 
+    # a finite loss, then an update that overflowed: not saved as a good checkpoint
+    t = Trainer(tiny_config(data, checkpoint_every=1, epochs=1), tmp_path / "w", quiet=True)
+    step = t._train_step
+
+    def overflowing(x, y):
+        loss = step(x, y)
+        if t.step == 2:  # (the step counter moves on after this returns: this is step 3)
+            with torch.no_grad():
+                t.model.layer("fc8").weight[0, 0] = float("inf")
+        return loss
+
+    t._train_step = overflowing
+    with pytest.raises(TrainingError, match="the weights became NaN or infinite by step 3 .*the loss still finite"
+                                            ".*; the last good checkpoint is in"):
+        t.fit()
+    assert json.loads((tmp_path / "w" / "checkpoints" / "last.json").read_text())["step"] == 2
+    again = Trainer(None, tmp_path / "w", resume=True, quiet=True)  # the resume takes it
+    assert again.step == 2
+    again.close()
+
     # at the first step there is no good checkpoint to point to
     t = Trainer(tiny_config(data, epochs=1), tmp_path / "first", quiet=True)
     forward = t.model.forward
