@@ -165,7 +165,7 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     train/ and val/; `labels`: a flat folder's ground-truth file) with the checkpoint's
     own preprocessing; prints the figures, writes eval.json and confusion.png, and
     returns the JSON document."""
-    from alexnet.checkpoint import CheckpointError, load_model_file
+    from alexnet.checkpoint import CheckpointError, check_preprocess_fits, load_model_file
     from alexnet.distributed import resolve_augment, resolve_device, resolve_workers
     from alexnet.progress import Progress
     from alexnet.sources import check_classes
@@ -173,6 +173,7 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     ck = load_model_file(checkpoint)
     if ck.stats is None:
         raise CheckpointError(f"{checkpoint} has no data statistics (mean image); it cannot preprocess images")
+    check_preprocess_fits(checkpoint, ck.model_config, ck.stats, ck.preprocess)  # as predict's
     if dataset is None:
         from alexnet.sources import MissingSplitError, open_dataset
 

@@ -140,6 +140,13 @@ def test_a_file_whose_preprocessing_does_not_fit_its_mean_image_is_refused(paper
     with pytest.raises(CheckpointError, match=r"preprocess must give image_size 256 \(the mean image's side\) and "
                                               r"crop 227 \(the network's input\), not 256 and 224"):
         Classifier.load(bad, device="cpu")
+    # evaluate shares the check (it took its crop from the network and its image size from
+    # the file, so the two commands could preprocess one file differently)
+    from alexnet.evaluate import evaluate_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"preprocess must give image_size 256 .* not 256 and 224"):
+        evaluate_checkpoint(bad, tmp_path / "no-data-needed", out_dir=tmp_path / "ev")
+    assert not (tmp_path / "ev").exists()
 
 
 def test_path_pil_and_tensor_inputs_agree(clf, imgs):
