@@ -43,6 +43,7 @@ import os
 import re
 import struct
 import threading
+import zlib
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -315,11 +316,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # (zlib.error: damaged gzip data)
         raise DataSourceError(f"cannot read IDX file {path}: {' '.join(str(e).split())}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DataSourceError(f"{path} is not an IDX file (bad magic number)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataSourceError(f"IDX file {path} is truncated: {len(data)} bytes, less than its header")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     need = int(np.prod(dims)) * dtype.itemsize
@@ -378,15 +381,22 @@ def open_idx(folder: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train"
         raise DataSourceError(f"{paths[1]} has {labels.shape} labels for {len(images)} images")
     if len(images) == 0:
         raise DataSourceError(f"{paths[0]} holds no images")
-    classes = _idx_classes(folder, labels)
+    # classes up to the highest label of either split, so that train and test agree
+    highest = int(labels.max())
+    other = _find_idx(folder, IDX_FILES["test" if split == "train" else "train"][1])
+    try:  # (a damaged one is that split's error, when it is opened)
+        highest = max(highest, int(read_idx(other).max()) if other is not None else 0)
+    except (DataSourceError, ValueError):
+        pass
+    classes = _idx_classes(folder, labels, highest + 1)
     return IdxDataset(torch.from_numpy(images.copy())[:, None], labels.astype(np.int64), classes,
                       image_size, str(folder), (paths[0].name, paths[1].name))
 
 
-def _idx_classes(folder: Path, labels: np.ndarray) -> list[str]:
-    """The class names of an IDX pair: the lines of `classes.txt` beside it if there is
-    one, else Fashion-MNIST's when the labels are Fashion-MNIST's own, else "0", "1", ..."""
-    n_classes = int(labels.max()) + 1
+def _idx_classes(folder: Path, labels: np.ndarray, n_classes: int) -> list[str]:
+    """The class names of an IDX pair with labels below `n_classes`: the lines of
+    `classes.txt` beside it if there is one, else Fashion-MNIST's when the labels are
+    Fashion-MNIST's own, else "0", "1", ..."""
     path = folder / IDX_CLASSES_FILE
     if path.exists():
         try:
@@ -497,6 +507,7 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
 
 def find_ground_truth(folder: Path) -> Path | None:
     """A validation ground-truth file in or next to `folder`."""
+    folder = Path(os.path.abspath(folder))  # (the parent of "." is its parent folder, not ".")
     candidates = [folder / n for n in _GT_NAMES] + [folder.parent / n for n in _GT_NAMES]
     for base in (folder, folder.parent):
         candidates.append(base / "ILSVRC2012_devkit_t12" / "data" / _GT_NAMES[0])
@@ -628,10 +639,12 @@ def list_flat_folder(folder: str | os.PathLike, labels: str | os.PathLike | None
         if token is None:
             skipped.append((name, f"no label in {where}"))
             continue
-        i = int(token) if token.isdigit() else index.get(token)
+        # a class's name is that class (class folders named 1, 2, ..., 10 sort as 1, 10, 2,
+        # ...: their names are not their places); a number that names none is a place
+        i = index.get(token, int(token) if token.isdigit() else None)
         if i is None or not 0 <= i < len(classes):
             skipped.append((name, f"class {token!r} is not among the {len(classes)} classes"))
-            if given and not token.isdigit():  # a class the training set lacks
+            if given:  # a class the training set lacks
                 extra[token] += 1
             continue
         paths.append(name)
@@ -678,6 +691,28 @@ def _split_dir(folder: Path, split: str) -> Path | None:
     return None
 
 
+def _subfolders(folder: Path) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.is_dir()]
+    except OSError:
+        return []
+
+
+def split_folder(folder: Path, split: str) -> Path | None:
+    """The folder of `split` in a tree of splits (train/, val/, test/), or None. A tree of
+    classes may have a class named like a split (CIFAR-100's "train"): the tree is one of
+    splits when its train/ holds class folders (or is a store), or, without a train/, when
+    all its folders are split folders (val/ and test/ only)."""
+    train = _split_dir(folder, "train")
+    if train is not None:
+        splits = is_store(train) or bool(_subfolders(train))
+    else:
+        names = {n for ns in _SPLIT_DIRS.values() for n in ns}
+        dirs = _subfolders(folder)
+        splits = bool(dirs) and set(dirs) <= names
+    return _split_dir(folder, split) if splits else None
+
+
 def resolve_source(path: str | os.PathLike | None, split: str = "train",
                    labels: str | os.PathLike | None = None,
                    classes: list[str] | None = None) -> Source:
@@ -705,7 +740,7 @@ def _resolve_source(path, split: str, labels, classes) -> Source:
     if is_store(p):
         _check_store_split(p, split)
         return Source("store", str(p), split)
-    sub = _split_dir(p, split)
+    sub = split_folder(p, split)
     if sub is not None and is_store(sub):
         _check_store_split(sub, split)
         return Source("store", str(sub), split)

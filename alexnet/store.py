@@ -234,7 +234,8 @@ class _Writer:
 def _params(src, listing, split: str, size: int, max_pixels: int) -> dict:
     return {"format": FORMAT, "version": VERSION, "split": split, "image_size": size,
             "source": os.path.realpath(src.path), "source_kind": src.kind,
-            "labels_file": listing.labels_file if listing else None, "max_pixels": max_pixels}
+            "labels_file": os.path.realpath(listing.labels_file) if listing and listing.labels_file else None,
+            "max_pixels": max_pixels}
 
 
 def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = "train",

@@ -132,7 +132,7 @@ def for_training(ds: ImageDataset, indices: np.ndarray) -> ImageDataset:
 def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
     """The run's splits, and the statistics of its training images (a held-out validation
     part left out), or `stats` as given (a resumed run keeps those it started with)."""
-    from alexnet.sources import IdxDataset, dataset_stats, open_dataset
+    from alexnet.sources import FolderDataset, IdxDataset, dataset_stats, open_dataset
 
     d = cfg.data
     full = open_dataset(d.path, "train", d.image_size)
@@ -144,6 +144,8 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
             val = open_dataset(d.path, "val", d.image_size, classes=full.classes)
         except (ConfigError, FileNotFoundError):
             val = None
+        if isinstance(val, FolderDataset) and os.path.realpath(val.root) == os.path.realpath(full.root):
+            val = None  # a tree named for validation (imagenet-val-sorted) is trained on here: not its own val
         is_idx = isinstance(full, IdxDataset)
         if val is None or is_idx:
             # No validation split of its own (or, for IDX data, the "val" split is the test
@@ -169,10 +171,10 @@ def _test_split(d, full: ImageDataset) -> ImageDataset | None:
     tree's test/ folder (of images, or a prepared store); None where there is none. One
     that cannot be used (unlabelled, as ILSVRC's test images are) is a warning, not an
     error: training does not need it."""
-    from alexnet.sources import IdxDataset, _split_dir, open_dataset
+    from alexnet.sources import IdxDataset, open_dataset, split_folder
 
     idx = isinstance(full, IdxDataset)
-    if not idx and (d.path is None or _split_dir(Path(d.path).expanduser(), "test") is None):
+    if not idx and (d.path is None or split_folder(Path(d.path).expanduser(), "test") is None):
         return None
     try:
         return open_dataset(d.path, "test", d.image_size, classes=None if idx else full.classes)

@@ -592,3 +592,66 @@ def test_labels_outside_the_classes_are_refused_when_the_dataset_is_made(labels)
     with pytest.raises(ValueError, match=r"labels must be 0 to 1 for 2 classes, got -?\d to \d"):
         TensorImageDataset(images, np.array(labels), ["a", "b"])
     TensorImageDataset(images, np.array([0, 1, 1]), ["a", "b"])
+
+
+def test_class_names_made_of_digits_are_names_not_places(tmp_path):
+    """Class folders 1..10 sort as 1, 10, 2, ...: a label "2" in a ground-truth file is the
+    class named 2 (it was the class in place 2, "2" -> "10"); a number that names no class
+    is a place, and one past the classes a class the training set lacks."""
+    for c in [str(k) for k in range(1, 11)]:
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.fromarray(rgb_array(8, 8)).save(tmp_path / "train" / c / "a.png")
+    (tmp_path / "val").mkdir()
+    for k in range(3):
+        Image.fromarray(rgb_array(8, 8)).save(tmp_path / "val" / f"img{k}.png")
+    (tmp_path / "val" / "val.txt").write_text("img0.png 2\nimg1.png 10\nimg2.png 1\n")
+    train = open_dataset(tmp_path, "train")
+    assert train.classes == ["1", "10", "2", "3", "4", "5", "6", "7", "8", "9"]
+    val = open_dataset(tmp_path, "val", classes=train.classes)
+    assert [train.classes[i] for i in val.labels] == ["2", "10", "1"]
+    (tmp_path / "val" / "val.txt").write_text("img0.png 2\nimg1.png 10\nimg2.png 11\n")
+    with pytest.raises(ClassMismatchError, match=r"has label 11 \(1 image\) not among the 10 training classes"):
+        open_dataset(tmp_path, "val", classes=train.classes)
+
+
+def test_a_class_named_like_a_split_is_a_class(tmp_path):
+    """CIFAR-100 has a class "train": a folder of images, not of class folders, so the tree
+    is one of classes (its train/ was taken for the training split: "no classes")."""
+    for c in ("bus", "train", "tractor"):
+        (tmp_path / c).mkdir()
+        for k in range(2):
+            Image.fromarray(rgb_array(8, 8)).save(tmp_path / c / f"{k}.png")
+    ds = open_dataset(tmp_path, "train")
+    assert ds.classes == ["bus", "tractor", "train"] and len(ds) == 6
+    # while a train/ of class folders is the training split
+    make_tree(tmp_path / "splits" / "train")
+    assert len(open_dataset(tmp_path / "splits", "train")) == 6
+
+
+def test_a_ground_truth_file_beside_the_current_folder_is_found(tmp_path, monkeypatch):
+    """`alexnet prepare . STORE` from inside a flat folder: the parent of "." is its parent."""
+    (tmp_path / "val").mkdir()
+    for k in range(2):
+        Image.fromarray(rgb_array(8, 8)).save(tmp_path / "val" / f"{k}.png")
+    (tmp_path / "val.txt").write_text("0.png cat\n1.png dog\n")
+    monkeypatch.chdir(tmp_path / "val")
+    ds = open_dataset(".", "val")
+    assert ds.classes == ["cat", "dog"] and ds.labels.tolist() == [0, 1]
+
+
+def test_idx_splits_agree_on_the_classes_whatever_labels_each_holds(tmp_path):
+    make_idx_folder(tmp_path)
+    labels = np.array([0, 1, 2, 0, 1], np.uint8)  # the test split lacks classes 3..9 of train's 0..9
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    train, test = open_dataset(tmp_path, "train"), open_dataset(tmp_path, "test")
+    assert test.classes == train.classes and len(train.classes) == int(train.labels.max()) + 1 == 10
+
+
+@pytest.mark.parametrize("damage", ["short header", "bad gzip"])
+def test_a_damaged_idx_file_is_one_line(tmp_path, damage):
+    make_idx_folder(tmp_path, gz=damage == "bad gzip")
+    name = "train-images-idx3-ubyte" + (".gz" if damage == "bad gzip" else "")
+    good = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(good[:5] if damage == "short header" else good[:10] + b"\xff" * 40 + good[50:])
+    with pytest.raises(DataSourceError, match=r"IDX file .*train-images-idx3-ubyte(\.gz)?(: | is truncated)"):
+        open_dataset(tmp_path, "train")

@@ -386,8 +386,15 @@ def test_resume_refuses_another_labels_file_or_pixel_limit(tmp_path):
     with pytest.raises(DataSourceError, match="another --max-pixels"):
         prepare(tmp_path / "val", tmp_path / "s", split="val", labels=tmp_path / "A.txt", workers=1, size=16,
                 progress=False, max_pixels=10_000)
-    done = prepare(tmp_path / "val", tmp_path / "s", split="val", labels=tmp_path / "A.txt", workers=1, size=16,
-                   progress=False)
+    # the same labels file by another spelling of its path (relative, from its folder) is the same
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        done = prepare("val", tmp_path / "s", split="val", labels="A.txt", workers=1, size=16, progress=False)
+    finally:
+        os.chdir(here)
     assert done.complete and open_store(tmp_path / "s").labels.tolist() == [0, 1, 0, 1, 0, 1]
 
 

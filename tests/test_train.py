@@ -751,6 +751,22 @@ def test_the_test_split_of_every_kind_of_source_is_found(data, tmp_path):
     assert d.test is None and len(d.val) == 4
 
 
+def test_a_tree_named_for_validation_is_not_its_own_validation_set(tmp_path):
+    """Training on a class tree whose name says val (imagenet-val-sorted) validated on the
+    very images it trained on; it holds a part out, as any tree without val/ does."""
+    from PIL import Image
+
+    from alexnet.dataset import SubsetDataset
+
+    root = tmp_path / "imagenet-val-sorted"
+    for k in range(20):
+        (root / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), k, np.uint8)).save(root / f"c{k % 2}" / f"{k}.png")
+    d = train_module.open_data(run_config("paper", {"data": {"path": str(root), "num_workers": 0}}))
+    assert isinstance(d.val, SubsetDataset) and len(d.val) == 2 and len(d.train) == 18
+    assert not set(d.train.indices) & set(d.val.indices)
+
+
 def test_resume_keeps_the_statistics_the_run_started_with(data, tmp_path, monkeypatch):
     t = Trainer(tiny_config(data), tmp_path / "run", quiet=True)
     stop_at(t, 2)
