@@ -202,7 +202,7 @@ def _train(args: argparse.Namespace, run: dict) -> int:
 
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                 if k not in ("resume", "func", "command", "set", "no_test") and v not in (None, False)]
+                 if k not in ("resume", "func", "command", "set", "no_test") and v is not None and v is not False]
         if given or args.set:
             raise UserError(f"--resume continues a run with its saved config; drop {', '.join(given or ['--set'])}")
     cfg = None if args.resume else _train_config(args)

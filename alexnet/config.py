@@ -395,8 +395,10 @@ def run_config(recipe: str = "paper", overrides: dict | None = None) -> RunConfi
 
 def parse_override(text: str) -> dict:
     """`train.lr=0.02` -> {"train": {"lr": 0.02}}; the value is read as JSON when it parses,
-    else as a string (so `data.path=/x` works)."""
+    else as a number when it is one in Python's spelling (`.01`, `5.`, `+30`, `010`, which
+    JSON refuses), else as a string (so `data.path=/x` works)."""
     import json
+    import re
 
     key, sep, value = text.partition("=")
     if not sep or not key or "" in key.split("."):
@@ -404,7 +406,11 @@ def parse_override(text: str) -> dict:
     try:
         v: Any = json.loads(value)
     except json.JSONDecodeError:
-        v = value
+        number = re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", value)
+        if number is None:
+            v = value
+        else:
+            v = int(value) if number.group(1).isdigit() and not number.group(2) else float(value)
     out: dict = {}
     node = out
     parts = key.split(".")

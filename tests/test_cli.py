@@ -150,6 +150,9 @@ def test_a_ctrl_c_while_torch_is_imported_is_one_line(entry):
     (["convert", "caffe", "/", "o.safetensors"], "/ is a folder, not a caffemodel"),
     (["train", "--resume", "/nonexistent/run"], "not a run folder"),
     (["train", "--resume", "runs/x", "--lr", "0.1"], "drop --lr"),
+    # a value of 0 is given too (0 == False let it through, silently ignored)
+    (["train", "--resume", "runs/x", "--seed", "0"], "drop --seed"),
+    (["train", "--resume", "runs/x", "--workers", "0"], "drop --workers"),
     (["evaluate", "/nonexistent.safetensors"], "no checkpoint file"),
     (["evaluate", "m.safetensors", "--workers", "-7"], "must be >= 0 (or -1"),
     (["train", "--seed", "-1"], "train.seed must be an integer from 0 to 2**63 - 1"),

@@ -126,3 +126,20 @@ def test_the_package_names_its_public_objects_without_importing_torch():
     assert set(alexnet.__all__) <= set(dir(alexnet))
     with pytest.raises(AttributeError, match="module 'alexnet' has no attribute 'nope'"):
         alexnet.nope
+
+
+@pytest.mark.parametrize("text, value", [
+    ("train.lr=0.02", 0.02), ("train.lr=1e-3", 1e-3), ("train.epochs=90", 90), ("train.amp=\"bf16\"", "bf16"),
+    # numbers as Python and the flags spell them, which JSON refuses (they stayed strings:
+    # "train.lr must be a number, not '.01'", where --lr .01 was taken)
+    ("train.lr=.01", 0.01), ("train.lr=5.", 5.0), ("train.dist_timeout=+30", 30), ("train.epochs=010", 10),
+    ("train.lr=-2.5E2", -250.0),
+    # and strings stay strings
+    ("data.path=/x", "/x"), ("data.path=1.2.3", "1.2.3"), ("train.amp=bf16", "bf16"), ("data.path=nan-data", "nan-data"),
+])
+def test_override_values(text, value):
+    from alexnet.config import parse_override
+
+    section, rest = text.split(".", 1)
+    got = parse_override(text)[section][rest.split("=")[0]]
+    assert got == value and type(got) is type(value)
