@@ -118,6 +118,15 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every process, in place (every
+    process must call this): what a DistributedDataParallel forward does first, for a
+    network that then runs without its wrapper."""
+    if info.enabled:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum `t` over the processes, in place; CPU tensors travel through the GPU under NCCL."""
     if info.enabled:

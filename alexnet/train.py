@@ -43,8 +43,9 @@ from alexnet.checkpoint import (Checkpoint, CheckpointError, load_model_file, lo
 from alexnet.fileio import OutputError, WriteError, atomic_write_text, check_folder_possible, make_dir
 from alexnet.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
 from alexnet.dataset import DataStats, ImageDataset, SubsetDataset
-from alexnet.distributed import (all_reduce_sum, any_process, broadcast_object, gather_objects, init_distributed,
-                                 lost_process, on_stop_signals, resolve_augment, resolve_workers, shutdown)
+from alexnet.distributed import (all_reduce_sum, any_process, broadcast_buffers, broadcast_object, gather_objects,
+                                 init_distributed, lost_process, on_stop_signals, resolve_augment, resolve_workers,
+                                 shutdown)
 from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
 from alexnet.loader import BatchLoader, LoaderWorkerError
 from alexnet.model import AlexNet
@@ -440,6 +441,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if t.compile:
             self.net = torch.compile(self.net)
+        self._eval_net = torch.compile(self.model) if t.compile and self.info.enabled else self.model
         self.per_rank_batch = t.batch_size // self.info.world_size
         if len(self.data.train) < t.batch_size:
             raise ConfigError(f"{len(self.data.train)} training images make no batch of {t.batch_size}; "
@@ -849,7 +851,14 @@ class Trainer:
         # rank 0 shows its own share (every W-th image): the others' go at its pace
         share = len(range(self.info.rank, len(self.data.val), self.info.world_size))
         prog = Progress(share, f"validate {self.epoch + 1}", enabled=not self.quiet)
-        m = evaluate_model(self.net, loader, self.cfg.model.num_classes, self.device, self.amp,
+        net = self.net
+        if self.info.enabled:
+            # not through the DDP wrapper: its forward broadcasts rank 0's buffers, so every
+            # process must run one, and a process whose share of the images is empty (fewer
+            # images than processes) ran none: the others waited for it until the timeout
+            broadcast_buffers(self.model, self.info)
+            net = self._eval_net
+        m = evaluate_model(net, loader, self.cfg.model.num_classes, self.device, self.amp,
                            self.channels_last, self.info, prog)
         prog.close()
         return m
@@ -1039,7 +1048,7 @@ class Trainer:
         self._unlock()
         # DDP holds the process group: destroy_process_group alone leaves it (and Gloo's
         # threads) alive until the interpreter's exit, where ending them aborted the process
-        self.net = self.model
+        self.net = self._eval_net = self.model
         shutdown(self.info)
 
 

@@ -154,6 +154,23 @@ def test_one_process_asked_to_stop_stops_all_after_that_step(tmp_path):
     assert [s["ddp_after_close"] for s in seen] == [0, 0]
 
 
+def test_batchnorm_validates_with_fewer_images_than_processes(tmp_path):
+    """The bn network under DDP with one validation image for two processes: the process
+    with no image to validate ran no DDP forward, whose buffer broadcast the other waited
+    on until the timeout. Both now finish, on rank 0's running statistics."""
+    data = write_idx(tmp_path / "idx")
+    cfg = run_config("fast", {
+        "data": {"path": str(data), "num_workers": 0, "image_size": 227, "val_holdout": 1},
+        "model": {"fc_width": TEST_FC_WIDTH},
+        "train": {"batch_size": 8, "epochs": 1, "max_steps": 2, "checkpoint_every": 0, "amp": "off",
+                  "dist_timeout": 20}})
+    assert cfg.model.variant == "bn"
+    seen = _two_processes(cfg, tmp_path / "r", tmp_path / "rep")
+    assert [s.get("error") for s in seen] == [None, None] and [s["step"] for s in seen] == [2, 2]
+    row = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
+    assert row["val_top1_err"] in (0.0, 1.0)  # one image, counted once
+
+
 def test_a_run_folder_in_use_is_one_line_on_every_process(tmp_path):
     data = write_idx(tmp_path / "idx")
     (tmp_path / "r" / "checkpoints").mkdir(parents=True)
