@@ -454,6 +454,12 @@ def _scan(folder: Path) -> tuple[list[str], list[str], int]:
     return sorted(dirs), sorted(images), other
 
 
+def _unlistable(e: OSError) -> None:
+    """os.walk's errors are silent by default: a class folder the user may not read became
+    an empty class."""
+    raise DataSourceError(f"cannot list {e.filename}: {e.strerror or e}")
+
+
 def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = None) -> Listing:
     """An ImageFolder tree: class = first-level folder (sorted names), images anywhere
     below it. With `classes` (a training split's), those are the classes: images of other
@@ -474,7 +480,7 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
         files = []
         seen = {os.path.realpath(root), *tops.values()}
         others = tuple(t + os.sep for c, t in tops.items() if c != d)
-        for dirpath, dirnames, filenames in os.walk(root / d, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(root / d, followlinks=True, onerror=_unlistable):
             keep = []
             for n in sorted(dirnames):
                 real = os.path.realpath(os.path.join(dirpath, n))
@@ -556,7 +562,9 @@ def read_ground_truth(path: str | os.PathLike) -> tuple[dict[str, str], bool]:
                 continue
             raise DataSourceError(f"ground-truth file {path}: line {n + 1} is not 'name label': {row[:80]!r}")
         name, label = parts[0], " ".join(parts[1].split())
-        if n == 0 and name.lower() in ("imageid", "image", "file", "filename", "name"):
+        if n == 0 and (name.lower().replace("_", "") in ("imageid", "image", "file", "filename", "name", "id", "path")
+                       or label.lower() in ("label", "labels", "class", "category", "wnid", "synset",
+                                            "predictionstring")):
             kaggle = label.lower() == "predictionstring"
             continue  # a header
         table[os.path.basename(name)] = label.split()[0] if kaggle else label
@@ -832,6 +840,13 @@ def open_dataset(path: str | os.PathLike | None, split: str = "train", image_siz
         from alexnet.store import open_store
 
         ds = open_store(src.path, image_size=image_size)
+        extra = ds.index.get("extra_classes") or []
+        if extra:  # as for the folder it was made from: its images would silently be left out
+            raise ClassMismatchError(f"{src.path} was prepared from a split with class"
+                                     f"{'es' if len(extra) > 1 else ''} {first_few(extra, 5)} "
+                                     f"({plural(ds.index.get('extra_images', 0), 'image')}) not among the "
+                                     f"{len(ds.classes)} training classes; they are left out (see its "
+                                     f"{ds.index.get('report', 'skipped.tsv')})")
         if classes is not None and list(classes) != ds.classes:
             ds.use_classes(list(classes))
         return ds
@@ -979,7 +994,8 @@ class FolderDataset(ImageDataset):
 
     def _cache_key(self) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([os.path.realpath(self.root), self.image_size, self.classes]).encode())
+        # (max_pixels: which files are refused, and so left out of the statistics)
+        h.update(json.dumps([os.path.realpath(self.root), self.image_size, self.classes, self.max_pixels]).encode())
         for rel, label in zip(self.sources, self.labels.tolist()):
             try:
                 st = os.stat(os.path.join(self.root, rel))

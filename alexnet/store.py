@@ -276,7 +276,11 @@ def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = 
         classes, class_names = idx_ds.classes, idx_ds.class_names
         pre_skipped, ignored = [], 0
     meta = _params(source, listing, split, size, max_pixels)
-    meta.update(classes=classes, class_names=class_names, source_root=os.path.realpath(root))
+    meta.update(classes=classes, class_names=class_names, source_root=os.path.realpath(root),
+                # a val/ or test/ split's classes that train/ lacks: their images are in the
+                # report, and the store is refused for use as the split it was made from
+                extra_classes=list(listing.extra_classes) if listing else [],
+                extra_images=int(listing.extra_images) if listing else 0)
 
     if out.exists() and not out.is_dir():
         raise DataSourceError(f"{out} exists and is not a folder")
@@ -587,16 +591,18 @@ class StoreDataset(ImageDataset):
 
     def use_classes(self, classes: list[str]) -> None:
         """Relabel the records for the class list `classes` (a training split's), which
-        must contain every class of this store."""
+        must contain every class that a record of this store has (a flat validation
+        folder's store lists all 1000 ImageNet classes, of which a training set may have a
+        few)."""
         index = {c: i for i, c in enumerate(classes)}
-        missing = [c for c in self.classes if c not in index]
+        missing = [self.classes[i] for i in np.unique(self.labels) if self.classes[i] not in index]
         if missing:
             raise DataSourceError(f"{self.path} has classes that are not among the {len(classes)} "
                                   f"given ones: {first_few(missing, 5)}")
         from alexnet.sources import readable_names
 
         names = dict(zip(self.classes, self.class_names))
-        self.labels = np.array([index[c] for c in self.classes], np.int64)[self.labels]
+        self.labels = np.array([index.get(c, -1) for c in self.classes], np.int64)[self.labels]
         self.class_names = [names.get(c) or n for c, n in zip(classes, readable_names(classes))]
         self.classes = list(classes)
 

