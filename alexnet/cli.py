@@ -47,6 +47,13 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _nonnegative_int(text: str) -> int:
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {v}")
+    return v
+
+
 def _path(text: str) -> str:
     """A path option's value: an empty one (`--out ""`, an unset shell variable) would mean
     the current folder, or be taken as not given."""
@@ -332,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=VARIANTS, help="network variant (default: the recipe's)")
     p.add_argument("--input", type=_input_size, metavar="{224,227}", help="input side")
     p.add_argument("--epochs", type=_positive_int, metavar="N")
-    p.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N optimizer steps")
+    p.add_argument("--max-steps", type=_nonnegative_int, metavar="N",
+                   help="stop after N optimizer steps (0: no limit beyond --epochs; the demo recipe, the "
+                        "default without --data, stops at 220)")
     p.add_argument("--batch-size", type=_positive_int, metavar="N", help="global batch size")
     p.add_argument("--lr", type=float, metavar="LR", help="(peak) learning rate")
     p.add_argument("--seed", type=int)

@@ -49,6 +49,10 @@ class LRNConfig:
     form: Literal["paper", "caffe"] = "paper"
 
     def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "k"):  # (from_dict checks a file's; these are Python's)
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"lrn.{name} must be a finite number, not {v!r}")
         if self.form not in LRN_FORMS:
             raise ConfigError(f"lrn.form must be one of {', '.join(LRN_FORMS)}, not {self.form!r}")
         if self.size < 1 or self.size % 2 == 0:
@@ -106,6 +110,8 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ConfigError(f"{name} must be a number, not {v!r}")
+            if not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, not {v!r}")
         if not isinstance(self.lrn, LRNConfig):
             raise ConfigError(f"lrn must be an LRNConfig, not {self.lrn!r}")
         if self.init not in INITS:

@@ -229,6 +229,10 @@ def test_default_recipe_depends_on_the_data():
     assert _train_config(build_parser().parse_args(["train"])).recipe == "demo"
     cfg = _train_config(build_parser().parse_args(["train", "--data", "x"]))
     assert cfg.recipe == "paper" and cfg.train.lr == 0.01 and cfg.model.variant == "paper"
+    # the demo's 220-step limit, lifted by --max-steps 0 as by train.max_steps=0 (it was refused: must be >= 1)
+    assert _train_config(build_parser().parse_args(["train", "--epochs", "2"])).train.max_steps == 220
+    cfg = _train_config(build_parser().parse_args(["train", "--epochs", "2", "--max-steps", "0"]))
+    assert (cfg.train.epochs, cfg.train.max_steps) == (2, 0)
 
 
 def test_a_stop_during_the_test_evaluation_says_how_to_finish_it(capsys, tmp_path, monkeypatch):

@@ -77,11 +77,18 @@ def test_bad_values_name_the_problem(data, message):
     ({"dropout": "0.5"}, "dropout must be a number, not '0.5'"),
     ({"fc_width": 4096.0}, "fc_width must be an integer, not 4096.0"),
     ({"init_std": "0.01"}, "init_std must be a number, not '0.01'"),
+    # non-finite numbers, which a config file's check refuses, built a network of NaNs
+    ({"init_std": float("nan")}, "init_std must be a finite number, not nan"),
+    ({"lrn": "beta=nan"}, "lrn.beta must be a finite number, not nan"),
+    ({"lrn": "k=inf"}, "lrn.k must be a finite number, not inf"),
 ])
 def test_keyword_arguments_in_python_are_checked_as_a_config_file_is(kwargs, message):
     from alexnet import build_model
 
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        if isinstance(kwargs.get("lrn"), str):  # an LRNConfig made with that keyword
+            key, value = kwargs["lrn"].split("=")
+            kwargs = {"lrn": LRNConfig(**{key: float(value)})}
         build_model("paper", **kwargs)
 
 

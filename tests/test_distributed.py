@@ -264,3 +264,30 @@ def test_a_stopped_and_resumed_ddp_run_equals_a_straight_one(tmp_path):
     log_a = json.loads((tmp_path / "straight" / "log.jsonl").read_text().splitlines()[0])
     log_b = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
     assert log_a["train_loss"] == log_b["train_loss"] and log_a["val_top1_err"] == log_b["val_top1_err"]
+
+
+@pytest.mark.parametrize("name, local, gpus, error", [
+    ("cuda:1", 2, 4, "would put them all on one GPU; use --device cuda"),
+    ("cuda", 4, 2, "torchrun started 4 processes on this machine, which has 2 CUDA device"),
+    ("auto", 4, 2, "use --nproc-per-node 2"),
+    ("cuda", 2, 2, None),  # rank 1 takes GPU 1
+    ("cuda:1", 1, 2, None),  # one process per machine may name its GPU
+])
+def test_torchrun_processes_take_a_gpu_each(monkeypatch, name, local, gpus, error):
+    """(No GPU here: torch.cuda's answers stood in.) Under torchrun an explicit cuda:N put
+    every process of a machine on one GPU, and more processes than GPUs wrapped round; NCCL
+    then failed at the first collective with a traceback."""
+    from alexnet.config import ConfigError
+    from alexnet.distributed import DistInfo, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    info = DistInfo(rank=1, world_size=local, local_rank=1 % local)
+    if error:
+        with pytest.raises(ConfigError, match=error):
+            resolve_device(name, info)
+    else:
+        assert resolve_device(name, info) == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
