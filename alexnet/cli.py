@@ -196,7 +196,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             run["trainer"].stop_requested = True
 
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (GoneReader(s, reader_gone) for s in streams)
+    sys.stdout, sys.stderr = (s if s is None else GoneReader(s, reader_gone) for s in streams)  # (None: closed)
     try:
         code = _train(args, run)
     finally:
@@ -232,7 +232,8 @@ def _train(args: argparse.Namespace, run: dict) -> int:
             trainer.close()
     if result["stopped"] and trainer.info.is_main:
         print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}; "
-              f"continue with: {trainer.resume_command()}", file=sys.stderr if sys.stdout.broken else sys.stdout)
+              f"continue with: {trainer.resume_command()}",
+              file=sys.stderr if getattr(sys.stdout, "broken", False) else sys.stdout)
     return 0
 
 

@@ -189,7 +189,7 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
         if v not in typing.get_args(tp):
             choices = ", ".join(map(str, typing.get_args(tp)))
             raise ConfigError(f"{key} must be one of {choices}, not {v!r}")
-        return v
+        return str(v) if isinstance(v, str) else v
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if v is None and type(None) in args:
@@ -207,6 +207,8 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a list, not {type(v).__name__}")
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
         return tuple(_coerce(item, x, key) for x in v)
+    if isinstance(v, NumberText) and tp in (float, int):
+        v = v.number
     if tp is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{key} must be a number, not {v!r}")
@@ -228,7 +230,7 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(v, str):
             raise ConfigError(f"{key} must be a string, not {v!r}")
-        return v
+        return str(v)  # (a NumberText's text)
     return v
 
 
@@ -399,10 +401,21 @@ def run_config(recipe: str = "paper", overrides: dict | None = None) -> RunConfi
     return from_dict(RunConfig, data)
 
 
+class NumberText(str):
+    """`--set` text that reads as a number: the number where the field wants one, the text
+    where it wants text (`data.path=007` is the folder 007, not 7)."""
+
+    def __new__(cls, text: str, number: int | float):
+        self = super().__new__(cls, text)
+        self.number = number
+        return self
+
+
 def parse_override(text: str) -> dict:
-    """`train.lr=0.02` -> {"train": {"lr": 0.02}}; the value is read as JSON when it parses,
-    else as a number when it is one in Python's spelling (`.01`, `5.`, `+30`, `010`, which
-    JSON refuses), else as a string (so `data.path=/x` works)."""
+    """`train.lr=0.02` -> {"train": {"lr": NumberText("0.02", 0.02)}}; the value is read as
+    JSON when it parses, else as a number when it is one in Python's spelling (`.01`, `5.`,
+    `+30`, `010`, which JSON refuses), else as a string (so `data.path=/x` works). A number
+    is kept with its text (`NumberText`), which a text field takes as it was written."""
     import json
     import re
 
@@ -416,7 +429,10 @@ def parse_override(text: str) -> dict:
         if number is None:
             v = value
         else:
-            v = int(value) if number.group(1).isdigit() and not number.group(2) else float(value)
+            v = NumberText(value, int(value) if number.group(1).isdigit() and not number.group(2) else float(value))
+    else:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = NumberText(value, v)
     out: dict = {}
     node = out
     parts = key.split(".")

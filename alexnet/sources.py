@@ -708,17 +708,13 @@ def _subfolders(folder: Path) -> list[str]:
 
 def split_folder(folder: Path, split: str) -> Path | None:
     """The folder of `split` in a tree of splits (train/, val/, test/), or None. A tree of
-    classes may have a class named like a split (CIFAR-100's "train"): the tree is one of
-    splits when its train/ holds class folders (or is a store), or, without a train/, when
-    all its folders are split folders (val/ and test/ only)."""
+    classes may have a class named "train" (CIFAR-100's): a train/ that holds images, not
+    class folders (nor a store), makes the tree one of classes. A val/ or test/ beside no
+    train/ is that split (ImageNet's val/ beside its devkit, say)."""
     train = _split_dir(folder, "train")
-    if train is not None:
-        splits = is_store(train) or bool(_subfolders(train))
-    else:
-        names = {n for ns in _SPLIT_DIRS.values() for n in ns}
-        dirs = _subfolders(folder)
-        splits = bool(dirs) and set(dirs) <= names
-    return _split_dir(folder, split) if splits else None
+    if train is not None and not (is_store(train) or _subfolders(train)):
+        return None
+    return _split_dir(folder, split)
 
 
 def resolve_source(path: str | os.PathLike | None, split: str = "train",

@@ -412,6 +412,9 @@ def _check_same(out: Path, saved: dict, meta: dict) -> None:
         raise DataSourceError(f"{out} is not an alexnet store")
     if saved.get("version") != VERSION:
         raise DataSourceError(f"{out} is a store of version {saved.get('version')}; this is {VERSION}")
+    saved = dict(saved)
+    if saved.get("labels_file"):  # (kept as given by stores before it was kept as a real path)
+        saved["labels_file"] = os.path.realpath(saved["labels_file"])
     for key in ("source", "split", "image_size", "classes", "labels_file", "max_pixels"):
         if saved.get(key) != meta[key]:
             what = {"classes": "class list", "labels_file": "labels file", "max_pixels": "--max-pixels"}.get(key, key)

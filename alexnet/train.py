@@ -161,26 +161,29 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
     if list(val.classes) != list(full.classes):
         raise ConfigError(f"the validation classes differ from the training classes "
                           f"({len(val.classes)} vs {len(full.classes)})")
-    test = _test_split(d, full)
+    test = _test_split(d, full, cfg.train.test)
     if stats is None:
         stats = dataset_stats(full, held_out=held_out)
     return Data(train, val, test, stats)
 
 
-def _test_split(d, full: ImageDataset) -> ImageDataset | None:
+def _test_split(d, full: ImageDataset, cfg_test: bool = True) -> ImageDataset | None:
     """The source's own test split, evaluated after training: IDX data's t10k files, or a
-    tree's test/ folder (of images, or a prepared store); None where there is none. One
-    that cannot be used (unlabelled, as ILSVRC's test images are) is a warning, not an
-    error: training does not need it."""
-    from alexnet.sources import IdxDataset, open_dataset, split_folder
+    tree's test/ folder (of images, or a prepared store); None where there is none, or
+    with `cfg_test` false (train.test, --no-test: not even opened). One that cannot be
+    used (unlabelled, as ILSVRC's test images are, or with classes training lacks) is a
+    warning, not an error: training does not need it."""
+    from alexnet.sources import ClassMismatchError, IdxDataset, open_dataset, split_folder
 
     idx = isinstance(full, IdxDataset)
-    if not idx and (d.path is None or split_folder(Path(d.path).expanduser(), "test") is None):
+    if not cfg_test or not idx and (d.path is None or split_folder(Path(d.path).expanduser(), "test") is None):
         return None
     try:
         return open_dataset(d.path, "test", d.image_size, classes=None if idx else full.classes)
-    except ConfigError as e:
-        warnings.warn(f"the test split is left out: {e}", RuntimeWarning, stacklevel=2)
+    except (ConfigError, ClassMismatchError) as e:
+        reason = str(e).split("; give")[0]  # (not the hint to give --labels, which train has not)
+        warnings.warn(f"the test split is left out: {reason}; train with --no-test to skip it", RuntimeWarning,
+                      stacklevel=2)
         return None
 
 

@@ -139,14 +139,26 @@ def test_the_package_names_its_public_objects_without_importing_torch():
     ("train.lr=0.02", 0.02), ("train.lr=1e-3", 1e-3), ("train.epochs=90", 90), ("train.amp=\"bf16\"", "bf16"),
     # numbers as Python and the flags spell them, which JSON refuses (they stayed strings:
     # "train.lr must be a number, not '.01'", where --lr .01 was taken)
-    ("train.lr=.01", 0.01), ("train.lr=5.", 5.0), ("train.dist_timeout=+30", 30), ("train.epochs=010", 10),
-    ("train.lr=-2.5E2", -250.0),
-    # and strings stay strings
+    ("train.lr=.01", 0.01), ("train.lr=5.", 5.0), ("train.dist_timeout=+30", 30.0), ("train.epochs=010", 10),
+    ("train.lr=2.5E-2", 0.025),
+    # and text stays text, a number's spelling included (data.path=007 was the number 7)
     ("data.path=/x", "/x"), ("data.path=1.2.3", "1.2.3"), ("train.amp=bf16", "bf16"), ("data.path=nan-data", "nan-data"),
+    ("data.path=007", "007"), ("data.path=2024", "2024"), ("data.val_path=.5", ".5"),
 ])
 def test_override_values(text, value):
-    from alexnet.config import parse_override
+    from alexnet.config import parse_override, run_config
 
     section, rest = text.split(".", 1)
-    got = parse_override(text)[section][rest.split("=")[0]]
+    cfg = run_config("paper", parse_override(text))
+    got = getattr(getattr(cfg, section), rest.split("=")[0])
     assert got == value and type(got) is type(value)
+
+
+def test_override_numbers_keep_their_checks():
+    from alexnet.config import parse_override, run_config
+
+    for text, message in (("train.epochs=1.5", "train.epochs must be an integer, not 1.5"),
+                          ("train.lr=NaN", "train.lr must be a finite number"),
+                          ("train.lr=true", "train.lr must be a number, not True")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            run_config("paper", parse_override(text))

@@ -268,10 +268,12 @@ def test_a_stopped_and_resumed_ddp_run_equals_a_straight_one(tmp_path):
 
 @pytest.mark.parametrize("name, local, gpus, error", [
     ("cuda:1", 2, 4, "would put them all on one GPU; use --device cuda"),
-    ("cuda", 4, 2, "torchrun started 4 processes on this machine, which has 2 CUDA device"),
+    ("cuda", 4, 2, "torchrun started 4 processes on this machine, which has 2 CUDA devices"),
     ("auto", 4, 2, "use --nproc-per-node 2"),
-    ("cuda", 2, 2, None),  # rank 1 takes GPU 1
-    ("cuda:1", 1, 2, None),  # one process per machine may name its GPU
+    ("cuda", 2, 2, "cuda:1"),  # rank 1 takes GPU 1
+    ("cuda:1", 1, 2, "cuda:1"),  # one process per machine may name its GPU
+    ("cuda", 4, 1, "cuda:0"),  # each process shown one GPU of its own (CUDA_VISIBLE_DEVICES)
+    ("cuda:0", 4, 1, "cuda:0"),
 ])
 def test_torchrun_processes_take_a_gpu_each(monkeypatch, name, local, gpus, error):
     """(No GPU here: torch.cuda's answers stood in.) Under torchrun an explicit cuda:N put
@@ -286,8 +288,8 @@ def test_torchrun_processes_take_a_gpu_each(monkeypatch, name, local, gpus, erro
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     info = DistInfo(rank=1, world_size=local, local_rank=1 % local)
-    if error:
+    if not error.startswith("cuda:"):
         with pytest.raises(ConfigError, match=error):
             resolve_device(name, info)
     else:
-        assert resolve_device(name, info) == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+        assert resolve_device(name, info) == torch.device(error) and chosen == [torch.device(error)]

@@ -659,6 +659,10 @@ def test_a_class_named_like_a_split_is_a_class(tmp_path):
     # while a train/ of class folders is the training split
     make_tree(tmp_path / "splits" / "train")
     assert len(open_dataset(tmp_path / "splits", "train")) == 6
+    # and a val/ beside no train/ is the val split, whatever else is there (ImageNet's devkit)
+    make_tree(tmp_path / "imagenet" / "val")
+    (tmp_path / "imagenet" / "ILSVRC2012_devkit_t12" / "data").mkdir(parents=True)
+    assert len(open_dataset(tmp_path / "imagenet", "val")) == 6
 
 
 def test_a_ground_truth_file_beside_the_current_folder_is_found(tmp_path, monkeypatch):

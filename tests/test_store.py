@@ -393,6 +393,11 @@ def test_resume_refuses_another_labels_file_or_pixel_limit(tmp_path):
     os.chdir(tmp_path)
     try:
         done = prepare("val", tmp_path / "s", split="val", labels="A.txt", workers=1, size=16, progress=False)
+        # a store of before, which kept the path as given, is the same store too
+        index = json.loads((tmp_path / "s" / "index.json").read_text())
+        (tmp_path / "s" / "index.json").write_text(json.dumps({**index, "labels_file": "A.txt"}))
+        assert prepare("val", tmp_path / "s", split="val", labels=tmp_path / "A.txt", workers=1, size=16,
+                       progress=False).complete
     finally:
         os.chdir(here)
     assert done.complete and open_store(tmp_path / "s").labels.tolist() == [0, 1, 0, 1, 0, 1]

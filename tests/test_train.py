@@ -746,9 +746,25 @@ def test_the_test_split_of_every_kind_of_source_is_found(data, tmp_path):
         f.rename(tree / "test" / f"{f.parent.name}-{f.name}")
     for c in ("c0", "c1"):
         (tree / "test" / c).rmdir()
-    with pytest.warns(RuntimeWarning, match="the test split is left out: "):
+    with pytest.warns(RuntimeWarning, match="the test split is left out: no classes: .* --no-test") as w:
         d = train_module.open_data(run_config("paper", {"data": {"path": str(tree), "num_workers": 0}}))
-    assert d.test is None and len(d.val) == 4
+    assert d.test is None and len(d.val) == 4 and "--labels" not in str(w[0].message)
+    # --no-test (train.test false): not even opened, so no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = train_module.open_data(run_config("paper", {"data": {"path": str(tree), "num_workers": 0},
+                                                        "train": {"test": False}}))
+    assert d.test is None
+    # a test/ with a class training lacks: a warning too, not the end of the run before it begins
+    for f in (tree / "test").iterdir():
+        f.unlink()
+    for c in ("c0", "c9"):
+        (tree / "test" / c).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tree / "test" / c / "x.png")
+    with pytest.warns(RuntimeWarning, match="the test split is left out: .*class folder c9"):
+        assert train_module.open_data(run_config("paper", {"data": {"path": str(tree), "num_workers": 0}})).test is None
 
 
 def test_a_tree_named_for_validation_is_not_its_own_validation_set(tmp_path):
@@ -1107,3 +1123,17 @@ def test_a_stop_with_stdouts_reader_gone_still_saves(data, tmp_path, how):
     resumed = Trainer(None, out, resume=True, quiet=True)
     assert resumed.step == last["step"]
     resumed.close()
+
+
+def test_a_run_with_stdout_closed_trains_as_any(data, tmp_path):
+    """`alexnet train ... >&-`: Python's sys.stdout is None, and the broken-pipe guard wrapped
+    it all the same, whose first print was an AttributeError."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "r"
+    cmd = (f"{sys.executable} -m alexnet train --data {data} --out {out} --epochs 1 --max-steps 1 --batch-size 8 "
+           f"--no-test --set data.num_workers=0 --set model.fc_width={TEST_FC_WIDTH} >&-")
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["step"] == 1
