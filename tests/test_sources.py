@@ -709,3 +709,19 @@ def test_a_class_folder_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(DataSourceError, match=rf"cannot list {blocked}: Permission denied"):
         open_dataset(tmp_path, "train")
+
+
+def test_the_pixel_sums_stay_exact_past_two_to_the_53():
+    """ImageNet's 1.28M images at 384 square give sums of squared levels past 2**53, where
+    float64 sums (as they were) round; int64 ones do not."""
+    from alexnet.sources import StatsAccumulator
+
+    acc = StatsAccumulator(4)
+    big = np.full((3, 3), float(2 ** 52))
+    acc.add_pixels(1, np.zeros(3), big)
+    acc.add_pixels(1, np.zeros(3), big + 1)  # each chunk's own sum is exact in float64
+    assert int(acc.pixel_outer[0, 0]) == 2 ** 53 + 1 and float(2 ** 52) + (2 ** 52 + 1) != 2 ** 53 + 1
+    again = StatsAccumulator.from_state(acc.state())
+    assert np.array_equal(again.pixel_outer, acc.pixel_outer)
+    old = {**acc.state(), "pixel_sum": np.zeros(3), "pixel_outer": np.full((3, 3), 6.0)}  # a state of before
+    assert StatsAccumulator.from_state(old).pixel_outer.dtype == np.int64
