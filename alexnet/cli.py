@@ -332,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", type=_path, metavar="PATH", help="validation data (default: the source's val split, "
                                                        "else a held-out part of train)")
     p.add_argument("--recipe", choices=list(RECIPES), help="named preset: paper (section 5), fast (one-cycle, "
-                   "label smoothing, BatchNorm variant), demo (fast cut to minutes on 2 CPU cores); default demo for "
-                   "the built-in data, paper otherwise")
+                   "label smoothing, BatchNorm variant), demo (fast cut to minutes on 2 CPU cores); default demo without "
+                   "--data (the built-in data), paper with it")
     p.add_argument("--config", type=_path, metavar="FILE", help="JSON or TOML file with model/data/train sections")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. train.weight_decay=0.0005 (repeatable)")
@@ -423,6 +423,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
+    for name in ("stdout", "stderr"):  # closed (`2>&-`): Python gives None, whose first write ended the command
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     try:  # (the parser imports the commands' modules: a Ctrl-C may come meanwhile)
         args = build_parser().parse_args(argv)
         return args.func(args)

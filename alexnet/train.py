@@ -1077,7 +1077,8 @@ def finish_run(trainer: Trainer, test: bool = True) -> dict | None:
                 trainer._unlock()
     print(f"run folder: {run}")
     print(f"checkpoint: {best}")
-    print(f"plots:      {run / 'curves.png'}" + (f", {run / 'eval-test' / 'confusion.png'}" if result else ""))
+    print(f"plots:      {run / 'curves.png'}" + (f", {result['confusion_png']}" if result and "confusion_png" in result
+                                                  else ""))  # (drawn for up to 100 classes)
     if result:
         print(f"test accuracy: {100 * result['top1_acc']:.2f}% (top-1 error {100 * result['top1_err']:.2f}%)")
     return result

@@ -530,6 +530,20 @@ def test_no_test_is_remembered_by_a_resumed_run(data, tmp_path, monkeypatch, cap
     assert seen == [False, False, True, True]
 
 
+def test_the_end_of_a_run_names_only_the_pictures_it_drew(tmp_path, capsys):
+    """confusion.png is drawn for up to 100 classes; the end of a 101-class run named it
+    all the same."""
+    from alexnet import cli
+
+    data = write_idx(tmp_path / "idx", train_n=230, test_n=12, classes=101)
+    (tmp_path / "c.json").write_text(json.dumps(to_dict(tiny_config(data, epochs=1, max_steps=1))))
+    assert cli.main(["train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "r")]) == 0
+    plots = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plots:"))
+    assert plots == f"plots:      {tmp_path / 'r' / 'curves.png'}"
+    assert (tmp_path / "r" / "eval-test" / "eval.json").exists()
+    assert not (tmp_path / "r" / "eval-test" / "confusion.png").exists()
+
+
 def test_a_damaged_log_line_costs_only_itself(tmp_path):
     """The resume reads log.jsonl back and rewrites it: a damaged line in the middle used
     to end the reading there (the rows after it were lost) or raise (a row that is not an
@@ -1125,15 +1139,17 @@ def test_a_stop_with_stdouts_reader_gone_still_saves(data, tmp_path, how):
     resumed.close()
 
 
-def test_a_run_with_stdout_closed_trains_as_any(data, tmp_path):
-    """`alexnet train ... >&-`: Python's sys.stdout is None, and the broken-pipe guard wrapped
-    it all the same, whose first print was an AttributeError."""
+@pytest.mark.parametrize("closed", [">&-", "2>&-"])
+def test_a_run_with_stdout_or_stderr_closed_trains_as_any(data, tmp_path, closed):
+    """`alexnet train ... >&-` (or `2>&-`): Python's sys.stdout (sys.stderr) is None; the
+    broken-pipe guard wrapped it all the same, and the progress line wrote to it, whose
+    first write was an AttributeError: the run ended silently before its first checkpoint."""
     import subprocess
     import sys
 
     out = tmp_path / "r"
     cmd = (f"{sys.executable} -m alexnet train --data {data} --out {out} --epochs 1 --max-steps 1 --batch-size 8 "
-           f"--no-test --set data.num_workers=0 --set model.fc_width={TEST_FC_WIDTH} >&-")
+           f"--no-test --set data.num_workers=0 --set model.fc_width={TEST_FC_WIDTH} {closed}")
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 0 and "Traceback" not in r.stderr + r.stdout, (r.stdout + r.stderr)[-2000:]
     assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["step"] == 1
