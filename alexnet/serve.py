@@ -227,6 +227,9 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
             probs = await asyncio.wrap_future(request.app.state.batcher.submit(torch.from_numpy(crop)))
         except CheckpointError as e:  # a model whose outputs are not numbers: the server's fault
             raise HTTPException(500, str(e)) from None
+        except Exception as e:  # (out of GPU memory, say): a JSON answer the page can show, one line
+            raise HTTPException(500, f"the model failed on this image: {type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}") from None
         rows = clf.top(probs[None], top)[0]
         o = center_offset(clf.image_size, net_crop)  # the centre patch the network is given
         seen = crop[:, o:o + net_crop, o:o + net_crop]
@@ -327,6 +330,13 @@ def _number(text: str, positive: bool) -> float:
     return v
 
 
+def _upload_mb(text: str) -> float:
+    v = _number(text, positive=True)
+    if v > 1 << 20:  # (a read of more than the address space fails every upload)
+        raise argparse.ArgumentTypeError(f"must be at most 1048576 (a TiB), not {text}")
+    return v
+
+
 def add_command(sub) -> None:
     """Register `alexnet serve` on an argparse subparsers object."""
     from alexnet.cli import _positive_int
@@ -342,8 +352,8 @@ def add_command(sub) -> None:
                                                        "only; 0.0.0.0 for all)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--max-upload-mb", type=lambda t: _number(t, positive=True), default=20.0, metavar="MB",
-                   help="refuse larger uploads with 413 (default 20)")
+    p.add_argument("--max-upload-mb", type=_upload_mb, default=20.0, metavar="MB",
+                   help="refuse larger uploads with 413 (default 20, in MiB; at most 1048576, a TiB)")
     p.add_argument("--max-pixels", type=_positive_int, default=MAX_PIXELS, metavar="N",
                    help=f"refuse images whose header claims more pixels (default {MAX_PIXELS:,})")
     p.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",

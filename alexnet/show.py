@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -232,6 +233,9 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
     from alexnet.sources import check_classes, open_dataset
 
     out = _output(args, "neighbours", *(args.images or ()))
+    if args.data and os.path.isdir(args.data) and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(args.data)):
+        raise UserError(f"{out} is inside the data folder {args.data}, where it could replace one of its images "
+                        f"(and would be read as one); choose another --out")
     clf = _classifier(args.checkpoint, args.device)
     classes = clf.class_names
     ck_classes = _checkpoint_classes(args.checkpoint)
@@ -310,11 +314,11 @@ def _checkpoint_classes(path: str) -> list[str]:
 def _cmd_activations(args: argparse.Namespace) -> int:
     from alexnet.cli import UserError
 
-    out = _output(args, f"{args.layer}-{Path(args.image).stem}", args.image)
     clf = _classifier(args.checkpoint)
     conv_part = [n for n, _ in clf.model.named_layers()][:len(clf.model.features)]
-    if args.layer not in conv_part:
+    if args.layer not in conv_part:  # (before the picture's name is made of it: conv9/ is no name)
         raise UserError(f"unknown layer {args.layer!r}; layers with feature maps: {', '.join(conv_part)}")
+    out = _output(args, f"{args.layer}-{Path(args.image).stem}", args.image)
     x = clf.transforms[False](_prepare(clf, args.image)[None])[0]  # (3, crop, crop)
     maps = activations(clf.model, x, args.layer)  # (C, H, W)
     shown = maps[:args.max_maps]

@@ -326,9 +326,28 @@ def test_command_one_line_errors(ckpt, tmp_path):
         args = parse(["serve", str(ckpt), "--port", str(port)])
         with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
             args.func(args)
-    with pytest.raises(SystemExit) as e:
-        parse(["serve", str(ckpt), "--max-upload-mb", "0"])
-    assert e.value.code == 2
+    for mb in ("0", "2e6"):  # (2e6 MB: a read past the address space, which failed every upload)
+        with pytest.raises(SystemExit) as e:
+            parse(["serve", str(ckpt), "--max-upload-mb", mb])
+        assert e.value.code == 2
+    assert parse(["serve", str(ckpt), "--max-upload-mb", "1048576"]).max_upload_mb == 1 << 20
+
+
+def test_a_failure_of_the_model_is_a_json_500_of_one_line(ckpt):
+    """Out of GPU memory, say: it was Starlette's plain-text 500, which the page could not
+    read (it showed a JSON parse error)."""
+    clf = Classifier.load(ckpt, device="cpu")
+
+    def broken(images, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nsee the documentation")
+
+    clf.probabilities = broken
+    with running(create_app(clf)) as base:
+        r = predict(base, image_bytes(64, 64, seed=1))
+        assert r.status_code == 500
+        assert r.json() == {"detail": "the model failed on this image: RuntimeError: CUDA out of memory. "
+                                      "Tried to allocate 2.00 GiB"}
+        assert httpx.get(f"{base}/api/info", timeout=10).status_code == 200  # serving goes on
 
 
 SERVE = ("import sys; from alexnet.cli import _Parser; from alexnet.serve import add_command; "
@@ -401,6 +420,33 @@ def test_page_in_headless_chromium(url, tmp_path, monkeypatch):
         bad.write_bytes(b"plain text")
         browser.find_element(By.ID, "file").send_keys(str(bad))
         wait.until(lambda b: "not an image" in b.find_element(By.ID, "error").text)
+        error = browser.find_element(By.ID, "error").text
+        assert error.startswith("not-an-image.png: not an image") and error.count("not-an-image.png") == 1
+        # nothing of the previous image is left beside the error
+        assert browser.find_elements(By.CSS_SELECTOR, "#top .row") == [] and not crop.is_displayed()
+        assert browser.find_element(By.ID, "meta").text == ""
+
+        # an older request answered after a newer one does not replace its answer
+        browser.execute_script("""
+            const real = window.fetch; let n = 0;
+            window.fetch = (...a) => String(a[0]).startsWith("/api/predict") && n++ === 0
+              ? new Promise((done) => setTimeout(() => done(real(...a)), 1500)) : real(...a);""")
+        slow, fast = tmp_path / "slow.jpg", tmp_path / "fast.jpg"
+        slow.write_bytes(image_bytes(200, 200, seed=1, fmt="JPEG"))
+        fast.write_bytes(image_bytes(210, 200, seed=2, fmt="JPEG"))
+        browser.find_element(By.ID, "file").send_keys(str(slow))
+        browser.find_element(By.ID, "file").send_keys(str(fast))
+        wait.until(lambda b: b.find_element(By.ID, "meta").text.startswith("fast.jpg"))
+        time.sleep(2.5)  # the slow answer has come by now
+        assert browser.find_element(By.ID, "meta").text == "fast.jpg: 210x200 pixels"
+
+        # an error page that is not JSON (a proxy's, a plain-text 500) is shown as its status
+        browser.execute_script("""
+            window.fetch = async () => new Response("Internal Server Error",
+                                                    {status: 502, statusText: "Bad Gateway"});""")
+        browser.find_element(By.ID, "file").send_keys(str(path))
+        wait.until(lambda b: b.find_element(By.ID, "top").get_attribute("data-state") == "error")
+        assert browser.find_element(By.ID, "error").text == "upload.jpg: 502 Bad Gateway"
     finally:
         browser.quit()
 

@@ -312,6 +312,7 @@ def test_bad_inputs_are_one_line_errors(capsys, ck, data, photo, tmp_path):
     cases = [
         (("activations", ck, photo, "--layer", "fc7"), "unknown layer 'fc7'"),
         (("activations", ck, photo, "--layer", "conv9"), "unknown layer 'conv9'"),
+        (("activations", ck, photo, "--layer", "conv9/"), "unknown layer 'conv9/'"),  # was a traceback
         (("activations", tmp_path / "none.safetensors", photo), "no checkpoint file"),
         (("filters", tmp_path / "none.safetensors"), "no checkpoint file"),
         (("activations", ck, tmp_path / "bad.png"), "bad.png: not an image"),
@@ -319,6 +320,9 @@ def test_bad_inputs_are_one_line_errors(capsys, ck, data, photo, tmp_path):
         (("neighbours", ck, "--data", data, "--images", tmp_path / "bad.png", "--device", "cpu"),
          "bad.png: not an image"),
         (("neighbours", ck, "--data", tmp_path / "nowhere", "--device", "cpu"), "not found"),
+        # a picture inside the data folder could replace one of its images (it did)
+        (("neighbours", ck, "--data", data, "--out", data / "x.png", "--device", "cpu"),
+         "is inside the data folder"),
     ]
     for argv, message in cases:
         rc, out, err = run(capsys, *argv)
