@@ -181,7 +181,18 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _takes_text(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return any(isinstance(a, str) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return any(_takes_text(a) for a in typing.get_args(tp))
+    return tp is str
+
+
 def _coerce(tp: Any, v: Any, key: str) -> Any:
+    if isinstance(v, NumberText) and not _takes_text(tp):
+        v = v.number  # (`--set` text that reads as a number, for a field that is not text)
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, v, key + ".")
@@ -207,8 +218,6 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a list, not {type(v).__name__}")
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
         return tuple(_coerce(item, x, key) for x in v)
-    if isinstance(v, NumberText) and tp in (float, int):
-        v = v.number
     if tp is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{key} must be a number, not {v!r}")

@@ -855,10 +855,11 @@ class Trainer:
         share = len(range(self.info.rank, len(self.data.val), self.info.world_size))
         prog = Progress(share, f"validate {self.epoch + 1}", enabled=not self.quiet)
         net = self.net
-        if self.info.enabled:
-            # not through the DDP wrapper: its forward broadcasts rank 0's buffers, so every
-            # process must run one, and a process whose share of the images is empty (fewer
-            # images than processes) ran none: the others waited for it until the timeout
+        if self.info.enabled and any(True for _ in self.model.buffers()):
+            # not through the DDP wrapper: its forward broadcasts rank 0's buffers (BatchNorm's),
+            # so every process must run as many, and one with fewer batches to validate (none,
+            # with fewer images than processes) ran fewer: the others waited until the timeout.
+            # (A network without buffers has no collective in its forward: the wrapper, as ever.)
             broadcast_buffers(self.model, self.info)
             net = self._eval_net
         m = evaluate_model(net, loader, self.cfg.model.num_classes, self.device, self.amp,
