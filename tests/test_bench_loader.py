@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_loader.py"
 SMALL = ["--images", "16", "--batch", "4", "--workers", "0", "1", "--train-batch", "2", "--train-steps", "2",
@@ -19,6 +21,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # 10 s: the paper network's training steps, fed three ways
 def test_every_block_is_measured_and_written(tmp_path):
     out = tmp_path / "loader.json"
     p = subprocess.run([sys.executable, str(SCRIPT), *SMALL, "--json", str(out)], env=_env(),

@@ -313,7 +313,7 @@ def test_torchvision(tmp_path, image):
     _assert_logits_equal(_converted_logits(out, image), want)
 
 
-@pytest.mark.parametrize("wrap", ["module.", "features.module."])
+@pytest.mark.parametrize("wrap", ["module.", pytest.param("features.module.", marks=pytest.mark.slow)])
 def test_torchvision_weights_saved_inside_data_parallel(tmp_path, wrap):
     """DataParallel / DDP put every key under "module."; torchvision's training script
     wraps only the features, giving "features.module.N". Both convert as the bare dict."""

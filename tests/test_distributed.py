@@ -206,6 +206,7 @@ def test_a_process_killed_mid_run_leaves_one_line_on_the_others(tmp_path):
                           f"with -m alexnet train --resume {tmp_path / 'r'}"), error
 
 
+@pytest.mark.slow  # 14 s, most of it the 8 s timeout it waits for
 def test_a_process_that_stops_answering_ends_the_others_after_train_dist_timeout(tmp_path):
     """A process frozen mid-run (SIGSTOP: its sockets stay open, as a machine that hangs or
     drops off the network leaves them) ends the other after train.dist_timeout seconds

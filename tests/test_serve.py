@@ -355,7 +355,7 @@ SERVE = ("import sys; from alexnet.cli import _Parser; from alexnet.serve import
          "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM])
 def test_command_serves_until_signal_then_exits_0(ckpt, sig):
     proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", str(ckpt), "--port", "0", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1139,7 +1139,8 @@ def test_a_stop_with_stdouts_reader_gone_still_saves(data, tmp_path, how):
     resumed.close()
 
 
-@pytest.mark.parametrize("closed", [">&-", "2>&-"])
+@pytest.mark.parametrize("closed", [">&- 2>&-", pytest.param(">&-", marks=pytest.mark.slow),
+                                    pytest.param("2>&-", marks=pytest.mark.slow)])
 def test_a_run_with_stdout_or_stderr_closed_trains_as_any(data, tmp_path, closed):
     """`alexnet train ... >&-` (or `2>&-`): Python's sys.stdout (sys.stderr) is None; the
     broken-pipe guard wrapped it all the same, and the progress line wrote to it, whose
