@@ -94,6 +94,11 @@ def check_writable(out: str | Path, example: str = "out.json") -> None:
         raise OutputError(f"cannot write {out}: {folder} is not a writable folder")
 
 
+def within(path: str | Path, folder: str | Path) -> bool:
+    """Whether `path` (which need not exist) is `folder` or lies below it, links resolved."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
 def check_folder_possible(folder: str | Path) -> None:
     """An OutputError, before any work, if the folder `folder` could not be made: a file
     in its place or in a parent's, or no writable folder above it (an existing folder is

@@ -230,10 +230,11 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
     from alexnet.cli import UserError
     from alexnet.dataset import SubsetDataset
     from alexnet.loader import BatchLoader
+    from alexnet.fileio import within
     from alexnet.sources import check_classes, open_dataset
 
     out = _output(args, "neighbours", *(args.images or ()))
-    if args.data and os.path.isdir(args.data) and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(args.data)):
+    if args.data and os.path.isdir(args.data) and within(out, args.data):
         raise UserError(f"{out} is inside the data folder {args.data}, where it could replace one of its images "
                         f"(and would be read as one); choose another --out")
     clf = _classifier(args.checkpoint, args.device)

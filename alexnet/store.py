@@ -49,7 +49,7 @@ import torch
 
 from alexnet.config import MAX_IMAGE_SIZE
 from alexnet.dataset import DataStats, ImageDataset, load_stats, resize_batch, save_stats
-from alexnet.fileio import WriteError, atomic_write, atomic_write_json, json_bytes, make_dir
+from alexnet.fileio import WriteError, atomic_write, atomic_write_json, json_bytes, make_dir, within
 from alexnet.progress import Progress, first_few, plural
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.sources import (DataSourceError, SourceNotFoundError, StatsAccumulator,
@@ -259,7 +259,7 @@ def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = 
         raise DataSourceError(f"{source.path} is already a prepared store")
     if out.exists() and os.path.realpath(out) == os.path.realpath(source.path):
         raise DataSourceError("the store folder must not be the source folder")
-    if source.listing is not None and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(source.path)):
+    if source.listing is not None and within(out, source.path):
         raise DataSourceError(f"the store folder {out} must not be inside the source folder {source.path} "
                               f"(its files would be listed as images of the source)")
     listing = source.listing

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from alexnet.augment import DeferredTrainTransform, RawBatch, TrainTransform, to_device
 from alexnet.checkpoint import (Checkpoint, CheckpointError, load_model_file, load_state, save_model,
                                save_state, saved_extra)
-from alexnet.fileio import OutputError, WriteError, atomic_write_text, check_folder_possible, make_dir
+from alexnet.fileio import OutputError, WriteError, atomic_write_text, check_folder_possible, make_dir, within
 from alexnet.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
 from alexnet.dataset import DataStats, ImageDataset, SubsetDataset
 from alexnet.distributed import (all_reduce_sum, any_process, broadcast_buffers, broadcast_object, gather_objects,
@@ -355,12 +355,6 @@ def _absolute(path: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _within(path: Path, folder: str) -> bool:
-    """Whether `path` (which need not exist) is `folder` or lies below it."""
-    path, folder = Path(path).resolve(), Path(folder).resolve()
-    return path == folder or folder in path.parents
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig | None, run_dir: str | Path | None, resume: bool = False,
                  quiet: bool = False):
@@ -374,7 +368,7 @@ class Trainer:
             d = cfg.data
             cfg = replace(cfg, data=replace(d, path=_absolute(d.path), val_path=_absolute(d.val_path)))
             for data in (cfg.data.path, cfg.data.val_path):
-                if data is not None and os.path.isdir(data) and _within(self.run_dir, data):
+                if data is not None and os.path.isdir(data) and within(self.run_dir, data):
                     raise ConfigError(f"the run folder {self.run_dir} is inside the data folder {data}, "
                                       f"where its files would be read as images; choose another --out")
         self.info, self.device = init_distributed(cfg.train.device, cfg.train.dist_timeout)
