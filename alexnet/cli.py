@@ -119,16 +119,11 @@ def _load_config_file(path: str) -> dict:
         from alexnet.fileio import not_a_file
 
         raise UserError(not_a_file(path, "config file"))
+    loads = _toml().loads if p.suffix == ".toml" else json.loads
     try:
-        text = p.read_text(encoding="utf-8")
-        if p.suffix == ".toml":
-            data = _toml().loads(text)
-        else:
-            data = json.loads(text)
+        data = loads(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(f"cannot parse {path}: not UTF-8 text (byte {e.start})") from None
-    except UserError:
-        raise
     except Exception as e:  # JSON and TOML parsers raise their own types
         raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -196,7 +191,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             run["trainer"].stop_requested = True
 
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (s if s is None else GoneReader(s, reader_gone) for s in streams)  # (None: closed)
+    sys.stdout, sys.stderr = (GoneReader(s, reader_gone) for s in streams)  # (main made closed ones /dev/null)
     try:
         code = _train(args, run)
     finally:
@@ -440,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("alexnet: interrupted\n")
         return 130
     except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as a SIGPIPE would
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush has nowhere to go
+        from alexnet.progress import to_devnull
+
+        to_devnull(sys.stdout)  # the exit flush has nowhere to go
         return 141
 
 

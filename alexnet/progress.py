@@ -71,6 +71,16 @@ class Progress:
         return (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
 
 
+def to_devnull(stream) -> None:
+    """Point `stream`'s file descriptor at /dev/null (its reader is gone)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError):
+        pass
+
+
 class GoneReader:
     """A text stream (stdout, stderr) that outlives its reader: when the pipe it writes to
     breaks (`alexnet train | tee log` and a Ctrl-C that ends tee too, or `| head`), later
@@ -97,12 +107,7 @@ class GoneReader:
 
     def _broke(self) -> None:
         self.broken = True
-        try:  # what is left in the stream's buffer, and the exit's flush, go nowhere
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, self._stream.fileno())
-            os.close(null)
-        except (OSError, ValueError):
-            pass
+        to_devnull(self._stream)  # what is left in its buffer, and the exit's flush, go nowhere
         self._on_break()
 
     def __getattr__(self, name):  # isatty, fileno, encoding, ...
