@@ -43,8 +43,9 @@ import os
 import re
 import struct
 import threading
-import zlib
 import warnings
+import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -944,6 +945,16 @@ class FolderDataset(ImageDataset):
     def unreadable(self) -> dict[int, str]:
         return self.bad
 
+    def _stand_ins_after(self, i: int) -> Iterator[int]:
+        """The records that may stand in for record i, in order: those after it, wrapping
+        around (`stand_ins`' records, or all), i itself last if it is one of them."""
+        pool = self.stand_ins
+        if pool is None:
+            n = len(self)
+            return ((i + s) % n for s in range(1, n + 1))
+        start = int(np.searchsorted(pool, i, side="right"))
+        return (int(pool[(start + s) % len(pool)]) for s in range(len(pool)))
+
     def _decode(self, i: int) -> np.ndarray | None:
         if i in self.bad:
             return None
@@ -973,17 +984,13 @@ class FolderDataset(ImageDataset):
         idx = idx % max(n, 1)
         out = np.empty((len(idx), 3, self.image_size, self.image_size), np.uint8)
         labels = self.labels[idx].copy()
-        pool = self.stand_ins
         for k, (i, img) in enumerate(zip(idx, self._map(idx))):
             j = int(i)
-            for step in range(n if pool is None else len(pool)):
-                if img is not None:
-                    break
-                if pool is None:
-                    j = (j + 1) % n
-                else:  # the next record of the pool after i, wrapping around
-                    j = int(pool[(np.searchsorted(pool, i, side="right") + step) % len(pool)])
-                img = self._decode(j)
+            if img is None:
+                for j in self._stand_ins_after(j):
+                    img = self._decode(j)
+                    if img is not None:
+                        break
             if img is None:
                 raise DataSourceError(f"no image in {self.root} can be decoded")
             if j != i:
