@@ -53,6 +53,7 @@ and the trainer finishes the batch on its device (`data.augment_on`).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -220,16 +221,28 @@ def ten_crop(images: torch.Tensor, crop: int) -> torch.Tensor:
     return torch.cat([five, five.flip(-1)], dim=-4)
 
 
-def average_ten_crop(logits: torch.Tensor, n_crops: int = 10) -> torch.Tensor:
-    """Average of the softmax outputs over the crops of each image: logits (B*n, K) with
-    each image's crops consecutive, or (B, n, K) -> probabilities (B, K)."""
+def _per_image(logits: torch.Tensor, n_crops: int) -> torch.Tensor:
+    """Logits (B*n, K) with each image's crops consecutive, or (B, n, K), as (B, n, K)."""
     if logits.dim() == 2:
         if logits.shape[0] % n_crops:
             raise ValueError(f"{logits.shape[0]} rows of logits are not a multiple of {n_crops} crops")
-        logits = logits.reshape(-1, n_crops, logits.shape[-1])
-    elif logits.dim() != 3 or logits.shape[1] != n_crops:
+        return logits.reshape(-1, n_crops, logits.shape[-1])
+    if logits.dim() != 3 or logits.shape[1] != n_crops:
         raise ValueError(f"expected logits (B*{n_crops}, K) or (B, {n_crops}, K), got {tuple(logits.shape)}")
-    return torch.softmax(logits.float(), dim=-1).mean(1)
+    return logits
+
+
+def average_ten_crop(logits: torch.Tensor, n_crops: int = 10) -> torch.Tensor:
+    """Average of the softmax outputs over the crops of each image: logits (B*n, K) with
+    each image's crops consecutive, or (B, n, K) -> probabilities (B, K)."""
+    return torch.softmax(_per_image(logits, n_crops).float(), dim=-1).mean(1)
+
+
+def log_average_ten_crop(logits: torch.Tensor, n_crops: int = 10) -> torch.Tensor:
+    """The log of `average_ten_crop`, computed from log-probabilities, so that a class
+    every crop is sure against stays finite (a loss, not a log of 0)."""
+    logp = _per_image(logits, n_crops).float().log_softmax(-1)
+    return torch.logsumexp(logp, dim=1) - math.log(n_crops)
 
 
 # --- the transforms the loader applies ---------------------------------------------------

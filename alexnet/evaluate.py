@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alexnet.augment import DeferredEvalTransform, EvalTransform, to_device
+from alexnet.augment import DeferredEvalTransform, EvalTransform, log_average_ten_crop, to_device
 from alexnet.distributed import DistInfo, all_reduce_sum
 from alexnet.fileio import output_dir
 from alexnet.loader import BatchLoader
@@ -91,11 +91,7 @@ def evaluate_model(model: torch.nn.Module, loader: BatchLoader, num_classes: int
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp_dtype):
             logits = model(x).float()
-        if ten:  # log of the crops' mean probability, from log-probabilities (no underflow)
-            crops = logits.view(b, -1, logits.shape[-1])
-            logp = torch.logsumexp(crops.log_softmax(-1), dim=1) - math.log(crops.shape[1])
-        else:
-            logp = logits.log_softmax(-1)
+        logp = log_average_ten_crop(logits.view(b, -1, logits.shape[-1])) if ten else logits.log_softmax(-1)
         keep = y >= 0
         y_ = y.clamp_min(0)
         stats[0] += keep.sum()

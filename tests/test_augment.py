@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -167,6 +169,17 @@ def test_average_ten_crop_averages_softmax_outputs():
     assert not np.allclose(torch.softmax(logits.mean(1), -1).numpy(), want, atol=1e-3)
     with pytest.raises(ValueError):
         average_ten_crop(torch.zeros(11, 7))
+    # its log, for evaluation's loss, from log-probabilities: the same figures, and finite
+    # where every crop is sure against a class (the log of the average underflows to -inf)
+    from alexnet.augment import log_average_ten_crop
+
+    np.testing.assert_allclose(log_average_ten_crop(logits).numpy(), np.log(want), rtol=1e-5, atol=1e-6)
+    sure = torch.zeros(1, 10, 2)
+    sure[..., 1] = 200.0
+    assert torch.log(average_ten_crop(sure))[0, 0] == -math.inf
+    assert log_average_ten_crop(sure)[0, 0].item() == pytest.approx(-200.0, rel=1e-6)
+    with pytest.raises(ValueError):
+        log_average_ten_crop(torch.zeros(11, 7))
 
 
 # --- PCA lighting and its eigenvectors ------------------------------------------------------
