@@ -46,14 +46,13 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name} was asked for but no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA "
-                              f"device(s), numbered from 0")
+        gpus = torch.cuda.device_count()
+        if device.index is not None and device.index >= gpus:
+            raise ConfigError(f"device {name}: this machine has {gpus} CUDA device(s), numbered from 0")
         # torchrun's processes on this machine each take a GPU of their own (NCCL refuses two
         # processes on one GPU, with a traceback, at the first collective). Where each sees
         # one GPU only (a launcher's CUDA_VISIBLE_DEVICES per process), that one is its own.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if info.enabled else 1
-        gpus = torch.cuda.device_count()
         if local > 1 and gpus > 1 and device.index is not None:
             raise ConfigError(f"device {name} under torchrun with {local} processes on this machine would put them "
                               f"all on one GPU; use --device cuda (each process takes the GPU of its LOCAL_RANK)")
@@ -61,7 +60,7 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
             raise ConfigError(f"torchrun started {local} processes on this machine, which has {gpus} CUDA "
                               f"devices: one GPU each; use --nproc-per-node {gpus}")
         if device.index is None:
-            device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", info.local_rank % gpus)
         torch.cuda.set_device(device)
     return device
 

@@ -137,7 +137,7 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
 
     d = cfg.data
     full = open_dataset(d.path, "train", d.image_size)
-    held_out = None
+    held_out, idx_test = None, None
     if d.val_path is not None:
         train, val = full, for_validation(open_dataset(d.val_path, "val", d.image_size, classes=full.classes))
     else:
@@ -151,6 +151,7 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
         if val is None or is_idx:
             # No validation split of its own (or, for IDX data, the "val" split is the test
             # set, which must not steer training): hold out part of the training images.
+            idx_test = val if is_idx else None
             holdout = min(d.val_holdout, len(full) // 10)
             if holdout < 1:
                 raise ConfigError(f"{len(full)} training images are too few to hold out a validation set")
@@ -161,20 +162,24 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
     if list(val.classes) != list(full.classes):
         raise ConfigError(f"the validation classes differ from the training classes "
                           f"({len(val.classes)} vs {len(full.classes)})")
-    test = _test_split(d, full, cfg.train.test)
+    test = _test_split(d, full, cfg.train.test, opened=idx_test)
     if stats is None:
         stats = dataset_stats(full, held_out=held_out)
     return Data(train, val, test, stats)
 
 
-def _test_split(d, full: ImageDataset, cfg_test: bool = True) -> ImageDataset | None:
+def _test_split(d, full: ImageDataset, cfg_test: bool = True,
+                opened: ImageDataset | None = None) -> ImageDataset | None:
     """The source's own test split, evaluated after training: IDX data's t10k files, or a
     tree's test/ folder (of images, or a prepared store); None where there is none, or
     with `cfg_test` false (train.test, --no-test: not even opened). One that cannot be
     used (unlabelled, as ILSVRC's test images are, or with classes training lacks) is a
-    warning, not an error: training does not need it."""
+    warning, not an error: training does not need it. `opened`: the test split already
+    opened (IDX data's "val" split is its t10k files), not read again."""
     from alexnet.sources import ClassMismatchError, IdxDataset, open_dataset, split_folder
 
+    if cfg_test and opened is not None:
+        return opened
     idx = isinstance(full, IdxDataset)
     if not cfg_test or not idx and (d.path is None or split_folder(Path(d.path).expanduser(), "test") is None):
         return None
