@@ -25,9 +25,10 @@ scale-free; `TrainTransform` takes the eigenvalues of the covariance of pixel va
 scaled to 0..1 (the convention of the common re-implementations; `DataStats.eigval`,
 in 0..255 units squared, divided by 255**2), and converts the resulting offset back to
 0..255 units (times 255). Net effect: `offset = eigvec @ (alpha * eigval / 255)` pixel
-levels, with `DataStats`'s eigval: the first component's offset has a standard
-deviation of 0.1 * l1 * 255 levels, l1 in 0..1 units (Fashion-MNIST's l1 = 0.374, three
-times its pixel variance: 9.5 levels).
+levels, with `DataStats`'s eigval: along the first eigenvector (a unit vector) the offset
+has a standard deviation of 0.1 * l1 * 255 levels, l1 in 0..1 units, and each channel
+moves by that times its entry in the eigenvector (Fashion-MNIST's l1 = 0.374, three times
+its pixel variance, eigenvector (1, 1, 1)/sqrt(3): 9.5 levels along it, 5.5 per channel).
 
 Random draws, in this order, from the caller's `torch.Generator` (so a batch is a pure
 function of the generator's seed): crop tops (B,), crop lefts (B,), flips (B,), lighting
