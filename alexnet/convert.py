@@ -47,10 +47,21 @@ TORCHVISION_STD = (0.229, 0.224, 0.225)
 
 IMAGE_SIZE = 256  # both sources centre-crop a 256-pixel image
 CAFFE_WEIGHTED = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
-# BVLC AlexNet's layers that shape the computation, in order (conv -> relu -> LRN -> pool,
-# as in the paper). CaffeNet pools before it normalises; `paper` cannot express that.
-BVLC_SEQUENCE = ("Convolution", "LRN", "Pooling", "Convolution", "LRN", "Pooling", "Convolution",
-                 "Convolution", "Convolution", "Pooling", "InnerProduct", "InnerProduct", "InnerProduct")
+# BVLC AlexNet's layers that compute, in order (conv -> relu -> LRN -> pool, as in the
+# paper). CaffeNet pools before it normalises; `paper` cannot express that.
+BVLC_SEQUENCE = ("Convolution", "ReLU", "LRN", "Pooling", "Convolution", "ReLU", "LRN", "Pooling",
+                 "Convolution", "ReLU", "Convolution", "ReLU", "Convolution", "ReLU", "Pooling",
+                 "InnerProduct", "ReLU", "InnerProduct", "ReLU", "InnerProduct")
+# Layers that change nothing the converted network computes: inputs, dropout (Caffe's
+# scales in training and passes everything at test time), plumbing, the flattening that
+# fc6 does anyway; and, after fc8 only, the outputs (the converted network gives logits).
+CAFFE_PASSIVE = {"Data", "ImageData", "MemoryData", "Input", "DummyData", "HDF5Data", "WindowData",
+                 "Dropout", "Split", "Silence", "Flatten"}
+CAFFE_OUTPUTS = {"Softmax", "SoftmaxWithLoss", "Accuracy", "ArgMax"}
+# each convolution's (kernel, stride, pad, groups), and every pooling's (kernel, stride, pad)
+BVLC_CONV = {"conv1": (11, 4, 0, 1), "conv2": (5, 1, 2, 2), "conv3": (3, 1, 1, 1), "conv4": (3, 1, 1, 2),
+             "conv5": (3, 1, 1, 2)}
+BVLC_POOL = (3, 2, 0)
 # The LRN of bvlc_alexnet's deploy.prototxt, for files whose LRN layers carry no parameters.
 BVLC_LRN = {"local_size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0, "norm_region": 0}
 
@@ -101,7 +112,10 @@ def _read(path: str | Path, what: str) -> bytes:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(not_a_file(path, what))
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     if not data:
         raise CheckpointError(f"{path} is empty")
     return data
@@ -121,23 +135,52 @@ def _shape_fits(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
 
 
 def _check_caffe_layers(layers: list[Layer], path: Path) -> dict[str, Layer]:
+    """The file's network is BVLC AlexNet's: the same layers in the same order, with the
+    same windows, weights for each weighted layer, and nothing else that computes."""
     by_name = {layer.name: layer for layer in layers}
     missing = [n for n in CAFFE_WEIGHTED if n not in by_name or not by_name[n].blobs]
     if missing:
         raise CheckpointError(f"{path} is not BVLC AlexNet: no weights for layer{'s' if len(missing) > 1 else ''} "
                               f"{', '.join(missing)}")
-    sequence = tuple(layer.type for layer in layers if layer.type in ("Convolution", "LRN", "Pooling",
-                                                                        "InnerProduct"))
+    fc8 = next((i for i, layer in enumerate(layers) if layer.name == "fc8"), len(layers))
+    for i, layer in enumerate(layers):
+        if layer.type in BVLC_SEQUENCE or layer.type in CAFFE_PASSIVE or (layer.type in CAFFE_OUTPUTS and i > fc8):
+            continue
+        where = "before fc8" if layer.type in CAFFE_OUTPUTS else "which BVLC AlexNet has not"
+        raise CheckpointError(f"{path} is not BVLC AlexNet: it has a {layer.type} layer {layer.name!r}, {where}")
+    computing = [layer for layer in layers if layer.type in BVLC_SEQUENCE]
+    sequence = tuple(layer.type for layer in computing)
     if sequence != BVLC_SEQUENCE:
-        caffenet = sequence[:3] == ("Convolution", "Pooling", "LRN")
-        if caffenet:
+        if sequence[:4] == ("Convolution", "ReLU", "Pooling", "LRN"):
             raise CheckpointError(f"{path} pools before it normalises (CaffeNet, bvlc_reference_caffenet); "
                                   "only BVLC AlexNet's conv -> LRN -> pool order can be converted")
         raise CheckpointError(f"{path} has the layers {' -> '.join(sequence)}, not BVLC AlexNet's "
                               f"{' -> '.join(BVLC_SEQUENCE)}")
-    for layer in layers:
+    weighted = tuple(layer.name for layer in computing if layer.type in ("Convolution", "InnerProduct"))
+    if weighted != CAFFE_WEIGHTED:
+        raise CheckpointError(f"{path}: the weighted layers are {', '.join(weighted)} in that order, not "
+                              f"{', '.join(CAFFE_WEIGHTED)}")
+    for layer in computing:
+        w, what = layer.window, None
         if layer.type == "Pooling" and layer.pool != "MAX":
             raise CheckpointError(f"{path}: layer {layer.name!r} pools by {layer.pool}, not MAX")
+        if layer.type == "Pooling":
+            got = (w["kernel"], w["stride"], w["pad"], w["global"])
+            want = tuple((v, v) for v in BVLC_POOL) + (False,)
+            what = "(kernel, stride, pad, global)"
+        elif layer.type == "Convolution":
+            got = (w["kernel"], w["stride"], w["pad"], w["group"], w["dilation"])
+            k, st, pad, groups = BVLC_CONV[layer.name]
+            want = ((k, k), (st, st), (pad, pad), groups, (1, 1))
+            what = "(kernel, stride, pad, groups, dilation)"
+        elif layer.type == "ReLU" and layer.relu_slope != 0:
+            raise CheckpointError(f"{path}: layer {layer.name!r} is a leaky ReLU (negative slope "
+                                  f"{layer.relu_slope}), not BVLC AlexNet's")
+        elif layer.type == "InnerProduct" and (layer.transpose or layer.axis != 1):
+            raise CheckpointError(f"{path}: layer {layer.name!r} stores its weights transposed or flattens "
+                                  f"from axis {layer.axis}; BVLC AlexNet's are (out, in) from axis 1")
+        if what and got != want:
+            raise CheckpointError(f"{path}: layer {layer.name!r} has {what} = {got}, BVLC AlexNet's are {want}")
     return by_name
 
 
@@ -255,7 +298,10 @@ def _load_pth(path: Path) -> dict:
     try:
         with warnings.catch_warnings(record=True) as said:  # torch's warnings: told in our own line
             warnings.simplefilter("always")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # torchvision's training script saves its command line beside the weights as an
+            # argparse.Namespace: a bag of attributes, safe to build
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         why = _why_refused(e)
         protocol = next((m.group(1) for w in said
@@ -277,7 +323,8 @@ def _load_pth(path: Path) -> dict:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if (not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values())
+            or not all(isinstance(k, str) for k in obj)):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return _without_parallel_prefixes(obj)
 

@@ -8,6 +8,7 @@ import pickle
 import struct
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +36,10 @@ BVLC_LAYERS = [("conv1", "Convolution"), ("relu1", "ReLU"), ("norm1", "LRN"), ("
                ("fc7", "InnerProduct"), ("relu7", "ReLU"), ("drop7", "Dropout"),
                ("fc8", "InnerProduct"), ("prob", "Softmax")]
 V1_CODES = {"Convolution": 4, "ReLU": 18, "LRN": 15, "Pooling": 17, "InnerProduct": 14, "Dropout": 6,
-            "Softmax": 20}
+            "Softmax": 20, "TanH": 23}
+# deploy.prototxt's convolution_param: (kernel_size, stride, pad, group)
+CAFFE_CONV = {"conv1": (11, 4, 0, 1), "conv2": (5, 1, 2, 2), "conv3": (3, 1, 1, 1), "conv4": (3, 1, 1, 2),
+              "conv5": (3, 1, 1, 2)}
 TV_MEAN, TV_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -87,10 +91,11 @@ def _blob(a: np.ndarray, legacy: bool = False, packed: bool = True) -> list[byte
 
 
 def _layer(name: str, kind: str, blobs: list[np.ndarray], v1: bool, lrn: dict | None = None,
-           pool: int = 0) -> list[bytes]:
-    """LayerParameter (name 1, type 2 string, bottom 3, top 4, blobs 7, lrn_param 118,
-    pooling_param 121) or V1LayerParameter (bottom 2, top 3, name 4, type 5 enum, blobs 6,
-    lrn_param 18, pooling_param 19)."""
+           pool: int = 0, extra: bytes = b"") -> list[bytes]:
+    """LayerParameter (name 1, type 2 string, bottom 3, top 4, blobs 7, convolution_param
+    106, lrn_param 118, pooling_param 121) or V1LayerParameter (bottom 2, top 3, name 4,
+    type 5 enum, blobs 6, convolution_param 10, lrn_param 18, pooling_param 19); `extra`
+    is appended as it is."""
     if v1:
         out = [_msg(2, b"data"), _msg(3, name.encode()), _msg(4, name.encode()), _int(5, V1_CODES[kind])]
         for b in blobs:
@@ -104,14 +109,22 @@ def _layer(name: str, kind: str, blobs: list[np.ndarray], v1: bool, lrn: dict | 
         out.append(_msg(18 if v1 else 118, params))
     if kind == "Pooling":
         out.append(_msg(19 if v1 else 121, _int(1, pool) + _int(2, 3) + _int(3, 2)))
+    if kind == "Convolution" and name in CAFFE_CONV:
+        k, stride, pad, group = CAFFE_CONV[name]  # (num_output 1 left out: the blobs say it)
+        params = _int(4, k) + (_int(6, stride) if stride != 1 else b"") + (_int(3, pad) if pad else b"")
+        out.append(_msg(10 if v1 else 106, params + (_int(5, group) if group != 1 else b"")))
+    out.append(extra)
     return out
 
 
-def _caffemodel(weights: dict, v1: bool, lrn: dict | None = None, layers=BVLC_LAYERS, pool: int = 0) -> bytes:
-    """NetParameter: name (1), then the layers in V1 `layers` (2) or `layer` (100)."""
+def _caffemodel(weights: dict, v1: bool, lrn: dict | None = None, layers=BVLC_LAYERS, pool: int = 0,
+                extra: dict | None = None) -> bytes:
+    """NetParameter: name (1), then the layers in V1 `layers` (2) or `layer` (100);
+    `extra` maps a layer's name to bytes appended to its message."""
     body = [_msg(1, b"AlexNet")]
     for name, kind in layers:
-        body += _msg(2 if v1 else 100, _layer(name, kind, list(weights.get(name, ())), v1, lrn, pool))
+        body += _msg(2 if v1 else 100, _layer(name, kind, list(weights.get(name, ())), v1, lrn, pool,
+                                              (extra or {}).get(name, b"")))
     return b"".join(body)
 
 
@@ -268,6 +281,82 @@ def test_caffe_average_pooling_is_refused(tmp_path):
     assert "pools by AVE" in _refused(tmp_path, _caffemodel(_small_weights(), v1=False, pool=1))
 
 
+@pytest.mark.parametrize("v1", [False, True])
+def test_caffe_network_other_than_bvlc_alexnet_is_refused(tmp_path, v1):
+    """Same weighted layers and shapes, but a network that computes something else."""
+    w = _small_weights()
+
+    def refused(**kw):
+        return _refused(tmp_path, _caffemodel(w, v1=v1, **kw))
+
+    tanh = [(n, "TanH" if n == "relu6" else k) for n, k in BVLC_LAYERS]
+    assert "a TanH layer 'relu6', which BVLC AlexNet has not" in refused(layers=tanh)
+    no_relu = [layer for layer in BVLC_LAYERS if layer[0] != "relu3"]
+    assert "not BVLC AlexNet's" in refused(layers=no_relu)
+    if not v1:  # (V1 has no BatchNorm)
+        bn = BVLC_LAYERS[:1] + [("bn1", "BatchNorm")] + BVLC_LAYERS[1:]
+        assert "a BatchNorm layer 'bn1'" in refused(layers=bn)
+    early = BVLC_LAYERS[:8] + [("prob0", "Softmax")] + BVLC_LAYERS[8:]
+    assert "a Softmax layer 'prob0', before fc8" in refused(layers=early)
+    pool_f, conv_f, relu_f, ip_f = (19, 10, 30, 17) if v1 else (121, 106, 123, 117)
+    # pooling 2/2 gives the same 55 -> 27 -> 13 -> 6 sizes, so only the parameters tell
+    msg = refused(extra={"pool2": _msg(pool_f, _int(2, 2) + _int(3, 2))})
+    assert "layer 'pool2' has (kernel, stride, pad, global) = ((2, 2), (2, 2), (0, 0), False)" in msg
+    assert "layer 'conv2' has" in refused(extra={"conv2": _msg(conv_f, _int(6, 2))})  # stride 2
+    assert "layer 'conv3' has" in refused(extra={"conv3": _msg(conv_f, _int(5, 2))})  # two groups
+    assert "leaky ReLU (negative slope 0.1" in refused(extra={"relu7": _msg(relu_f, _float(1, 0.1))})
+    assert "'fc7' stores its weights transposed" in refused(extra={"fc7": _msg(ip_f, _int(6, 1))})
+    swapped = [(("conv4" if n == "conv5" else "conv5" if n == "conv4" else n), k) for n, k in BVLC_LAYERS]
+    assert "the weighted layers are conv1, conv2, conv3, conv5, conv4" in refused(layers=swapped)
+
+
+def test_caffe_blob_with_an_impossible_shape_is_refused(tmp_path):
+    """Dimensions whose product wraps around in int64 (2**32 * 2**32 = 0 would match 0 values)."""
+    huge = _msg(7, _msg(1, _varint(2**32) + _varint(2**32)))  # a BlobProto: shape, no data
+    extra_layer = _msg(100, [_msg(1, b"x"), _msg(2, b"Dropout"), _msg(7, huge)])
+    msg = _refused(tmp_path, _caffemodel(_small_weights(), v1=False) + b"".join(extra_layer))
+    assert "layer 'x': blob of shape (4294967296, 4294967296): a dimension is negative or past 2**31" in msg
+    mean = tmp_path / "mean.binaryproto"
+    mean.write_bytes(huge)
+    from alexnet.convert import read_caffe_mean
+
+    with pytest.raises(CheckpointError, match="not a Caffe mean file .*past 2"):
+        read_caffe_mean(mean)
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc/self/mem (reading it fails)")
+def test_caffe_file_that_cannot_be_read_is_one_line(tmp_path):
+    for args in (["/proc/self/mem"], [str(tmp_path / "absent.caffemodel"), "--mean", "/proc/self/mem"]):
+        with pytest.raises(CheckpointError, match="^cannot read /proc/self/mem: "):
+            run_command("convert", "caffe", *args, str(tmp_path / "o.safetensors"))
+
+
+def test_unpacked_floats_of_two_fields_in_turn_are_read_in_linear_time(monkeypatch):
+    """Records of fields 5 and 6 alternating (a damaged or made-up file): each record's run
+    is measured without scanning the whole rest of the message again."""
+    import alexnet.caffe_proto as cp
+
+    n = 4000
+    rec = np.zeros((n, 5), np.uint8)
+    rec[0::2, 0], rec[1::2, 0] = 5 << 3 | 5, 6 << 3 | 5
+    rec[:, 1:] = np.arange(n, dtype="<f4").view(np.uint8).reshape(n, 4)
+    data = rec.tobytes() + b"".join(_float(5, float(v)) for v in range(300))  # then a long run
+    scanned = []
+    real = cp.np.frombuffer
+
+    def counting(buf, *a, **k):
+        out = real(buf, *a, **k)
+        scanned.append(out.nbytes)
+        return out
+
+    monkeypatch.setattr(cp.np, "frombuffer", counting)
+    msg = cp.parse(data)
+    assert sum(scanned) < 4 * len(data)  # the old count scanned ~n**2 / 2 records' bytes here
+    five = np.frombuffer(b"".join(bytes(v) for _, v in msg[5]), "<f4")
+    assert five.tolist() == list(range(0, n, 2)) + list(range(300))
+    assert len(msg[6]) == n // 2
+
+
 def test_truncated_and_random_caffemodels_are_refused(tmp_path):
     data = _caffemodel(_small_weights(), v1=False)
     assert "not a readable caffemodel" in _refused(tmp_path, data[:len(data) // 2])
@@ -339,6 +428,26 @@ def test_torchvision_state_dict_inside_a_training_checkpoint(tmp_path, key):
     state = {"features.0.weight": torch.ones(2)}
     torch.save({key: state, "epoch": 90}, tmp_path / "ck.pth")
     assert list(_load_pth(tmp_path / "ck.pth")) == ["features.0.weight"]
+
+
+def test_torchvision_training_script_checkpoint_converts(tmp_path):
+    """torchvision's references/classification/train.py saves {"model", "optimizer",
+    "lr_scheduler", "epoch", "args"}, args an argparse.Namespace."""
+    import argparse
+
+    state = plain_alexnet("owt").state_dict()
+    src = tmp_path / "checkpoint.pth"
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]}, "epoch": 89,
+                "args": argparse.Namespace(lr=0.01, model="alexnet", data_path="/data")}, src)
+    assert run_command("convert", "torchvision", str(src), str(tmp_path / "out.safetensors")) == 0
+    got = load_model_file(tmp_path / "out.safetensors").state_dict
+    assert torch.equal(got["classifier.6.weight"], state["classifier.6.weight"])
+
+
+def test_torchvision_state_dict_with_keys_that_are_not_names_is_refused(tmp_path):
+    state = plain_alexnet("owt").state_dict()
+    assert "does not hold a state dict of tensors" in _tv_refused(tmp_path, {**state, 0: torch.zeros(1)})
+    assert "does not hold a state dict of tensors" in _tv_refused(tmp_path, {"model": {0: torch.zeros(1)}})
 
 
 def _tv_refused(tmp_path, obj) -> str:
