@@ -5,8 +5,9 @@ Contenders (each with the same weights and the same random input):
 
   paper (ours)   the `paper` variant with its best settings for the device: channels-last,
                  the fused ReLU-LRN-pool kernel and the fused SGD update; on CUDA also
-                 bf16 autocast (and torch.compile with --compile). On a CPU the dtype is
-                 float32 unless the CPU has native bf16 (AMX or AVX-512 BF16).
+                 bf16 autocast, fp16 on a GPU without bf16 arithmetic (and torch.compile
+                 with --compile). On a CPU the dtype is float32 unless the CPU has native
+                 bf16 (AMX or AVX-512 BF16).
   paper (plain)  the same layers written the obvious way (alexnet.reference): NCHW,
                  nn.LocalResponseNorm, grouped nn.Conv2d, float32, eager, default SGD.
   owt (plain)    torchvision's "one weird trick" layout written the same obvious way.
@@ -47,6 +48,7 @@ from alexnet.summary import layer_table
 from alexnet.train import native_bf16
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}  # the rows' names, used for the peaks too
 
 
 @dataclass
@@ -142,7 +144,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, min_seconds: float = 0
         torch.backends.cuda.matmul.allow_tf32 = was
     rates = {k: 2 * m ** 3 / t / 1e9 for k, (m, t) in done.items()}
     via = max(rates, key=rates.get)
-    return {"dtype": "tf32" if tf32 else str(dtype).removeprefix("torch."), "n": done[via][0],
+    return {"dtype": "tf32" if tf32 else DTYPE_NAMES[dtype], "n": done[via][0],
             "gflops": rates[via], "via": via, "gflops_by_way": rates}
 
 
@@ -283,6 +285,12 @@ def run(batches: list[int], modes: list[str], steps: int, device: torch.device, 
             if on_block is not None:
                 on_block(report)
     return report
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """`e` is the allocator saying it has no memory left (the CPU's or the GPU's)."""
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
 def machine(device: torch.device) -> str:

@@ -251,10 +251,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         check_writable(args.json)  # before minutes of timing, not after
     print(f"alexnet bench on {bench.machine(device)}, torch {__import__('torch').__version__}", flush=True)
     print(bench.HEADER, flush=True)
-    report = bench.run(args.batch, args.modes, args.steps, device, num_classes=args.num_classes,
-                       ablation=args.ablation, compile=args.compile, dtype=args.dtype,
-                       log=lambda line: print(line, flush=True),
-                       on_block=(lambda so_far: bench.write_json(so_far, args.json)) if args.json else None)
+    try:
+        report = bench.run(args.batch, args.modes, args.steps, device, num_classes=args.num_classes,
+                           ablation=args.ablation, compile=args.compile, dtype=args.dtype,
+                           log=lambda line: print(line, flush=True),
+                           on_block=(lambda so_far: bench.write_json(so_far, args.json)) if args.json else None)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and not bench.out_of_memory(e):
+            raise
+        kept = f"; {args.json} keeps the batch sizes measured before" if args.json else ""
+        raise UserError(f"out of memory on {device} with --batch {' '.join(map(str, args.batch))} and "
+                        f"--num-classes {args.num_classes}: try smaller ones{kept}") from None
     if args.markdown:
         print(bench.markdown(report))
     if args.json:
@@ -392,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="our contender's compute dtype (default: bf16 where the device has it "
-                        "natively, else fp32); the plain ones stay fp32")
+                        "natively, else fp16 on a CUDA GPU and fp32 on a CPU); the plain ones stay fp32")
     p.add_argument("--ablation", action="store_true", help="also time each speed lever on its own")
     p.add_argument("--compile", action="store_true", help="torch.compile our contender")
     p.add_argument("--num-classes", type=_positive_int, default=1000, metavar="N")

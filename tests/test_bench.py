@@ -22,7 +22,7 @@ def test_flops_come_from_the_models_own_macs():
 
 def test_matmul_peak_is_measured():
     p = bench.matmul_peak(torch.device("cpu"), torch.float32, min_seconds=0.0, max_n=256)
-    assert p["n"] == 256 and p["dtype"] == "float32" and p["gflops"] > 0
+    assert p["n"] == 256 and p["dtype"] == "fp32" and p["gflops"] > 0
     assert set(p["gflops_by_way"]) == {"torch.mm", "1x1 conv"} and p["gflops"] == max(p["gflops_by_way"].values())
 
 
@@ -192,6 +192,31 @@ def test_a_bench_cut_short_keeps_the_blocks_it_finished(tmp_path, monkeypatch):
                  "--json", str(out)]) == 130
     doc = json.loads(out.read_text())
     assert [(r["batch"], r["mode"]) for r in doc["results"]] == [(1, "infer")] * 3
+
+
+def test_running_out_of_memory_is_one_line_and_keeps_the_blocks_measured(tmp_path, monkeypatch, capsys):
+    """A batch (or a class count) too large for the machine: the allocator's own error,
+    raised where the input is made, becomes one line; the JSON keeps batch 1's rows."""
+    small = bench.matmul_peak
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: small(*a, **{**k, "max_n": 256}))
+    steps = bench.step_functions
+
+    def too_big(c, model, batch, *rest):
+        if batch == 2:
+            torch.empty(2**62, dtype=torch.uint8)  # past any address space: refused everywhere
+        return steps(c, model, batch, *rest)
+
+    monkeypatch.setattr(bench, "step_functions", too_big)
+    out = tmp_path / "bench.json"
+    capsys.readouterr()
+    assert main(["bench", "--batch", "1", "2", "--steps", "1", "--modes", "infer", "--num-classes", "3",
+                 "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"alexnet: error: out of memory on cpu with --batch 1 2 and --num-classes 3: try smaller "
+                   f"ones; {out} keeps the batch sizes measured before")
+    assert {r["batch"] for r in json.loads(out.read_text())["results"]} == {1}
+    assert bench.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not bench.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def test_markdown_table_has_a_row_per_result_and_names_the_machine(report):
