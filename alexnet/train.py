@@ -176,7 +176,7 @@ def _test_split(d, full: ImageDataset, cfg_test: bool = True,
     used (unlabelled, as ILSVRC's test images are, or with classes training lacks) is a
     warning, not an error: training does not need it. `opened`: the test split already
     opened (IDX data's "val" split is its t10k files), not read again."""
-    from alexnet.sources import ClassMismatchError, IdxDataset, open_dataset, split_folder
+    from alexnet.sources import ClassMismatchError, IdxDataset, UnlabelledError, open_dataset, split_folder
 
     if cfg_test and opened is not None:
         return opened
@@ -186,7 +186,7 @@ def _test_split(d, full: ImageDataset, cfg_test: bool = True,
     try:
         return open_dataset(d.path, "test", d.image_size, classes=None if idx else full.classes)
     except (ConfigError, ClassMismatchError) as e:
-        reason = str(e).split("; give")[0]  # (not the hint to give --labels, which train has not)
+        reason = e.reason if isinstance(e, UnlabelledError) else str(e)  # (train takes no --labels)
         warnings.warn(f"the test split is left out: {reason}; train with --no-test to skip it", RuntimeWarning,
                       stacklevel=2)
         return None
