@@ -21,12 +21,13 @@ def run_command(*argv: str) -> int:
     return args.func(args)
 
 
-def model_file_with_statistics(path, variant: str, num_classes: int):
+def model_file_with_statistics(path, variant: str, num_classes: int, fc_width: int = TEST_FC_WIDTH):
     """A model file of `variant` (He-normal weights, seed 0) whose BatchNorm layers have
     statistics of their own, so that eval mode matters, and whose mean image is random;
-    returns (model in eval mode, DataStats)."""
+    returns (model in eval mode, DataStats). Narrow fc layers by default: every layer
+    kind is there, at a twentieth of the full network's bytes to write and read."""
     torch.manual_seed(0)
-    model = build_model(variant, num_classes=num_classes, init="kaiming")
+    model = build_model(variant, num_classes=num_classes, init="kaiming", fc_width=fc_width)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-20, 20)
