@@ -440,6 +440,27 @@ def test_page_in_headless_chromium(url, tmp_path, monkeypatch):
         time.sleep(2.5)  # the slow answer has come by now
         assert browser.find_element(By.ID, "meta").text == "fast.jpg: 210x200 pixels"
 
+        # the same file chosen twice in a row is classified twice; a file dropped beside the
+        # box is classified, and the page stays (the browser would open the file instead)
+        browser.execute_script("""
+            const real = window.fetch; window.asked = 0;
+            window.fetch = (...a) => { if (String(a[0]).startsWith("/api/predict")) window.asked++;
+                                       return real(...a); };""")
+        for _ in range(2):
+            browser.find_element(By.ID, "file").send_keys(str(fast))
+            wait.until(lambda b: b.find_element(By.ID, "top").get_attribute("data-state") == "done")
+        assert browser.execute_script("return window.asked") == 2
+        prevented = browser.execute_script("""
+            const blob = await (await fetch(document.getElementById("crop").src)).blob();
+            const dt = new DataTransfer();
+            dt.items.add(new File([blob], "dropped.png", {type: "image/png"}));
+            const e = new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true});
+            document.getElementById("info").dispatchEvent(e);  // (outside the drop box)
+            return e.defaultPrevented;""")
+        assert prevented
+        wait.until(lambda b: b.find_element(By.ID, "meta").text == "dropped.png: 227x227 pixels")
+        assert browser.execute_script("return window.asked") == 3  # once: not again by the box
+
         # an error page that is not JSON (a proxy's, a plain-text 500) is shown as its status
         browser.execute_script("""
             window.fetch = async () => new Response("Internal Server Error",
