@@ -2,8 +2,10 @@
 torch.export program (.pt2), run by PyTorch alone (torch.export.load) or compiled ahead of
 time for C++ (AOTInductor).
 
-The graph takes `images` (N, 3, crop, crop) float32, already preprocessed (the centre crop
-minus the mean image, divided by pixel_scale, as `augment.EvalTransform` makes them), and
+The graph takes `images` (N, 3, crop, crop) float32: the centre crops' RGB pixels in
+0..255 (shorter side to image_size, the central square, its centre crop). It subtracts the
+mean image's own centre crop (a constant of the graph) and divides by pixel_scale, as
+`augment.EvalTransform` does, so that a server needs nothing of the training data; it
 returns `logits` and `probabilities` (softmax of the logits), both (N, num_classes); N is a
 dynamic axis. The class names, the preprocessing and the model config ride along as JSON
 strings under `alexnet.*` keys: in the ONNX model's metadata_props, and as extra files of
@@ -71,9 +73,12 @@ class ExportLRN(nn.Module):
 
 
 class Serving(nn.Module):
-    """The network in eval mode with exportable layers; returns (logits, probabilities)."""
+    """The network in eval mode with exportable layers, behind the last step of its
+    preprocessing: takes centre crops in 0..255 (N, 3, crop, crop), subtracts `mean_crop`
+    (3, crop, crop; None: nothing) and divides by `pixel_scale`; returns (logits,
+    probabilities)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, mean_crop: torch.Tensor | None = None, pixel_scale: float = 1.0):
         super().__init__()
         net = copy.deepcopy(model).eval()
         net.fuse = False  # the fused ReLU-LRN-pool kernel is opaque to exporters
@@ -81,22 +86,41 @@ class Serving(nn.Module):
             if isinstance(m, LocalResponseNorm):
                 net.features[i] = ExportLRN(m.cfg)
         self.net = net
+        s = model.cfg.input_size
+        mean = torch.zeros(3, s, s) if mean_crop is None else mean_crop.detach().float().cpu().clone()
+        if tuple(mean.shape) != (3, s, s):
+            raise ValueError(f"the mean crop is {tuple(mean.shape)}, not (3, {s}, {s})")
+        self.register_buffer("mean_crop", mean[None])
+        self.inv_scale = 1.0 / float(pixel_scale)  # (EvalTransform multiplies by it too)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(images)  # (N, num_classes)
+        x = images - self.mean_crop
+        if self.inv_scale != 1.0:
+            x = x * self.inv_scale
+        logits = self.net(x)  # (N, num_classes)
         return logits, torch.softmax(logits, dim=1)
 
 
+def serving(ck: Checkpoint, model: AlexNet) -> Serving:
+    """`model` (built from `ck`) behind `ck`'s mean image and pixel_scale."""
+    from alexnet.augment import EvalTransform
+
+    scale = float(ck.preprocess.get("pixel_scale", 1.0))
+    transform = EvalTransform(ck.stats, model.cfg.input_size, scale=scale) if ck.stats is not None else None
+    program = Serving(model, None if transform is None else transform.mean_crops, scale)
+    program.transform = transform  # (what `compare` checks the program against)
+    return program
+
+
 def metadata(ck: Checkpoint) -> dict[str, str]:
-    """What a server needs besides the graph, as JSON strings. `mean_rgb` is the mean image's
-    per-channel average (pixel units); the exact preprocessing subtracts the mean image's own
-    centre crop, which differs from it by the mean image's spatial variation."""
+    """What a server needs besides the graph, as JSON strings: the sizes to resize and crop
+    the image to (the mean image and pixel_scale are inside the graph)."""
     pre = dict(ck.preprocess)
     pre.setdefault("crop", ck.model_config.input_size)
     pre.setdefault("pixel_scale", 1.0)
-    if ck.stats is not None:
-        pre["mean_rgb"] = [round(float(v), 4) for v in ck.stats.mean_image.float().mean(dim=(1, 2))]
-    pre["layout"] = "NCHW, RGB, float32: (centre crop - mean) / pixel_scale"
+    pre["layout"] = ("NCHW, RGB, float32 pixels in 0..255: shorter side to image_size, central square, "
+                     "centre crop of side crop; the graph subtracts the mean image and divides by "
+                     "pixel_scale itself")
     return {
         "alexnet.classes": json.dumps(list(ck.classes)),
         "alexnet.class_names": json.dumps(list(ck.extra.get("class_names") or ck.classes)),
@@ -114,12 +138,12 @@ def to_onnx(ck: Checkpoint, model: AlexNet) -> bytes:
 
     import onnx
 
-    serving = Serving(model)
+    program = serving(ck, model)
     s = ck.model_config.input_size
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
         warnings.simplefilter("ignore")
-        torch.onnx.export(serving, (torch.zeros(2, 3, s, s),), buf, dynamo=False, opset_version=OPSET,
+        torch.onnx.export(program, (torch.zeros(2, 3, s, s),), buf, dynamo=False, opset_version=OPSET,
                           input_names=["images"], output_names=["logits", "probabilities"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"},
                                         "probabilities": {0: "batch"}})
@@ -137,7 +161,8 @@ def to_pt2(ck: Checkpoint, model: AlexNet) -> bytes:
     .pt2 archive holding `ck`'s metadata as extra files."""
     s = ck.model_config.input_size
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    program = torch.export.export(Serving(model), (torch.zeros(2, 3, s, s),), dynamic_shapes={"images": {0: batch}})
+    program = torch.export.export(serving(ck, model), (torch.zeros(2, 3, s, s),),
+                                  dynamic_shapes={"images": {0: batch}})
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files=metadata(ck))
     return buf.getvalue()
@@ -153,17 +178,25 @@ def load_pt2(data: bytes | str | Path) -> tuple[nn.Module, dict[str, str]]:
     return program.module(), meta
 
 
-def compare(model: AlexNet, data: bytes, fmt: str = "onnx", pixel_scale: float = 1.0, batch: int = 2,
+def compare(model: AlexNet, data: bytes, fmt: str = "onnx", transform=None, batch: int = 2,
             seed: int = 0) -> float:
     """max |exported - PyTorch| over the logits of a random batch, divided by max |logit|;
-    the exported program (`fmt`) is run by its own engine (ENGINES)."""
+    the exported program (`fmt`) is run by its own engine (ENGINES) on the images' centre
+    crops, PyTorch's `model` on what `transform` (the checkpoint's `EvalTransform`; None: a
+    zero mean) makes of the same images."""
+    from alexnet.augment import EvalTransform, center_crop
+    from alexnet.dataset import DataStats
+
     model = model.eval()
     s = model.cfg.input_size
+    if transform is None:
+        transform = EvalTransform(DataStats(torch.zeros(3, s, s), torch.ones(3), torch.eye(3)), s)
+    size = transform.size
     g = torch.Generator().manual_seed(seed)
-    # Preprocessed pixels: roughly zero mean, a standard deviation of ~60 pixel units.
-    x = torch.randn(batch, 3, s, s, generator=g) * (60.0 / pixel_scale)
+    images = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
+    x = center_crop(images, transform.crop).float().contiguous()
     with torch.inference_mode():
-        ref = model(x)
+        ref = model(transform(images))
     if fmt == "onnx":
         import onnxruntime as ort
 
@@ -179,7 +212,7 @@ def compare(model: AlexNet, data: bytes, fmt: str = "onnx", pixel_scale: float =
 def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx") -> float:
     """Write `checkpoint` to `out` as `fmt`; returns the relative difference measured by
     `compare`. Nothing is written unless it is within REL_TOLERANCE."""
-    from alexnet.checkpoint import load_model_file
+    from alexnet.checkpoint import CheckpointError, check_preprocess_fits, load_model_file
     from alexnet.cli import UserError
     from alexnet.fileio import atomic_write, check_writable, refuse_overwriting, require_suffix
 
@@ -198,9 +231,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
     require_suffix(out, "an ONNX graph (.onnx) or a torch.export program (.pt2)", ".onnx", ".pt2")
     require_suffix(out, {"onnx": "an ONNX graph", "pt2": "a torch.export program"}[fmt], f".{fmt}")
     ck = load_model_file(checkpoint)
+    if ck.stats is None:  # (the graph subtracts the mean image itself)
+        raise CheckpointError(f"{checkpoint} has no data statistics (mean image); it cannot preprocess images")
+    check_preprocess_fits(checkpoint, ck.model_config, ck.stats, ck.preprocess)
     model = ck.build_model().eval()
     data = to_onnx(ck, model) if fmt == "onnx" else to_pt2(ck, model)
-    diff = compare(model, data, fmt, pixel_scale=ck.preprocess.get("pixel_scale", 1.0))
+    diff = compare(model, data, fmt, serving(ck, model).transform)
     if not diff <= REL_TOLERANCE:  # NaN included
         raise ExportError(f"{ENGINES[fmt]}'s logits differ from PyTorch's by {diff:.2e} of their scale "
                           f"(more than {REL_TOLERANCE:.0e}); nothing written")
@@ -227,7 +263,8 @@ def add_command(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as an ONNX graph or a torch.export program",
                        description="Export a model file as ONNX for onnxruntime, or as a torch.export "
                                    "program (.pt2) for torch.export.load and AOTInductor, with a dynamic "
-                                   "batch: input `images` (N, 3, crop, crop) preprocessed, outputs `logits` "
+                                   "batch: input `images` (N, 3, crop, crop), the centre crops' pixels in "
+                                   "0..255 (the graph subtracts the mean image), outputs `logits` "
                                    "and `probabilities`; class names and preprocessing in the metadata. "
                                    "The program is run by its engine and compared with PyTorch "
                                    "before it is written.")

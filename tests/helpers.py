@@ -37,3 +37,13 @@ def model_file_with_statistics(path, variant: str, num_classes: int, fc_width: i
     classes = [f"n0000{i}" for i in range(num_classes)]
     save_model(path, model, classes, stats, preprocess, {"class_names": [f"class {i}" for i in range(num_classes)]})
     return model.eval(), stats
+
+
+def crops_and_inputs(stats, crop: int, batch: int, seed: int, pixel_scale: float = 1.0):
+    """Random 256x256 uint8 images: their centre crops (what the exported graph takes) and
+    the network's input made of them by our own EvalTransform (mean image subtracted)."""
+    from alexnet.augment import EvalTransform, center_crop
+
+    images = torch.randint(0, 256, (batch, 3, 256, 256), generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.uint8)
+    return center_crop(images, crop).float(), EvalTransform(stats, crop, scale=pixel_scale)(images)

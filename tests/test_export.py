@@ -11,7 +11,7 @@ import torch
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.fileio import OutputError
-from tests.helpers import model_file_with_statistics, run_command
+from tests.helpers import crops_and_inputs, model_file_with_statistics, run_command
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -39,13 +39,12 @@ def exported(request, tmp_path_factory):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onnxruntime_matches_pytorch(exported, batch):
-    variant, model, _, _, _, session = exported
-    s = model.cfg.input_size
-    x = torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(batch)) * 60
+    variant, model, stats, _, _, session = exported
+    crops, x = crops_and_inputs(stats, model.cfg.input_size, batch, seed=batch)
     with torch.inference_mode():
         ref = model(x)
         ref_fused = model(x.contiguous(memory_format=torch.channels_last))  # our fastest path
-    logits, probs = session.run(["logits", "probabilities"], {"images": x.numpy()})
+    logits, probs = session.run(["logits", "probabilities"], {"images": crops.numpy()})
     assert logits.shape == probs.shape == (batch, NUM_CLASSES)
     scale = ref.abs().max().item()
     assert scale > 1e-3  # a dead network would match anything
@@ -77,9 +76,52 @@ def test_metadata(exported):
     assert meta["alexnet.class_names"] == [f"class {i}" for i in range(NUM_CLASSES)]
     pre = meta["alexnet.preprocess"]
     assert (pre["image_size"], pre["crop"], pre["pixel_scale"]) == (256, model.cfg.input_size, 1.0)
-    np.testing.assert_allclose(pre["mean_rgb"], stats.mean_image.mean(dim=(1, 2)).numpy(), atol=1e-3)
+    assert "mean_rgb" not in pre and "subtracts the mean image" in pre["layout"]  # (the graph does)
     assert meta["alexnet.model_config"] == {"variant": variant, "num_classes": NUM_CLASSES,
                                             "input_size": model.cfg.input_size}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_exported_program_gives_predicts_probabilities_from_the_centre_crop_alone(tmp_path, fmt):
+    """The whole path a server takes: an image file rescaled and centre-cropped (predict's
+    own preparation), its crop's pixels fed to the exported program with nothing else of
+    the checkpoint, against `predict`. A mean image with spatial structure and a
+    pixel_scale other than 1, both of which the graph must apply itself."""
+    from PIL import Image
+
+    from alexnet.augment import center_crop
+    from alexnet.checkpoint import save_model
+    from alexnet.dataset import DataStats
+    from alexnet.export import load_pt2
+    from alexnet.model import build_model
+    from alexnet.predict import Classifier
+
+    torch.manual_seed(0)
+    model = build_model("paper", num_classes=NUM_CLASSES, init="kaiming", fc_width=256)
+    ramp = torch.linspace(0, 1, 256)
+    mean = torch.stack([200 * ramp[None, :].expand(256, 256), 180 * ramp[:, None].expand(256, 256),
+                        torch.full((256, 256), 90.0)])  # far from its per-channel average at the edges
+    save_model(tmp_path / "m.safetensors", model, [f"c{i}" for i in range(NUM_CLASSES)],
+               DataStats(mean, torch.ones(3), torch.eye(3)), {"image_size": 256, "crop": 227, "pixel_scale": 58.0})
+    out = tmp_path / f"m.{fmt}"
+    assert run_command("export", str(tmp_path / "m.safetensors"), str(out)) == 0
+    rng = np.random.default_rng(4)
+    paths = []
+    for i, (w, h) in enumerate([(320, 240), (200, 300), (256, 256)]):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    clf = Classifier.load(tmp_path / "m.safetensors", "cpu")
+    want = clf.probabilities(paths).numpy()
+    crops = torch.stack([center_crop(clf.prepare(p)[None], 227)[0] for p in paths]).float()
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        probs = session.run(["probabilities"], {"images": crops.numpy()})[0]
+    else:
+        module, _ = load_pt2(out)
+        with torch.inference_mode():
+            probs = module(crops)[1].numpy()
+    assert want.max(1).min() < 0.99  # not saturated: a wrong input would show
+    np.testing.assert_allclose(probs, want, atol=1e-5)
 
 
 def test_success_leaves_only_the_file(exported):
