@@ -164,7 +164,7 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     from alexnet.checkpoint import CheckpointError, check_preprocess_fits, load_model_file
     from alexnet.distributed import resolve_augment, resolve_device, resolve_workers
     from alexnet.progress import Progress
-    from alexnet.sources import check_classes
+    from alexnet.sources import check_classes, readable_names
 
     ck = load_model_file(checkpoint)
     if ck.stats is None:
@@ -215,7 +215,7 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
 
             raise CheckpointError(f"{checkpoint}: {NON_FINITE}")
         print(format_metrics(m, title))
-        names = ck.extra.get("class_names") or ck.classes
+        names = ck.extra.get("class_names") or readable_names(ck.classes)  # (as predict names them)
         doc = write_report(m, ck.classes, names, out, title=f"{Path(checkpoint).name} on {title}",
                            extra=extra)
         worst = sorted((a, doc["class_names"][c]) for c, a in doc["per_class_accuracy"].items() if a is not None)[:5]

@@ -115,6 +115,8 @@ def serving(ck: Checkpoint, model: AlexNet) -> Serving:
 def metadata(ck: Checkpoint) -> dict[str, str]:
     """What a server needs besides the graph, as JSON strings: the sizes to resize and crop
     the image to (the mean image and pixel_scale are inside the graph)."""
+    from alexnet.sources import readable_names
+
     pre = dict(ck.preprocess)
     pre.setdefault("crop", ck.model_config.input_size)
     pre.setdefault("pixel_scale", 1.0)
@@ -123,7 +125,7 @@ def metadata(ck: Checkpoint) -> dict[str, str]:
                      "pixel_scale itself")
     return {
         "alexnet.classes": json.dumps(list(ck.classes)),
-        "alexnet.class_names": json.dumps(list(ck.extra.get("class_names") or ck.classes)),
+        "alexnet.class_names": json.dumps(list(ck.extra.get("class_names") or readable_names(ck.classes))),
         "alexnet.preprocess": json.dumps(pre),
         "alexnet.model_config": json.dumps({"variant": ck.model_config.variant,
                                             "num_classes": ck.model_config.num_classes,

@@ -746,6 +746,28 @@ def test_evaluate_without_split_takes_test_else_val(capsys, tmp_path):
     one_line_error(rc, err, "no 'test' split")
 
 
+def test_wordnet_ids_without_class_names_are_named_alike_by_predict_evaluate_and_export(capsys, tmp_path):
+    """A model file saved with ImageNet's WordNet ids and no `class_names` (as the README's
+    Python example saves one): every command shows the readable names."""
+    wnids, readable = ["n01440764", "n01443537"], ["tench", "goldfish"]
+    for split in ("train", "val"):
+        for i, c in enumerate(wnids):
+            (tmp_path / "tree" / split / c).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (40 + 100 * i, 30, 20)).save(tmp_path / "tree" / split / c / "0.png")
+    ck = checkpoint(tmp_path / "m.safetensors", wnids)
+    rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "tree", "--out", tmp_path / "ev")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["class_names"] == dict(zip(wnids, readable))
+    from alexnet.predict import Classifier
+
+    assert Classifier.load(ck, "cpu").class_names == readable
+    rc, out, err = main(capsys, "export", ck, tmp_path / "m.pt2")
+    assert rc == 0, err
+    from alexnet.export import load_pt2
+
+    assert json.loads(load_pt2(tmp_path / "m.pt2")[1]["alexnet.class_names"]) == readable
+
+
 def test_a_max_pixels_above_pillows_own_limit_is_the_limit_that_holds(monkeypatch):
     """Pillow refuses more than 2 * Image.MAX_IMAGE_PIXELS (about 179 megapixels) by itself;
     a larger max_pixels must be the one that decides, with its own message."""
