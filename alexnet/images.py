@@ -111,14 +111,17 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    mode = img.mode
+def _to_rgb(img: Image.Image, fmt: str | None = None) -> Image.Image:
+    """`fmt`: the file's format, where `img` is no longer the opened file (a rotated copy)."""
+    mode, fmt = img.mode, fmt or img.format
     if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I;16") or mode == "I":
         a = np.asarray(img).astype(np.int64)
-        if mode == "I" and a.size and a.max() <= 255 and a.min() >= 0:
-            a8 = a.astype(np.uint8)  # 32-bit container holding 8-bit values
+        # a 32-bit container holding 8-bit values; not a PGM's, which Pillow has already
+        # scaled to 0..65535 from its maxval (> 255: else it would be "L")
+        if mode == "I" and fmt != "PPM" and a.size and a.max() <= 255 and a.min() >= 0:
+            a8 = a.astype(np.uint8)
         else:
             a8 = ((np.clip(a, 0, 65535) + 128) // 257).astype(np.uint8)
         key = img.info.get("transparency")  # a PNG's colour key, in the image's own levels
@@ -174,8 +177,9 @@ def as_rgb(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(f"too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
     try:
         img.load()
+        fmt = img.format
         img = _apply_exif_orientation(img)
-        return _to_rgb(img)
+        return _to_rgb(img, fmt)
     except MemoryError:
         raise ImageError(f"too large: out of memory decoding {w}x{h} pixels") from None
     except ImageError:

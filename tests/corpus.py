@@ -110,6 +110,13 @@ def build(folder: str | os.PathLike, with_fifo: bool = True, bytes_name: bool = 
     add(Case("grey16.png", (20, 10), np.repeat(exp16[..., None], 3, -1)),
         encode(Image.fromarray(v), "PNG"))  # uint16 -> mode I;16
 
+    # a dark 16-bit PGM (maxval 65535, every value below 256): still 16-bit, so nearly black,
+    # not read as 8-bit (Pillow opens it as mode I, as it does some 8-bit containers)
+    v = np.arange(20 * 10).reshape(10, 20).astype(np.uint16)  # 0 .. 199
+    exp_dark = np.floor(v / 257 + 0.5).astype(np.uint8)
+    add(Case("dark16.pgm", (20, 10), np.repeat(exp_dark[..., None], 3, -1)),
+        b"P5\n20 10\n65535\n" + v.astype(">u2").tobytes())
+
     # palette with a transparent entry: transparent pixels become white
     pal = Image.new("P", (8, 6), 0)
     pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (3 * 253))
