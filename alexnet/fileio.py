@@ -83,15 +83,37 @@ def check_writable(out: str | Path, example: str = "out.json") -> None:
     place, or no writable folder where it would go (missing folders are made later)."""
     slash = str(out).endswith(("/", os.sep))  # Path() drops it, and would write a file
     out = Path(out)
-    if out.is_dir():
+    if _is_dir(out):
         raise OutputError(f"{out} is a folder; give a file name such as {out / example}")
     if slash:
         raise OutputError(f"{out}/ names a folder; give a file name such as {out / example}")
     folder = out.parent
-    while not folder.exists():
+    while not _exists(folder):
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise OutputError(f"cannot write {out}: {folder} is not a writable folder")
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # (no pathconf: not POSIX)
+        limit = 255
+    for name in out.relative_to(folder).parts:  # (the names still to be made)
+        if len(os.fsencode(name)) > limit:
+            raise OutputError(f"cannot write {out}: the name {name[:24]}...{name[-8:]} is "
+                              f"{len(os.fsencode(name))} bytes, longer than the {limit} the file system allows")
+
+
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except OSError:  # a name too long (Python 3.11 raises it): not a folder
+        return False
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError:
+        return False
 
 
 def within(path: str | Path, folder: str | Path) -> bool:

@@ -336,6 +336,8 @@ def test_no_picture_replaces_an_input_and_a_bad_output_is_refused_before_any_wor
     model.write_bytes(ck.read_bytes())
     image.write_bytes(photo.read_bytes())
     before = model.read_bytes(), image.read_bytes()
+    long_named = tmp_path / ("x" * 245 + ".png")
+    long_named.write_bytes(photo.read_bytes())
     nowhere = tmp_path / "nowhere"  # were the data opened first, this would be the error
     cases = [
         (("filters", model, "--out", model), "is the input"),
@@ -349,6 +351,9 @@ def test_no_picture_replaces_an_input_and_a_bad_output_is_refused_before_any_wor
         (("filters", model, "--out", tmp_path / "f.jpg"), "this writes a PNG picture; give a name ending in "
                                                           ".png"),
         (("activations", model, image, "--out", tmp_path / "a"), "ending in .png"),
+        # a valid image name whose default picture name (checkpoint-layer-image.png) is too long
+        (("activations", model, long_named), "bytes, longer than the 255 the file system allows"),
+        (("filters", model, "--out", tmp_path / ("y" * 252 + ".png")), "256 bytes, longer than the 255"),
     ]
     for argv, message in cases:
         rc, out, err = run(capsys, *argv)
