@@ -187,13 +187,10 @@ def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
     glob patterns, in the order given, each path once; and the items that matched nothing.
     A name that exists but is no regular file (a FIFO, a dangling symlink) is kept, so that
     reading it reports why."""
-    from alexnet.sources import is_image_name
-
     found, missing, seen = [], [], set()
     for item in items:
         if os.path.isdir(item):
-            # not only is_file(): a broken symlink or a FIFO named .jpg is reported, not dropped
-            paths = sorted(str(p) for p in Path(item).rglob("*") if is_image_name(p.name) and not p.is_dir())
+            paths = images_below(item)
         elif os.path.lexists(item):  # a file, or a FIFO or dangling link whose reading says why
             paths = [item]
         elif glob.has_magic(item):
@@ -208,6 +205,26 @@ def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
         if not paths:
             missing.append(item)
     return found, missing
+
+
+def images_below(folder: str) -> list[str]:
+    """The image files anywhere below `folder`, sorted, walked as `prepare` walks a class
+    folder: links to folders followed, each real folder once (a link back up ends), hidden
+    folders (.thumbnails) and files (._photo.jpg) left out. Not only regular files: a
+    broken link or a FIFO named .jpg is listed, so that reading it says why."""
+    from alexnet.sources import _unlistable, is_image_name
+
+    out, seen = [], {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=_unlistable):
+        keep = []
+        for n in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, n))
+            if not n.startswith(".") and real not in seen:
+                seen.add(real)
+                keep.append(n)
+        dirnames[:] = keep
+        out += [os.path.join(dirpath, n) for n in filenames if is_image_name(n)]
+    return sorted(out)
 
 
 def shown(path: str) -> str:

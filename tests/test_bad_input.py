@@ -201,8 +201,13 @@ def test_folder_symlink_loops_end_and_list_each_image_once(tmp_path, model_file,
     store = open_store(tmp_path / "store")
     assert dict(zip(store.sources, store.labels.tolist())) == {"a/a.png": 0, "a/linked/o.png": 0, "b/b.png": 1,
                                                                "b/more/m.png": 1}
+    # predict walks a folder as prepare walks a class folder: links followed, each folder once
+    (root / "a" / ".thumbnails").mkdir()
+    Image.new("RGB", (30, 20), (70, 40, 160)).save(root / "a" / ".thumbnails" / "t.png")  # hidden: left out
     rc, out, err = main(capsys, "predict", model_file, tmp_path / "train" / "a", "--top", "1")
-    assert rc == 0 and [x for x in out.splitlines() if not x.startswith(" ")] == [str(root / "a" / "a.png")]
+    a = root / "a"
+    assert rc == 0 and [x for x in out.splitlines() if not x.startswith(" ")] == [
+        str(a / "a.png"), str(a / "linked" / "o.png"), str(a / "shared" / "m.png")]
 
 
 def test_prepare_val_lists_classes_the_training_set_lacks(tree, tmp_path, capsys):
