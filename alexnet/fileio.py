@@ -59,6 +59,13 @@ def not_a_file(path: str | Path, what: str) -> str:
     return f"{path} is a folder, not a {what}" if Path(path).is_dir() else f"no {what} at {path}"
 
 
+def shown(path: str | os.PathLike) -> str:
+    """`path` printable on one line of any terminal: bytes of a name that are not UTF-8
+    as \\xNN, control characters (a newline, a tab) as Python writes them (\\n, \\t)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def refuse_overwriting(out: str | Path, *inputs: str | Path | None) -> None:
     """An OutputError if `out` is one of `inputs` (the same file by another name too): a
     command must not replace what it reads."""

@@ -32,6 +32,7 @@ from PIL import Image
 
 from alexnet.augment import EvalTransform, average_ten_crop
 from alexnet.checkpoint import CheckpointError, check_preprocess_fits, load_model_file
+from alexnet.fileio import shown
 from alexnet.images import MAX_PIXELS, ImageError, as_rgb, load_rgb, resize_center_crop
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
@@ -225,13 +226,6 @@ def images_below(folder: str) -> list[str]:
         dirnames[:] = keep
         out += [os.path.join(dirpath, n) for n in filenames if is_image_name(n)]
     return sorted(out)
-
-
-def shown(path: str) -> str:
-    """`path` printable on one line of any terminal: bytes of a name that are not UTF-8
-    as \\xNN, control characters (a newline, a tab) as Python writes them (\\n, \\t)."""
-    text = os.fsencode(path).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -206,12 +206,13 @@ def _output(args: argparse.Namespace, suffix: str, *inputs: str | None) -> Path:
 
 def _prepare(clf, path: str) -> torch.Tensor:
     from alexnet.cli import UserError
+    from alexnet.fileio import shown
     from alexnet.images import ImageError
 
     try:
         return clf.prepare(path)
     except ImageError as e:
-        raise UserError(f"{path}: {e}") from None
+        raise UserError(f"{shown(path)}: {e}") from None
 
 
 def _cmd_filters(args: argparse.Namespace) -> int:
@@ -230,7 +231,7 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
     from alexnet.cli import UserError
     from alexnet.dataset import SubsetDataset
     from alexnet.loader import BatchLoader
-    from alexnet.fileio import within
+    from alexnet.fileio import shown, within
     from alexnet.sources import check_classes, open_dataset
 
     out = _output(args, "neighbours", *(args.images or ()))
@@ -248,8 +249,8 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
         np.arange(args.limit) * len(train) // args.limit
     if args.images:
         images = torch.stack([_prepare(clf, p) for p in args.images])  # (Q, 3, S, S) uint8
-        titles = [f"query: {Path(p).name}" for p in args.images]
-        labels = list(args.images)
+        titles = [f"query: {shown(Path(p).name)}" for p in args.images]
+        labels = [shown(p) for p in args.images]
     else:
         queries = open_dataset(args.data, args.query_split, clf.image_size, classes=ck_classes)
         queries.drop_unreadable = True
@@ -262,7 +263,8 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
         titles = [f"query: {classes[y]}" for y in qlab.tolist()]
         # the record's own name too: for IDX data "val" is the t10k file, not a training hold-out
         names = queries.sources
-        labels = [f"{args.query_split} #{i} ({names[i]}) {classes[y]}" for i, y in zip(qidx.tolist(), qlab.tolist())]
+        labels = [f"{args.query_split} #{i} ({shown(names[i])}) {classes[y]}"
+                  for i, y in zip(qidx.tolist(), qlab.tolist())]
     transform = clf.transforms[False]
     q = torch.cat(list(features(clf.model, (transform(images[i:i + args.batch_size])
                                             for i in range(0, len(images), args.batch_size)), clf.device)))

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from alexnet.config import ConfigError
 from alexnet.dataset import (DataStats, ImageDataset, SubsetDataset, TensorImageDataset, covariance_eigen,
                              load_stats, save_stats)
-from alexnet.fileio import cache_dir
+from alexnet.fileio import cache_dir, shown
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.progress import first_few, plural
 
@@ -974,7 +974,7 @@ class FolderDataset(ImageDataset):
                 if i not in self.bad:
                     self.bad[i] = str(e)
                     instead = "left out" if self.drop_unreadable else "using the next readable one"
-                    warnings.warn(f"unreadable image {self.sources[i]} ({e}); {instead}", RuntimeWarning,
+                    warnings.warn(f"unreadable image {shown(self.sources[i])} ({e}); {instead}", RuntimeWarning,
                                   stacklevel=3)
             return None
 

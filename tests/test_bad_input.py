@@ -823,16 +823,17 @@ def test_evaluate_leaves_an_unreadable_file_out_and_counts_it(capsys, tmp_path, 
 
 def test_a_warning_is_one_line_of_the_command(tmp_path):
     """An unreadable file read on the fly warns in one `alexnet: warning:` line, not in
-    Python's two lines naming a thread pool's source file."""
+    Python's two lines naming a thread pool's source file; a newline in its name is
+    written \\n, as predict writes it."""
     two_class_tree(tmp_path / "tree")
-    (tmp_path / "tree" / "val" / "a" / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "tree" / "val" / "a" / "y\nz.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     ck = checkpoint(tmp_path / "m.safetensors", ["a", "b"])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "alexnet", "evaluate", str(ck), "--data", str(tmp_path / "tree"),
                         "--out", str(tmp_path / "ev")], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if "unreadable image" in x or "work_item" in x]
-    assert len(lines) == 1 and lines[0].startswith("alexnet: warning: unreadable image "), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("alexnet: warning: unreadable image a/y\\nz.png ("), r.stderr
 
 
 def test_evaluate_on_a_flat_folder_names_its_labels_and_counts_the_unlabelled(capsys, tmp_path):
