@@ -872,9 +872,24 @@ def open_dataset(path: str | os.PathLike | None, split: str = "train", image_siz
         raise ClassMismatchError(f"{src.path} has {kind}{'s' if len(extra) > 1 else ''} "
                               f"{first_few(extra, 5)} "
                               f"({plural(src.listing.extra_images, 'image')}) "
-                              f"not among the {len(src.listing.classes)} training classes")
+                              f"not among the {len(src.listing.classes)} training classes"
+                              + _same_but_for_unicode_form(extra, src.listing.classes))
     _warn_unlabelled(src.listing)
     return FolderDataset(src.listing, image_size, max_pixels=max_pixels)
+
+
+def _same_but_for_unicode_form(names: list[str], classes: list[str]) -> str:
+    """A note for names that look like training classes but are written in another
+    Unicode form (macOS writes folder names decomposed: e + a combining accent)."""
+    import unicodedata
+
+    nfc = {unicodedata.normalize("NFC", c): c for c in classes}
+    alike = [(n, nfc[m]) for n in names if (m := unicodedata.normalize("NFC", n)) in nfc and nfc[m] != n]
+    if not alike:
+        return ""
+    n, c = alike[0]
+    return (f"; {n!r} is the class {c!r} written in another Unicode form ({ascii(n)} against {ascii(c)}): "
+            f"rename the folder")
 
 
 def _warn_unlabelled(listing: Listing) -> None:

@@ -735,6 +735,22 @@ def two_class_tree(root, per_class: int = 1) -> None:
                 Image.new("RGB", (40, 30), (40 + 100 * i, 30 * j, 20)).save(root / split / cls / f"{j}.png")
 
 
+def test_a_class_folder_in_another_unicode_form_is_named_as_such(capsys, tmp_path):
+    """macOS writes folder names decomposed ("e" + a combining accent); a checkpoint trained
+    elsewhere holds them composed. The names print alike: the error says how they differ."""
+    import unicodedata
+
+    nfc = "blu\u00e9"
+    nfd = unicodedata.normalize("NFD", nfc)
+    for split in ("train", "val"):
+        for i, c in enumerate(("a", nfd)):
+            (tmp_path / "tree" / split / c).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (40 + 100 * i, 30, 20)).save(tmp_path / "tree" / split / c / "0.png")
+    ck = checkpoint(tmp_path / "m.safetensors", ["a", nfc])
+    rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "tree", "--out", tmp_path / "ev")
+    one_line_error(rc, err, "written in another Unicode form ('blue\\u0301' against 'blu\\xe9'): rename the folder")
+
+
 def test_evaluate_without_split_takes_test_else_val(capsys, tmp_path):
     """The default split: test; for a train/ val/ ImageFolder tree, val; with neither, the
     error names the missing test split."""
