@@ -46,6 +46,14 @@ MAX_PIXELS = 100_000_000
 
 RESAMPLE = Image.Resampling.BILINEAR
 MAX_ASPECT = 4  # resize_center_crop resamples only the central patch of longer images
+# Formats Pillow reads by running another program: PostScript (EPS) goes to Ghostscript,
+# where one is installed. An upload to `serve` must never reach it: not an image, here.
+EXTERNAL_FORMATS = frozenset({"EPS"})
+
+
+def _formats() -> list[str]:
+    Image.init()  # (every plugin registered: the list is complete)
+    return [f for f in Image.OPEN if f not in EXTERNAL_FORMATS]
 
 # `max_pixels` is the size check here; Pillow's own warning for images above
 # Image.MAX_IMAGE_PIXELS (89 megapixels) would only repeat it. A process-wide filter
@@ -157,7 +165,7 @@ def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
     fp, owned = _open_fp(src)
     try:
         try:
-            img = Image.open(fp)
+            img = Image.open(fp, formats=_formats())
         except Exception as e:
             raise ImageError(_describe(e)) from None
         return as_rgb(img, max_pixels)

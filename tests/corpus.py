@@ -96,6 +96,9 @@ def build(folder: str | os.PathLike, with_fifo: bool = True, bytes_name: bool = 
     add(Case("truncated.png", reason="truncated"), png[: len(png) // 2])
     add(Case("text.jpg", reason="not an image"), b"hello, I am a text file named like a JPEG\n")
     add(Case("random.png", reason="not an image"), np.random.default_rng(3).bytes(500))
+    # PostScript, which Pillow would hand to Ghostscript where one is installed: never run
+    add(Case("drawing.png", reason="not an image"),
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n")
     add(Case("bomb.png", reason="too large"), bomb_png())
 
     # CMYK JPEG of one colour: Pillow's RGB->CMYK is C = 255 - R etc. with K = 0, so
