@@ -140,7 +140,6 @@ def _train_config(args: argparse.Namespace):
         file_cfg = _load_config_file(args.config)
         recipe = recipe or file_cfg.pop("recipe", None)
         over = merge_overrides(over, file_cfg)
-    recipe = recipe or ("demo" if args.data is None else "paper")
     flags = {
         ("data", "path"): args.data, ("data", "val_path"): args.val_data, ("model", "variant"): args.variant,
         ("model", "input_size"): args.input, ("train", "epochs"): args.epochs,
@@ -158,7 +157,11 @@ def _train_config(args: argparse.Namespace):
         over = merge_overrides(over, parse_override(item))
     if "recipe" in over and (args.recipe is None or over["recipe"] == args.recipe):
         recipe = over.pop("recipe")  # --set recipe=NAME: the recipe, as --recipe NAME is
-    return run_config(recipe, over)
+    # no recipe named: demo on the built-in data, paper on data of one's own, wherever its
+    # path was given (--data, the config file, --set data.path=...)
+    data = over.get("data")
+    own_data = isinstance(data, dict) and data.get("path") is not None
+    return run_config(recipe or ("paper" if own_data else "demo"), over)
 
 
 class _Stop(Exception):
@@ -334,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", type=_path, metavar="PATH", help="validation data (default: the source's val split, "
                                                        "else a held-out part of train)")
     p.add_argument("--recipe", choices=list(RECIPES), help="named preset: paper (section 5), fast (one-cycle, "
-                   "label smoothing, BatchNorm variant), demo (fast cut to minutes on 2 CPU cores); default demo without "
-                   "--data (the built-in data), paper with it")
+                   "label smoothing, BatchNorm variant), demo (fast cut to minutes on 2 CPU cores); default demo on the "
+                   "built-in data, paper when the data's path is given (--data, --config or --set data.path)")
     p.add_argument("--config", type=_path, metavar="FILE", help="JSON or TOML file with model/data/train sections")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. train.weight_decay=0.0005 (repeatable)")

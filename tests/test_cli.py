@@ -223,12 +223,19 @@ def test_train_config_file_and_overrides(tmp_path):
         _train_config(build_parser().parse_args(["train", "--config", str(f)]))
 
 
-def test_default_recipe_depends_on_the_data():
+def test_default_recipe_depends_on_the_data(tmp_path):
     from alexnet.cli import _train_config, build_parser
 
     assert _train_config(build_parser().parse_args(["train"])).recipe == "demo"
     cfg = _train_config(build_parser().parse_args(["train", "--data", "x"]))
     assert cfg.recipe == "paper" and cfg.train.lr == 0.01 and cfg.model.variant == "paper"
+    # the data's path from a config file or --set is data of one's own too (it got the
+    # demo's 220 steps of the bn network, whatever the epochs asked)
+    f = tmp_path / "c.json"
+    f.write_text('{"data": {"path": "x"}, "train": {"epochs": 90}}')
+    for argv in (["--config", str(f)], ["--set", "data.path=x"]):
+        cfg = _train_config(build_parser().parse_args(["train", *argv]))
+        assert (cfg.recipe, cfg.model.variant, cfg.train.max_steps) == ("paper", "paper", 0), argv
     # the demo's 220-step limit, lifted by --max-steps 0 as by train.max_steps=0 (it was refused: must be >= 1)
     assert _train_config(build_parser().parse_args(["train", "--epochs", "2"])).train.max_steps == 220
     cfg = _train_config(build_parser().parse_args(["train", "--epochs", "2", "--max-steps", "0"]))
