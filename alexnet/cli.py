@@ -188,8 +188,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     run = {"trainer": None, "gone": False}
 
-    def reader_gone():  # stdout's or stderr's reader is gone: stop after this step, and save
-        run["gone"] = True
+    def reader_gone(error: OSError):  # stdout or stderr cannot be written: stop after this step, and save
+        run["gone"] = run["gone"] or error
         if run["trainer"] is not None:
             run["trainer"].stop_requested = True
 
@@ -199,7 +199,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         code = _train(args, run)
     finally:
         sys.stdout, sys.stderr = streams
-    return 141 if run["gone"] else code  # as a SIGPIPE would end it, but with the checkpoint saved
+    gone = run["gone"]
+    if isinstance(gone, BrokenPipeError):
+        return 141  # as a SIGPIPE would end it, but with the checkpoint saved
+    if gone:  # (a full disk under `> log`: said on the other stream, if that one still writes)
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"alexnet: error: {gone.strerror}; training stopped after that step, its "
+                             f"checkpoint saved\n")
+            sys.stderr.flush()
+        return 2
+    return code
 
 
 def _train(args: argparse.Namespace, run: dict) -> int:
@@ -428,12 +437,33 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
+    from alexnet.progress import GuardedStream
+
     for name in ("stdout", "stderr"):  # closed (`2>&-`): Python gives None, whose first write ended the command
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w"))
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = GuardedStream(sys.stdout, "standard output"), GuardedStream(sys.stderr, "standard error")
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: list[str] | None) -> int:
+    from alexnet.progress import StreamError, to_devnull
+
     try:  # (the parser imports the commands' modules: a Ctrl-C may come meanwhile)
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a full disk under `> out` is found here, not by the exit's flush
+        return code
+    except StreamError as e:  # (stdout's, or stderr's: then this line goes nowhere either)
+        to_devnull(e.stream)  # what is left in its buffer, and the exit's flush, go nowhere
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"alexnet: error: {e.strerror}\n")
+            sys.stderr.flush()
+        return 2
     except (UserError, ConfigError, CheckpointError, FileNotFoundError, ExportError, ClassMismatchError,
             OutputError, WriteError) as e:
         sys.stderr.write(f"alexnet: error: {e}\n")
@@ -445,8 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("alexnet: interrupted\n")
         return 130
     except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as a SIGPIPE would
-        from alexnet.progress import to_devnull
-
         to_devnull(sys.stdout)  # the exit flush has nowhere to go
         return 141
 

@@ -81,11 +81,49 @@ def to_devnull(stream) -> None:
         pass
 
 
+class StreamError(OSError):
+    """Standard output or error could not be written (a full disk under `> log`, an I/O
+    error): `strerror` is the one line to show, `stream` the stream that failed."""
+
+    def __init__(self, errno: int | None, text: str, stream):
+        super().__init__(errno, text)
+        self.stream = stream
+
+
+class GuardedStream:
+    """sys.stdout or sys.stderr for a command: a write that fails for another reason than
+    a reader gone (BrokenPipeError, handled as such) is a `StreamError` naming the stream,
+    not a traceback from wherever it was printing."""
+
+    def __init__(self, stream, name: str):
+        self._stream, self._name = stream, name
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StreamError(e.errno, f"cannot write {self._name}: {e.strerror or e}", self) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StreamError(e.errno, f"cannot write {self._name}: {e.strerror or e}", self) from None
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
 class GoneReader:
     """A text stream (stdout, stderr) that outlives its reader: when the pipe it writes to
-    breaks (`alexnet train | tee log` and a Ctrl-C that ends tee too, or `| head`), later
-    writes go nowhere and `on_break` is called once, instead of a BrokenPipeError ending
-    the process wherever it was printing (a signal handler, or a step) before it saved."""
+    breaks (`alexnet train | tee log` and a Ctrl-C that ends tee too, or `| head`), or a
+    write fails (a full disk under `> log`), later writes go nowhere and `on_break` is
+    called once with the error, instead of the error ending the process wherever it was
+    printing (a signal handler, or a step) before it saved."""
 
     def __init__(self, stream, on_break):
         self._stream, self._on_break, self.broken = stream, on_break, False
@@ -94,21 +132,21 @@ class GoneReader:
         if not self.broken:
             try:
                 return self._stream.write(text)
-            except BrokenPipeError:
-                self._broke()
+            except OSError as e:
+                self._broke(e)
         return len(text)
 
     def flush(self) -> None:
         if not self.broken:
             try:
                 self._stream.flush()
-            except BrokenPipeError:
-                self._broke()
+            except OSError as e:
+                self._broke(e)
 
-    def _broke(self) -> None:
+    def _broke(self, error: OSError) -> None:
         self.broken = True
         to_devnull(self._stream)  # what is left in its buffer, and the exit's flush, go nowhere
-        self._on_break()
+        self._on_break(error)
 
     def __getattr__(self, name):  # isatty, fileno, encoding, ...
         return getattr(self._stream, name)

@@ -1,6 +1,7 @@
 """The command line: the summary table and its errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -117,6 +118,16 @@ def test_a_reader_that_leaves_early_stops_the_command_quietly():
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and err == "", err  # 128 + SIGPIPE, as a shell reports it
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_under_stdout_is_one_line():
+    """`alexnet summary > out` on a full disk: one line and exit 2, not a traceback (from
+    the print, or an "Exception ignored" from the exit's flush)."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "alexnet", "summary"], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (2, "alexnet: error: cannot write standard output: No space left on device\n")
 
 
 @pytest.mark.parametrize("entry", ["python -m", "console script"])

@@ -1139,6 +1139,32 @@ def test_a_stop_with_stdouts_reader_gone_still_saves(data, tmp_path, how):
     resumed.close()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_under_stdout_stops_and_saves_with_one_line(data, tmp_path):
+    """`alexnet train > log` on a disk that fills: the first print that cannot be written
+    ended the process with a traceback, before it saved. Now the run stops after the step,
+    saves, says so on stderr in one line and exits 2."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "r"
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "alexnet", "train", "--data", str(data), "--out", str(out),
+                            "--epochs", "40", "--batch-size", "8", "--no-test", "--set", "data.num_workers=0",
+                            "--set", f"model.fc_width={TEST_FC_WIDTH}", "--set", "train.checkpoint_every=0"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert ("alexnet: error: cannot write standard output: No space left on device; training stopped after "
+            "that step, its checkpoint saved") in r.stderr.splitlines(), r.stderr
+    last = json.loads((out / "checkpoints" / "last.json").read_text())
+    assert (out / "stopped").read_text() == f"stopped at step {last['step']}\n"
+    resumed = Trainer(None, out, resume=True, quiet=True)  # (here step 0: the run's first line failed)
+    assert resumed.step == last["step"]
+    resumed.close()
+
+
 @pytest.mark.parametrize("closed", [">&- 2>&-", pytest.param(">&-", marks=pytest.mark.slow),
                                     pytest.param("2>&-", marks=pytest.mark.slow)])
 def test_a_run_with_stdout_or_stderr_closed_trains_as_any(data, tmp_path, closed):
