@@ -234,6 +234,13 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
     from alexnet.fileio import shown, within
     from alexnet.sources import check_classes, open_dataset
 
+    if args.images and (args.queries is not None or args.query_split is not None):
+        given = [f for f, v in (("--queries", args.queries), ("--query-split", args.query_split)) if v is not None]
+        raise UserError(f"{' and '.join(given)} choose{'s' if len(given) == 1 else ''} queries from the data; "
+                        f"--images gives them: drop one or the other")
+    args.queries = 5 if args.queries is None else args.queries
+    args.query_split = args.query_split or "test"
+
     out = _output(args, "neighbours", *(args.images or ()))
     if args.data and os.path.isdir(args.data) and within(out, args.data):
         raise UserError(f"{out} is inside the data folder {args.data}, where it could replace one of its images "
@@ -360,12 +367,13 @@ def add_command(sub) -> None:
     n.add_argument("checkpoint", help="a .safetensors model file")
     n.add_argument("--data", type=_path, metavar="PATH", help="dataset (default: Fashion-MNIST)")
     n.add_argument("--split", default="train", help="split searched for neighbours (default train)")
-    n.add_argument("--query-split", default="test", choices=("test", "val"),
+    n.add_argument("--query-split", default=None, choices=("test", "val"),
                    help="split the queries come from (default test; IDX data such as Fashion-MNIST "
                         "has one file, t10k, for both); each query is printed with its file")
-    n.add_argument("--queries", type=_positive_int, default=5, metavar="N",
+    n.add_argument("--queries", type=_positive_int, default=None, metavar="N",
                    help="query images, evenly spread over the query split (default 5)")
-    n.add_argument("--images", nargs="+", metavar="IMAGE", help="query with these image files instead")
+    n.add_argument("--images", nargs="+", metavar="IMAGE",
+                   help="query with these image files instead (then --queries and --query-split have no use)")
     n.add_argument("--k", type=_positive_int, default=6, metavar="K", help="neighbours per query (default 6)")
     n.add_argument("--limit", type=_positive_int, metavar="M",
                    help="search only M training images, evenly spread (default all)")

@@ -351,6 +351,9 @@ def test_no_picture_replaces_an_input_and_a_bad_output_is_refused_before_any_wor
         (("filters", model, "--out", tmp_path / "f.jpg"), "this writes a PNG picture; give a name ending in "
                                                           ".png"),
         (("activations", model, image, "--out", tmp_path / "a"), "ending in .png"),
+        (("neighbours", model, "--data", nowhere, "--images", image, "--queries", "3", "--query-split", "val"),
+         "--queries and --query-split choose queries from the data; --images gives them"),
+        (("neighbours", model, "--data", nowhere, "--images", image, "--queries", "3"), "--queries chooses"),
         # a valid image name whose default picture name (checkpoint-layer-image.png) is too long
         (("activations", model, long_named), "bytes, longer than the 255 the file system allows"),
         (("filters", model, "--out", tmp_path / ("y" * 252 + ".png")), "256 bytes, longer than the 255"),
