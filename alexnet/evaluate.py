@@ -177,6 +177,11 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
         if split is None:
             try:
                 dataset, split = open_dataset(data_path, "test", size, labels=labels, classes=ck.classes), "test"
+                # a store serves the test split whether it was prepared from test or val: the
+                # report names the split it holds
+                index = getattr(dataset, "index", None)
+                if isinstance(index, dict) and index.get("split") in ("val", "test"):
+                    split = index["split"]
             except MissingSplitError as no_test:
                 try:
                     dataset, split = open_dataset(data_path, "val", size, labels=labels, classes=ck.classes), "val"

@@ -762,6 +762,14 @@ def test_evaluate_without_split_takes_test_else_val(capsys, tmp_path):
     assert doc["split"] == "val" and doc["images"] == 2
     import shutil
 
+    # a store of the val split serves as the test split; the report names the split it holds
+    rc, out, err = main(capsys, "prepare", tmp_path / "tree", tmp_path / "st", "--split", "val", "--quiet",
+                        "--workers", "1")
+    assert rc == 0, err
+    rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "st", "--out", tmp_path / "ev3")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "ev3" / "eval.json").read_text())["split"] == "val" and out.startswith("val:")
+
     shutil.rmtree(tmp_path / "tree" / "val")
     rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "tree", "--out", tmp_path / "ev2")
     one_line_error(rc, err, "no 'test' split")
