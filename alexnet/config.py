@@ -385,10 +385,16 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def merge_overrides(base: dict, over: dict) -> dict:
+def merge_overrides(base: dict, over: dict, _where: str = "") -> dict:
+    """`over`'s values over `base`'s, nested dicts merged key by key. A value of `base`
+    that should be a section (`over` has keys under it) but is not is refused, not
+    replaced: `{"train": 5}` in a config file is a mistake that `--epochs 3` must not hide."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge_overrides(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, dict) and k in out and not isinstance(out[k], dict):
+            was = out[k].number if isinstance(out[k], NumberText) else out[k]
+            raise ConfigError(f"{_where}{k} must be a mapping, not {type(was).__name__}")
+        out[k] = merge_overrides(out[k], v, f"{_where}{k}.") if isinstance(v, dict) and k in out else v
     return out
 
 

@@ -234,6 +234,19 @@ def test_train_config_file_and_overrides(tmp_path):
         _train_config(build_parser().parse_args(["train", "--config", str(f)]))
 
 
+def test_a_config_section_that_is_not_one_is_refused_even_when_a_flag_sets_a_key_in_it(tmp_path):
+    """`{"train": 5}` with --epochs 3: the flag's section replaced the bad value unseen."""
+    from alexnet.cli import _train_config, build_parser
+    from alexnet.config import ConfigError
+
+    f = tmp_path / "c.json"
+    f.write_text('{"train": 5}')
+    for argv in (["--config", str(f), "--epochs", "3"], ["--set", "train=5", "--set", "train.lr=0.1"],
+                 ["--config", str(f)]):
+        with pytest.raises(ConfigError, match="^train must be a mapping, not int$"):
+            _train_config(build_parser().parse_args(["train", *argv]))
+
+
 def test_default_recipe_depends_on_the_data(tmp_path):
     from alexnet.cli import _train_config, build_parser
 
