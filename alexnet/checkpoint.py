@@ -131,12 +131,16 @@ def load_model_file(path: str | Path) -> Checkpoint:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("format") in (FORMAT, FORMAT_V1):  # (another file's tensors: not read at all)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})"
                               f"{_convert_hint(path)}") from None
     if meta.get("format") not in (FORMAT, FORMAT_V1):
-        raise CheckpointError(f"{path} is not an alexnet checkpoint (format {meta.get('format')!r})")
+        what = (f"its format is {meta['format']!r}" if "format" in meta else
+                "it is a prepared store's data statistics" if path.name == "stats.safetensors" and "of" in meta
+                else "it has no alexnet metadata")
+        raise CheckpointError(f"{path} is a safetensors file but not an alexnet model file ({what})")
     try:
         model_dict = json.loads(meta["model_config"])
         if meta["format"] == FORMAT_V1:

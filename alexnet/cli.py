@@ -32,6 +32,20 @@ class _Parser(argparse.ArgumentParser):
         command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
         self.exit(2, f"alexnet: error: {command}{message}\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but arguments no (sub)command takes are reported by the command
+        they were given to (argparse reports them from the top: without the command)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self
+            for word in list(sys.argv[1:] if args is None else args):
+                sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+                if sub is None or word not in sub.choices:
+                    break
+                parser = sub.choices[word]
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
 
 def _int(text: str) -> int:
     try:
@@ -59,6 +73,16 @@ def _path(text: str) -> str:
     the current folder, or be taken as not given."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _out_path(text: str) -> str:
+    """An output's path: not empty (see `_path`), and not "-", which here would be a file
+    or folder named "-", not standard output."""
+    text = _path(text)
+    if text.strip() == "-":
+        raise argparse.ArgumentTypeError("'-' would be a file named '-' (this writes files, not standard output); "
+                                         "give a name")
     return text
 
 
@@ -313,11 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "files, the mean image and the RGB eigen-decomposition. Bad "
                                    "files are skipped and listed in OUT/skipped.tsv. Interrupted "
                                    "runs continue where they stopped when run again.")
-    p.add_argument("src", metavar="SRC",
+    p.add_argument("src", metavar="SRC", type=_path,
                    help="an ImageFolder tree (root with train/ and val/, or class folders), a "
                         "flat ILSVRC2012 validation folder, a folder of IDX files, or "
                         "'fashion-mnist'")
-    p.add_argument("out", metavar="OUT", help="store folder to write (new, or an unfinished one)")
+    p.add_argument("out", metavar="OUT", type=_out_path, help="store folder to write (new, or an unfinished one)")
     p.add_argument("--split", choices=("train", "val", "test"), default="train",
                    help="which split of SRC (default train)")
     p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
@@ -370,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where crops, flips, mean and lighting run (default auto: on a GPU the device, "
                         "else the loader)")
     p.add_argument("--ten-crop", action="store_true", help="validate with the paper's 10 crops")
-    p.add_argument("--out", type=_path, metavar="DIR", help="run folder (default runs/DATE-TIME-RECIPE)")
+    p.add_argument("--out", type=_out_path, metavar="DIR", help="run folder (default runs/DATE-TIME-RECIPE)")
     p.add_argument("--resume", type=_path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR exactly where it stopped")
     p.add_argument("--no-test", action="store_true", help="skip the final test-set evaluation (remembered "
@@ -380,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="top-1/top-5 error of a checkpoint on a dataset",
                        description="Evaluate a model file: top-1 and top-5 error and accuracy, per-class "
                                    "accuracy, a confusion-matrix PNG (up to 100 classes) and eval.json.")
-    p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
+    p.add_argument("checkpoint", type=_path, help="a .safetensors model file (e.g. RUN/best.safetensors)")
     p.add_argument("--data", type=_path, metavar="PATH", help="dataset (default: Fashion-MNIST)")
     p.add_argument("--split", default=None, help="split of the source to use (default test, or val where "
                                                  "the source has no test split, as a train/ val/ tree)")
@@ -394,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loader processes (default -1: none on a CPU, up to 8 beside a GPU)")
     p.add_argument("--augment-on", choices=["auto", "loader", "device"], default="auto",
                    help="where the test crops are cut (default auto: on a GPU the device, else the loader)")
-    p.add_argument("--out", type=_path, metavar="DIR", help="where eval.json and confusion.png go (default: beside "
+    p.add_argument("--out", type=_out_path, metavar="DIR", help="where eval.json and confusion.png go (default: beside "
                                                  "the checkpoint, in eval-SPLIT[-10crop]/)")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -415,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true", help="also time each speed lever on its own")
     p.add_argument("--compile", action="store_true", help="torch.compile our contender")
     p.add_argument("--num-classes", type=_positive_int, default=1000, metavar="N")
-    p.add_argument("--json", type=_path, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", type=_out_path, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     p.set_defaults(func=_cmd_bench)
 

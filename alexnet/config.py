@@ -280,6 +280,9 @@ class DataConfig:
             raise ConfigError(f"data.pixel_scale must be positive, not {self.pixel_scale}")
         if self.num_workers < -1:
             raise ConfigError(f"data.num_workers must be >= 0 (or -1 for auto), not {self.num_workers}")
+        for key in ("path", "val_path"):  # "" would be the current folder (an unset shell variable)
+            if getattr(self, key) is not None and not str(getattr(self, key)).strip():
+                raise ConfigError(f"data.{key} must not be empty (leave it out for the default)")
 
 
 @dataclass(frozen=True)

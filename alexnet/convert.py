@@ -385,6 +385,8 @@ def _cmd_torchvision(args: argparse.Namespace) -> int:
 
 def add_command(sub) -> None:
     """`alexnet convert caffe|torchvision SRC OUT`."""
+    from alexnet.cli import _out_path, _path
+
     p = sub.add_parser("convert", help="import pretrained weights (Caffe, torchvision) as a model file",
                        description="Convert pretrained AlexNet weights into a .safetensors model file that "
                                    "predict and evaluate use as they are, with the source's preprocessing "
@@ -394,8 +396,8 @@ def add_command(sub) -> None:
     c = kinds.add_parser("caffe", help="BVLC AlexNet (bvlc_alexnet.caffemodel)",
                          description="Read a Caffe NetParameter (new 'layer' or V1 'layers' files) with BVLC "
                                      "AlexNet's layers into the paper variant (Caffe's LRN, 227 input).")
-    c.add_argument("src", metavar="FILE.caffemodel")
-    c.add_argument("out", metavar="OUT", help="model file to write (.safetensors)")
+    c.add_argument("src", metavar="FILE.caffemodel", type=_path)
+    c.add_argument("out", metavar="OUT", type=_out_path, help="model file to write (.safetensors)")
     c.add_argument("--mean", metavar="MEAN.binaryproto",
                    help="Caffe mean image (ilsvrc_2012_mean.binaryproto); default the per-channel "
                         "BVLC mean (B, G, R) = (104, 117, 123)")
@@ -403,6 +405,6 @@ def add_command(sub) -> None:
     t = kinds.add_parser("torchvision", help="torchvision's alexnet weights (alexnet-owt-*.pth)",
                          description="Read torchvision's AlexNet state dict (tensors only, weights_only "
                                      "unpickling) into the owt variant (224 input).")
-    t.add_argument("src", metavar="FILE.pth")
-    t.add_argument("out", metavar="OUT", help="model file to write (.safetensors)")
+    t.add_argument("src", metavar="FILE.pth", type=_path)
+    t.add_argument("out", metavar="OUT", type=_out_path, help="model file to write (.safetensors)")
     t.set_defaults(func=_cmd_torchvision)

@@ -262,6 +262,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_command(sub) -> None:
+    from alexnet.cli import _out_path, _path
+
     p = sub.add_parser("export", help="write a checkpoint as an ONNX graph or a torch.export program",
                        description="Export a model file as ONNX for onnxruntime, or as a torch.export "
                                    "program (.pt2) for torch.export.load and AOTInductor, with a dynamic "
@@ -270,8 +272,8 @@ def add_command(sub) -> None:
                                    "and `probabilities`; class names and preprocessing in the metadata. "
                                    "The program is run by its engine and compared with PyTorch "
                                    "before it is written.")
-    p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
-    p.add_argument("out", metavar="OUT", help="file to write, ending in .onnx or .pt2, which decides the format")
+    p.add_argument("checkpoint", type=_path, help="a .safetensors model file (e.g. RUN/best.safetensors)")
+    p.add_argument("out", metavar="OUT", type=_out_path, help="file to write, ending in .onnx or .pt2, which decides the format")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="onnx (needs the export extra) or pt2 (torch.export; needs only torch); it must "
                         "agree with OUT's extension")

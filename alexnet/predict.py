@@ -265,14 +265,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def add_command(sub) -> None:
     """Register `alexnet predict` on an argparse subparsers object."""
-    from alexnet.cli import _positive_int
+    from alexnet.cli import _path, _positive_int
 
     p = sub.add_parser("predict", help="classify images with a trained model file",
                        description="Print the most likely classes of each image, with their probabilities, "
                                    "using the checkpoint's own preprocessing. A file that cannot be read is "
                                    "reported on stderr and the others are still classified; the exit code "
                                    "is then 1.")
-    p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
+    p.add_argument("checkpoint", type=_path, help="a .safetensors model file (e.g. RUN/best.safetensors)")
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files, folders (searched recursively) or quoted glob patterns ('imgs/*.jpg')")
     p.add_argument("--top", type=_positive_int, default=5, metavar="K",

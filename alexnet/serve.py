@@ -339,7 +339,7 @@ def _upload_mb(text: str) -> float:
 
 def add_command(sub) -> None:
     """Register `alexnet serve` on an argparse subparsers object."""
-    from alexnet.cli import _positive_int
+    from alexnet.cli import _path, _positive_int
 
     p = sub.add_parser("serve", help="a web page and JSON API to classify your own images",
                        description="Serve a page where you upload or drop an image and see the top 5 classes, "
@@ -347,7 +347,7 @@ def add_command(sub) -> None:
                                    "(POST /api/predict, GET /api/info, GET /api/stats, GET /api/filters.png; "
                                    "docs at /docs). "
                                    "Runs until Ctrl-C or SIGTERM (exit 0).")
-    p.add_argument("checkpoint", help="a .safetensors model file (e.g. RUN/best.safetensors)")
+    p.add_argument("checkpoint", type=_path, help="a .safetensors model file (e.g. RUN/best.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
                                                        "only; 0.0.0.0 for all)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0 picks a free one)")

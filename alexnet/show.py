@@ -341,7 +341,7 @@ def _cmd_activations(args: argparse.Namespace) -> int:
 
 def add_command(sub) -> None:
     """Register `alexnet show` and its three pictures on an argparse subparsers object."""
-    from alexnet.cli import _path, _positive_int
+    from alexnet.cli import _out_path, _path, _positive_int
 
     p = sub.add_parser("show", help="pictures of what a trained network learned",
                        description="Draw what a model file learned: its first-layer kernels, the "
@@ -354,8 +354,8 @@ def add_command(sub) -> None:
                          description="conv1's kernels, each stretched to the full colour range, the kernels "
                                      "of each GPU group (conv2's groups) in their own block, as in the "
                                      "paper's Figure 3.")
-    f.add_argument("checkpoint", help="a .safetensors model file")
-    f.add_argument("--out", type=_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-filters.png")
+    f.add_argument("checkpoint", type=_path, help="a .safetensors model file")
+    f.add_argument("--out", type=_out_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-filters.png")
     f.set_defaults(func=_cmd_filters)
 
     n = kinds.add_parser("neighbours", help="training images nearest to queries in fc7 (paper Figure 4)",
@@ -364,7 +364,7 @@ def add_command(sub) -> None:
                                      "Euclidean distance, as in the "
                                      "paper's Figure 4: one row per query, the query then its neighbours. "
                                      "The search is exact; it prints the neighbours' indices and distances.")
-    n.add_argument("checkpoint", help="a .safetensors model file")
+    n.add_argument("checkpoint", type=_path, help="a .safetensors model file")
     n.add_argument("--data", type=_path, metavar="PATH", help="dataset (default: Fashion-MNIST)")
     n.add_argument("--split", default="train", help="split searched for neighbours (default train)")
     n.add_argument("--query-split", default=None, choices=("test", "val"),
@@ -380,17 +380,17 @@ def add_command(sub) -> None:
     n.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
                    help="images per forward pass (default 64)")
     n.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N")
-    n.add_argument("--out", type=_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-neighbours.png")
+    n.add_argument("--out", type=_out_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-neighbours.png")
     n.set_defaults(func=_cmd_neighbours)
 
     a = kinds.add_parser("activations", help="one layer's feature maps for one image",
                          description="The feature maps of one layer of the convolutional part for one "
                                      "image (its centre crop), as grey panels on one shared scale.")
-    a.add_argument("checkpoint", help="a .safetensors model file")
-    a.add_argument("image", metavar="IMAGE", help="an image file")
+    a.add_argument("checkpoint", type=_path, help="a .safetensors model file")
+    a.add_argument("image", metavar="IMAGE", type=_path, help="an image file")
     a.add_argument("--layer", default="conv1",
                    help="conv1, relu1, norm1, pool1, conv2, ..., conv5, relu5, pool5 (default conv1)")
     a.add_argument("--max-maps", type=_positive_int, default=96, metavar="N",
                    help="show the first N maps (default 96)")
-    a.add_argument("--out", type=_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-LAYER-IMAGE.png")
+    a.add_argument("--out", type=_out_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-LAYER-IMAGE.png")
     a.set_defaults(func=_cmd_activations)

@@ -564,7 +564,12 @@ def bad_weight_files(d: Path, good: Path) -> dict[str, tuple[Path, str]]:
     save_file(shapes, str(d / "shape.safetensors"), meta)
     out["shape.safetensors"] = (d / "shape.safetensors", "weights do not fit")
     save_file(state, str(d / "nometa.safetensors"))
-    out["nometa.safetensors"] = (d / "nometa.safetensors", "not an alexnet checkpoint")
+    out["nometa.safetensors"] = (d / "nometa.safetensors",
+                                 "is a safetensors file but not an alexnet model file (it has no alexnet metadata)")
+    (d / "store").mkdir()  # a prepared store's statistics, mistaken for a model file
+    save_file({"mean_image": torch.zeros(3, 8, 8)}, str(d / "store" / "stats.safetensors"),
+              {"of": "the 6 images of this train store"})
+    out["stats.safetensors"] = (d / "store" / "stats.safetensors", "(it is a prepared store's data statistics)")
     return out
 
 

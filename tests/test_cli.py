@@ -208,6 +208,19 @@ def test_an_error_line_is_one_write(monkeypatch):
     (["bench", "--json", ""], "alexnet: error: bench: argument --json: must not be empty"),
     (["show", "filters", "m.safetensors", "--out", ""],
      "alexnet: error: show filters: argument --out: must not be empty"),
+    # positional paths too; "-" as an output would be a file or folder named "-"
+    (["prepare", "src", ""], "alexnet: error: prepare: argument OUT: must not be empty"),
+    (["prepare", "", "out"], "alexnet: error: prepare: argument SRC: must not be empty"),
+    (["predict", "", "x.png"], "alexnet: error: predict: argument checkpoint: must not be empty"),
+    (["prepare", "src", "-"], "alexnet: error: prepare: argument OUT: '-' would be a file named '-'"),
+    (["evaluate", "m.safetensors", "--out", "-"], "alexnet: error: evaluate: argument --out: '-' would be"),
+    (["export", "m.safetensors", "-"], "alexnet: error: export: argument OUT: '-' would be"),
+    (["convert", "caffe", "x.caffemodel", "-"], "alexnet: error: convert caffe: argument OUT: '-' would be"),
+    (["train", "--set", "data.path="], "alexnet: error: data.path must not be empty"),
+    # options no command takes: named by the command (they were said from the top, without it)
+    (["summary", "--bogus"], "alexnet: error: summary: unrecognized arguments: --bogus"),
+    (["show", "filters", "m.safetensors", "--bogus", "x"],
+     "alexnet: error: show filters: unrecognized arguments: --bogus x"),
 ])
 def test_usage_errors_have_the_prefix_of_every_other_error(capsys, argv, line):
     """argparse's own errors start as the commands' do, the (sub)command after it."""
