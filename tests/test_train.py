@@ -1030,7 +1030,7 @@ def uninterrupted(data, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("epochs", [1, 2])
+@pytest.mark.parametrize("epochs", [1, pytest.param(2, marks=pytest.mark.slow)])  # (2: ~19 s; 1 has the same path)
 def test_a_kill_between_the_epoch_checkpoint_and_best_is_mended_by_the_resume(data, tmp_path, monkeypatch, epochs,
                                                                               uninterrupted):
     """best.safetensors comes after the epoch's checkpoint: a kill between them leaves the
