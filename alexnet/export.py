@@ -101,15 +101,21 @@ class Serving(nn.Module):
         return logits, torch.softmax(logits, dim=1)
 
 
-def serving(ck: Checkpoint, model: AlexNet) -> Serving:
-    """`model` (built from `ck`) behind `ck`'s mean image and pixel_scale."""
+def eval_transform(ck: Checkpoint, model: AlexNet):
+    """`ck`'s test preprocessing (`augment.EvalTransform`: its mean image, pixel_scale), or
+    None for a checkpoint without a mean image."""
     from alexnet.augment import EvalTransform
 
-    scale = float(ck.preprocess.get("pixel_scale", 1.0))
-    transform = EvalTransform(ck.stats, model.cfg.input_size, scale=scale) if ck.stats is not None else None
-    program = Serving(model, None if transform is None else transform.mean_crops, scale)
-    program.transform = transform  # (what `compare` checks the program against)
-    return program
+    if ck.stats is None:
+        return None
+    return EvalTransform(ck.stats, model.cfg.input_size, scale=float(ck.preprocess.get("pixel_scale", 1.0)))
+
+
+def serving(ck: Checkpoint, model: AlexNet) -> Serving:
+    """`model` (built from `ck`) behind `ck`'s mean image and pixel_scale."""
+    transform = eval_transform(ck, model)
+    return Serving(model, None if transform is None else transform.mean_crops,
+                   float(ck.preprocess.get("pixel_scale", 1.0)))
 
 
 def metadata(ck: Checkpoint) -> dict[str, str]:
@@ -180,19 +186,14 @@ def load_pt2(data: bytes | str | Path) -> tuple[nn.Module, dict[str, str]]:
     return program.module(), meta
 
 
-def compare(model: AlexNet, data: bytes, fmt: str = "onnx", transform=None, batch: int = 2,
-            seed: int = 0) -> float:
+def compare(model: AlexNet, data: bytes, fmt: str, transform, batch: int = 2, seed: int = 0) -> float:
     """max |exported - PyTorch| over the logits of a random batch, divided by max |logit|;
     the exported program (`fmt`) is run by its own engine (ENGINES) on the images' centre
-    crops, PyTorch's `model` on what `transform` (the checkpoint's `EvalTransform`; None: a
-    zero mean) makes of the same images."""
-    from alexnet.augment import EvalTransform, center_crop
-    from alexnet.dataset import DataStats
+    crops, PyTorch's `model` on what `transform` (the checkpoint's `EvalTransform`) makes
+    of the same images."""
+    from alexnet.augment import center_crop
 
     model = model.eval()
-    s = model.cfg.input_size
-    if transform is None:
-        transform = EvalTransform(DataStats(torch.zeros(3, s, s), torch.ones(3), torch.eye(3)), s)
     size = transform.size
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
@@ -238,7 +239,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
     check_preprocess_fits(checkpoint, ck.model_config, ck.stats, ck.preprocess)
     model = ck.build_model().eval()
     data = to_onnx(ck, model) if fmt == "onnx" else to_pt2(ck, model)
-    diff = compare(model, data, fmt, serving(ck, model).transform)
+    diff = compare(model, data, fmt, eval_transform(ck, model))
     if not diff <= REL_TOLERANCE:  # NaN included
         raise ExportError(f"{ENGINES[fmt]}'s logits differ from PyTorch's by {diff:.2e} of their scale "
                           f"(more than {REL_TOLERANCE:.0e}); nothing written")
