@@ -213,19 +213,10 @@ def images_below(folder: str) -> list[str]:
     folder: links to folders followed, each real folder once (a link back up ends), hidden
     folders (.thumbnails) and files (._photo.jpg) left out. Not only regular files: a
     broken link or a FIFO named .jpg is listed, so that reading it says why."""
-    from alexnet.sources import _unlistable, is_image_name
+    from alexnet.sources import is_image_name, walk_folder
 
-    out, seen = [], {os.path.realpath(folder)}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=_unlistable):
-        keep = []
-        for n in sorted(dirnames):
-            real = os.path.realpath(os.path.join(dirpath, n))
-            if not n.startswith(".") and real not in seen:
-                seen.add(real)
-                keep.append(n)
-        dirnames[:] = keep
-        out += [os.path.join(dirpath, n) for n in filenames if is_image_name(n)]
-    return sorted(out)
+    return sorted(os.path.join(dirpath, n) for dirpath, filenames in walk_folder(folder, {os.path.realpath(folder)})
+                  for n in filenames if is_image_name(n))
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -477,6 +477,23 @@ def _unlistable(e: OSError) -> None:
     raise DataSourceError(f"cannot list {e.filename}: {e.strerror or e}")
 
 
+def walk_folder(top: str | os.PathLike, seen: set[str], others: tuple[str, ...] = ()
+                ) -> Iterator[tuple[str, list[str]]]:
+    """(folder, its file names) for `top` and every folder below it: links to folders
+    followed, but never into a folder in `seen` (real paths: a link back up ends; the
+    folders walked are added) or under one of `others` (real paths ending in a separator),
+    hidden folders (.thumbnails) left out; a folder that cannot be listed is an error."""
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=_unlistable):
+        keep = []
+        for n in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, n))
+            if not n.startswith(".") and real not in seen and not real.startswith(others):
+                seen.add(real)
+                keep.append(n)
+        dirnames[:] = keep
+        yield dirpath, filenames
+
+
 def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = None) -> Listing:
     """An ImageFolder tree: class = first-level folder (sorted names), images anywhere
     below it. With `classes` (a training split's), those are the classes: images of other
@@ -497,14 +514,7 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
         files = []
         seen = {os.path.realpath(root), *tops.values()}
         others = tuple(t + os.sep for c, t in tops.items() if c != d)
-        for dirpath, dirnames, filenames in os.walk(root / d, followlinks=True, onerror=_unlistable):
-            keep = []
-            for n in sorted(dirnames):
-                real = os.path.realpath(os.path.join(dirpath, n))
-                if not n.startswith(".") and real not in seen and not real.startswith(others):
-                    seen.add(real)
-                    keep.append(n)
-            dirnames[:] = keep
+        for dirpath, filenames in walk_folder(root / d, seen, others):
             rel = Path(dirpath).relative_to(root).as_posix()
             for name in filenames:
                 if is_image_name(name):
