@@ -288,9 +288,10 @@ def run(batches: list[int], modes: list[str], steps: int, device: torch.device, 
 
 
 def out_of_memory(e: BaseException) -> bool:
-    """`e` is the allocator saying it has no memory left (the CPU's or the GPU's)."""
+    """`e` is an allocator saying it has no memory left (Python's, the CPU's or the GPU's)."""
     text = str(e)
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+    return (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+            or "out of memory" in text)
 
 
 def machine(device: torch.device) -> str:

@@ -293,7 +293,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                            log=lambda line: print(line, flush=True),
                            on_block=(lambda so_far: bench.write_json(so_far, args.json)) if args.json else None)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        if not isinstance(e, MemoryError) and not bench.out_of_memory(e):
+        if not bench.out_of_memory(e):
             raise
         kept = f"; {args.json} keeps the batch sizes measured before" if args.json else ""
         raise UserError(f"out of memory on {device} with --batch {' '.join(map(str, args.batch))} and "

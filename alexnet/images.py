@@ -29,6 +29,7 @@ This module needs only Pillow and numpy (no torch), so decoding workers start fa
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -51,9 +52,11 @@ MAX_ASPECT = 4  # resize_center_crop resamples only the central patch of longer 
 EXTERNAL_FORMATS = frozenset({"EPS"})
 
 
-def _formats() -> list[str]:
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    """Pillow's formats but EXTERNAL_FORMATS, in its own order; made once, not per image."""
     Image.init()  # (every plugin registered: the list is complete)
-    return [f for f in Image.OPEN if f not in EXTERNAL_FORMATS]
+    return tuple(f for f in Image.OPEN if f not in EXTERNAL_FORMATS)
 
 # `max_pixels` is the size check here; Pillow's own warning for images above
 # Image.MAX_IMAGE_PIXELS (89 megapixels) would only repeat it. A process-wide filter
