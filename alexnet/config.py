@@ -55,8 +55,8 @@ class LRNConfig:
                 raise ConfigError(f"lrn.{name} must be a finite number, not {v!r}")
         if self.form not in LRN_FORMS:
             raise ConfigError(f"lrn.form must be one of {', '.join(LRN_FORMS)}, not {self.form!r}")
-        if self.size < 1 or self.size % 2 == 0:
-            raise ConfigError(f"lrn.size must be a positive odd number, not {self.size}")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1 or self.size % 2 == 0:
+            raise ConfigError(f"lrn.size must be a positive odd integer, not {self.size!r}")
         if self.k <= 0:
             raise ConfigError(f"lrn.k must be positive, not {self.k}")
         if self.alpha < 0:

@@ -133,7 +133,6 @@ class AlexNet(nn.Module):
         self.features = nn.Sequential(*(m for _, m in features))
         self.classifier = nn.Sequential(*(m for _, m in classifier))
         self._names = [n for n, _ in features] + [n for n, _ in classifier]
-        self._blocks = _fusable_blocks(self.features)
         self.fuse = True
         self.reset_parameters()
 
@@ -174,11 +173,14 @@ class AlexNet(nn.Module):
         return self.classifier(x)  # (N, num_classes)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fuse or not _is_cl(x):
-            return self.features(x)
+        if not self.fuse or not _is_cl(x) or _hooked([self.features]):
+            return self.features(x)  # (a hook on the Sequential itself: it must be called)
+        # the plan is read off the layers as they are now (a few dozen Python steps): a layer
+        # swapped or an LRN's cfg changed after building is honoured as on the NCHW path
         i, layers = 0, list(self.features)
+        blocks = _fusable_blocks(self.features)
         while i < len(layers):
-            block = self._blocks.get(i)
+            block = blocks.get(i)
             if block is not None and block_fusable(x) and not _hooked(layers[i:block[0]]):
                 end, lrn, pool = block
                 x = relu_lrn_pool(x, lrn, pool)

@@ -92,6 +92,14 @@ def test_keyword_arguments_in_python_are_checked_as_a_config_file_is(kwargs, mes
         build_model("paper", **kwargs)
 
 
+@pytest.mark.parametrize("size", [5.0, True, "5", 4, 0])
+def test_lrn_size_from_python_must_be_a_positive_odd_integer(size):
+    """LRNConfig(size=5.0) was taken and failed in the first forward pass (a ctypes error in
+    the kernel); True was taken as n = 1."""
+    with pytest.raises(ConfigError, match=f"^lrn.size must be a positive odd integer, not {re.escape(repr(size))}$"):
+        LRNConfig(size=size)
+
+
 def test_owt_from_python_is_torchvisions_module():
     """build_model("owt") takes a torchvision state dict as it is and gives its outputs:
     224 input and nn.Dropout's inverted form (reference.plain_alexnet is the oracle)."""

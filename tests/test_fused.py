@@ -247,6 +247,37 @@ def test_a_hook_on_a_fused_layer_sees_its_output(monkeypatch):
     handle.remove()
 
 
+def test_a_hook_on_the_features_sequential_is_called(monkeypatch):
+    """A hook on model.features (torchvision's idiom for the conv part's output) fires on
+    channels_last input too; that call runs the Sequential, so nothing is fused."""
+    calls = count_fused(monkeypatch)
+    m = build_model("paper", num_classes=10).eval().to(memory_format=CL)
+    seen = []
+    handle = m.features.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        m(torch.randn(1, 3, 227, 227).contiguous(memory_format=CL))
+    assert seen == [(1, 256, 6, 6)] and calls == []
+    handle.remove()
+    with torch.no_grad():
+        m(torch.randn(1, 3, 227, 227).contiguous(memory_format=CL))
+    assert len(calls) == 3  # fused again once the hook is gone
+
+
+def test_layers_changed_after_building_are_honoured_on_the_fast_path():
+    """Swapping a layer or changing an LRN's settings after build_model: the channels_last
+    path computes what the NCHW module path computes (it used to keep the plan of the
+    layers it was built with)."""
+    torch.manual_seed(0)
+    m = build_model("paper", num_classes=10, init="kaiming").eval()
+    m.layer("norm2").cfg = LRNConfig(form="caffe", k=1.0)
+    m.features[2] = nn.Identity()  # norm1 out
+    x = torch.randn(2, 3, 227, 227) * 60
+    with torch.no_grad():
+        want = m._features(x)
+        got = m._features(x.contiguous(memory_format=CL))
+    assert_close_scaled(got, want, "features", rel=2e-5)
+
+
 def test_nchw_input_and_fuse_off_take_the_module_path(monkeypatch):
     calls = count_fused(monkeypatch)
     m = build_model("paper", num_classes=10).eval()
