@@ -328,7 +328,7 @@ def _cmd_activations(args: argparse.Namespace) -> int:
     conv_part = [n for n, _ in clf.model.named_layers()][:len(clf.model.features)]
     if args.layer not in conv_part:  # (before the picture's name is made of it: conv9/ is no name)
         raise UserError(f"unknown layer {args.layer!r}; layers with feature maps: {', '.join(conv_part)}")
-    out = _output(args, f"{args.layer}-{Path(args.image).stem}", args.image)
+    out = _output(args, f"{args.layer}-{Path(args.image).name}", args.image)  # photo.jpg, photo.png: two
     x = clf.transforms[False](_prepare(clf, args.image)[None])[0]  # (3, crop, crop)
     maps = activations(clf.model, x, args.layer)  # (C, H, W)
     shown = maps[:args.max_maps]
@@ -392,5 +392,6 @@ def add_command(sub) -> None:
                    help="conv1, relu1, norm1, pool1, conv2, ..., conv5, relu5, pool5 (default conv1)")
     a.add_argument("--max-maps", type=_positive_int, default=96, metavar="N",
                    help="show the first N maps (default 96)")
-    a.add_argument("--out", type=_out_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-LAYER-IMAGE.png")
+    a.add_argument("--out", type=_out_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-LAYER-IMAGE.png, IMAGE the image's file name "
+                        "with its extension (best-conv1-cat.jpg.png)")
     a.set_defaults(func=_cmd_activations)

@@ -293,7 +293,13 @@ def test_activations_command_pictures(capsys, ck, photo, tmp_path):
     rc, text, err = run(capsys, "activations", ck, photo)
     assert rc == 0, err
     assert "conv1 (96, 55, 55)" in text
-    assert read_png(ck.with_name("net-conv1-photo.png")).shape == (850, 800, 3)  # 10 x 10 maps of 80 px
+    assert read_png(ck.with_name("net-conv1-photo.png.png")).shape == (850, 800, 3)  # 10 x 10 maps of 80 px
+    jpeg = tmp_path / "photo.jpg"  # the same stem: its own picture (it overwrote photo.png's)
+    Image.open(photo).save(jpeg, quality=90)
+    before = ck.with_name("net-conv1-photo.png.png").read_bytes()
+    assert run(capsys, "activations", ck, jpeg)[0] == 0
+    assert ck.with_name("net-conv1-photo.jpg.png").is_file()
+    assert ck.with_name("net-conv1-photo.png.png").read_bytes() == before
     rc, text, err = run(capsys, "activations", ck, photo, "--layer", "conv3", "--max-maps", 400,
                         "--out", tmp_path / "c3.png")
     assert rc == 0, err
