@@ -537,6 +537,15 @@ class Trainer:
         if _step_folders(ck):  # last.json lost, or a kill between a save and last.json: never mixed in
             raise ConfigError(f"{self.run_dir} holds checkpoints that no checkpoints/last.json names; "
                               f"continue it with --resume {self.run_dir} or choose another --out")
+        # an epoch's end saves a checkpoint before any of these is written: with none left
+        # (checkpoints/ deleted to save space), they are a finished run's, not to be mixed in
+        results = [n for n in ("best.safetensors", "eval-test", "curves.png") if (self.run_dir / n).exists()]
+        log = self.run_dir / "log.jsonl"
+        if log.is_file() and log.stat().st_size:
+            results.append("log.jsonl")
+        if results:
+            raise ConfigError(f"{self.run_dir} holds a run's results ({', '.join(results)}) but no checkpoint "
+                              f"to resume; choose another --out")
 
     def _claim_existing(self) -> None:
         """`_claim` a named --out that exists already; of one to be made (once the data is

@@ -405,6 +405,19 @@ def test_a_new_run_writes_into_no_folder_of_the_users_nor_into_its_data(data, tm
     with pytest.raises(ConfigError, match="r holds checkpoints that no checkpoints/last.json names; continue it with --resume"):
         Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True)
     assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-00000002"]
+    # nor a finished run whose checkpoints/ was deleted to save space: it was started over,
+    # its log deleted and its old best.safetensors and eval-test/ left beside the new run's
+    import shutil
+
+    shutil.rmtree(tmp_path / "r" / "checkpoints")
+    for results in ({"log.jsonl": '{"epoch": 1}\n'}, {"best.safetensors": "weights", "log.jsonl": ""}):
+        for f, text in results.items():
+            (tmp_path / "r" / f).write_text(text)
+        kept = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+        with pytest.raises(ConfigError, match=r"r holds a run's results \((best.safetensors|log.jsonl)\) but no "
+                                              r"checkpoint to resume; choose another --out"):
+            Trainer(tiny_config(data, epochs=1), tmp_path / "r", quiet=True)
+        assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == kept
 
 
 def test_a_resume_refuses_what_would_change_the_runs_data(tmp_path):
