@@ -353,6 +353,17 @@ RUN_ENTRIES = frozenset({".lock", "config.json", "log.jsonl", "stopped", "diverg
 TEMP_ENTRY = re.compile(r"\..+\.tmp")  # a write that a kill cut short (fileio.atomic_write)
 
 
+def _is_log_row(row) -> bool:
+    """A row of log.jsonl as `_end_epoch` writes it, as far as the curves and the resume
+    read it: an int epoch and the four figures as numbers (a row without them, JSON though
+    it is, ended every later epoch in a traceback from the plot)."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return (isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool)
+            and all(number(row.get(k)) for k in ("train_loss", "val_loss", "val_top1_err", "val_top5_err")))
+
+
 def _absolute(path: str | None) -> str | None:
     """A data path as an absolute one (None and the built-in "fashion-mnist" as they are)."""
     if path is None or path == "fashion-mnist":
@@ -791,7 +802,7 @@ class Trainer:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 row = None
-            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            if _is_log_row(row):
                 rows.append(row)
             elif line.strip() and n < len(lines):  # (a torn last line goes without a word)
                 # one damaged line costs itself, not the rows after it: the resume rewrites the log

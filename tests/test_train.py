@@ -563,15 +563,20 @@ def test_a_damaged_log_line_costs_only_itself(tmp_path):
     object, one without an epoch, bytes that are not UTF-8)."""
     from types import SimpleNamespace
 
-    rows = [{"epoch": e, "val_top1_err": 0.5 / e} for e in (1, 2, 3, 4)]
+    rows = [{"epoch": e, "train_loss": 2.0, "val_loss": 1.5, "val_top1_err": 0.5 / e, "val_top5_err": 0.1}
+            for e in (1, 2, 3, 4)]
     line = [json.dumps(r).encode() for r in rows]
+    # JSON objects with an epoch but not the figures the curves draw (they ended every
+    # later epoch in a KeyError from the plot, so the run never got past it)
+    partial = json.dumps({"epoch": 2, "val_top1_err": 0.5}).encode()
+    text = json.dumps({**rows[0], "epoch": 3, "val_loss": "1.5"}).encode()
     (tmp_path / "log.jsonl").write_bytes(b"\n".join([line[0], b"", b"[1]", line[1], b'{"step": 9}', line[2],
-                                                     b"\xff\xfe", line[3], b'{"epoch": 5, "val']))
+                                                     b"\xff\xfe", partial, text, line[3], b'{"epoch": 5, "val']))
     with pytest.warns(RuntimeWarning) as rec:
         got = Trainer._read_log(SimpleNamespace(run_dir=tmp_path))
     assert got == rows  # the torn last line is dropped too, without a warning
     assert sorted(str(w.message).split(" line ")[1] for w in rec) == \
-        ["3 is not a log row; left out", "5 is not a log row; left out", "7 is not a log row; left out"]
+        [f"{n} is not a log row; left out" for n in (3, 5, 7, 8, 9)]
 
 
 def test_a_batch_bigger_than_the_data_and_data_changed_since_the_checkpoint_are_refused(tmp_path):
