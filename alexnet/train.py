@@ -750,6 +750,11 @@ class Trainer:
                 raise CheckpointError(f"{folder} was saved with train.{key} {state[key]} and "
                                       f"{self.run_dir / 'config.json'} now says {getattr(self.cfg.train, key)}: "
                                       f"the epochs' order would not be the run's; put it back or start a new run")
+        saved_size = model_file.preprocess.get("image_size")
+        if saved_size is not None and saved_size != self.cfg.data.image_size:  # the mean image is of its size
+            raise CheckpointError(f"{folder} was saved with data.image_size {saved_size} and "
+                                  f"{self.run_dir / 'config.json'} now says {self.cfg.data.image_size}: the "
+                                  f"run's mean image is {saved_size}x{saved_size}; put it back or start a new run")
         self.model.load_state_dict(model_file.state_dict)
         # the momentum buffers and the rate they were made at come from the checkpoint;
         # momentum, weight decay and the update's form from the config as it is now (an

@@ -431,13 +431,19 @@ def test_a_resume_refuses_what_would_change_the_runs_data(tmp_path):
     assert t.fit()["stopped"]
     t.close()
 
-    def edited(name, key, value):
+    def edited(name, key, value, section="train"):
         run = tmp_path / name
         shutil.copytree(tmp_path / "r", run)
         cfg = json.loads((run / "config.json").read_text())
-        cfg["train"][key] = value
+        cfg[section][key] = value
         (run / "config.json").write_text(json.dumps(cfg))
         return run
+
+    # the image size: the run's mean image is of the old one (a traceback at the first step)
+    saved = tiny_config(data).data.image_size
+    with pytest.raises(CheckpointError, match=rf"was saved with data.image_size {saved} and .*config.json now "
+                                              rf"says {saved + 32}: the run's mean image is {saved}x{saved}; put"):
+        Trainer(None, edited("size", "image_size", saved + 32, "data"), resume=True, quiet=True)
 
     for key, value in (("batch_size", 4), ("seed", 7)):
         saved = getattr(tiny_config(data).train, key)
