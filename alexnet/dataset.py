@@ -97,13 +97,29 @@ class ImageDataset:
 
 
 def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, C, h, w) square images to uint8 (B, 3, size, size), bilinear, grey -> RGB."""
+    """uint8 (B, C, h, w) images to uint8 (B, 3, size, size), grey -> RGB: as
+    `images.resize_center_crop` does a file, the shorter side to `size` (bilinear,
+    antialiased), then the central size x size patch (an odd excess's extra pixel on the
+    right/bottom side). Square images are only resized."""
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     if images.shape[-1] == size and images.shape[-2] == size:
         return images.contiguous()
-    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    out = resize_center_crop_float(images.float(), size)
+    return out.round_().clamp_(0, 255).to(torch.uint8).contiguous()
+
+
+def resize_center_crop_float(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Floating (B, C, h, w) `x`, its shorter side to `size` (bilinear, antialiased, sizes
+    rounded as `images.resize_center_crop` rounds), then the central size x size patch."""
+    h, w = x.shape[-2:]
+    if w <= h:
+        nw, nh = size, max(size, round(h * size / w))
+    else:
+        nw, nh = max(size, round(w * size / h)), size
+    out = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return out[..., top:top + size, left:left + size]
 
 
 class TensorImageDataset(ImageDataset):

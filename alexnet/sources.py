@@ -52,11 +52,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from alexnet.config import ConfigError
 from alexnet.dataset import (DataStats, ImageDataset, SubsetDataset, TensorImageDataset, covariance_eigen,
-                             load_stats, save_stats)
+                             load_stats, resize_center_crop_float, save_stats)
 from alexnet.fileio import cache_dir, shown
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.progress import first_few, plural
@@ -231,9 +230,7 @@ def stats_from_moments(mean_image: np.ndarray, n: int, pixel_sum: np.ndarray,
 def _resize_mean(mean_image: torch.Tensor, size: int) -> torch.Tensor:
     if mean_image.shape[-1] == size and mean_image.shape[-2] == size:
         return mean_image
-    out = F.interpolate(mean_image[None].double(), size=(size, size), mode="bilinear",
-                        align_corners=False, antialias=True)
-    return out[0].float()
+    return resize_center_crop_float(mean_image[None].double(), size)[0].float()  # as each image is
 
 
 def stats_without(stats: DataStats, count: int, parts) -> DataStats:
@@ -388,8 +385,8 @@ def open_idx(folder: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train"
     paths = [_find_idx(folder, s) for s in stems]
     if None in paths:
         missing = [s for s, p in zip(stems, paths) if p is None]
-        raise DataSourceError(f"{folder} lacks {' and '.join(m + '[.gz]' for m in missing)} "
-                              f"for split {split!r}")
+        error = MissingSplitError if len(missing) == len(stems) else DataSourceError  # none, or half a split
+        raise error(f"{folder} lacks {' and '.join(m + '[.gz]' for m in missing)} for split {split!r}")
     images, labels = (read_idx(p) for p in paths)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataSourceError(f"{paths[0]} must hold uint8 images (N, h, w), "
@@ -398,6 +395,9 @@ def open_idx(folder: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train"
         raise DataSourceError(f"{paths[1]} has {labels.shape} labels for {len(images)} images")
     if len(images) == 0:
         raise DataSourceError(f"{paths[0]} holds no images")
+    if labels.dtype.kind not in "iu" or labels.min() < 0:
+        raise DataSourceError(f"{paths[1]} must hold labels 0, 1, ..., not {labels.dtype} values from "
+                              f"{labels.min()} to {labels.max()}")
     # classes up to the highest label of either split, so that train and test agree
     highest = int(labels.max())
     other = _find_idx(folder, IDX_FILES["test" if split == "train" else "train"][1])
@@ -502,9 +502,10 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
     dirs, top_images, ignored = _scan(root)
     if not dirs:
         raise DataSourceError(f"no class folders in {root}")
+    defines = classes is None  # the folders are the classes (a training split)
     classes = list(dirs if classes is None else classes)
     index = {c: i for i, c in enumerate(classes)}
-    paths, labels, skipped, extra = [], [], [], []
+    paths, labels, skipped, extra, empty = [], [], [], [], []
     ignored += len(top_images)
     # Symlinked folders are followed, but never into the tree's root, back into a folder
     # already walked (a cycle), or into another class's folder or anything below it: those
@@ -522,6 +523,8 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
                 else:
                     ignored += 1
         files.sort()
+        if not files:
+            empty.append(d)
         if d not in index:
             skipped += [(f, f"class folder {d!r} is not among the training classes") for f in files]
             extra += [d] if files else []
@@ -533,6 +536,13 @@ def list_image_folder(folder: str | os.PathLike, classes: list[str] | None = Non
                               f"{len(classes)} training classes")
     if not paths:
         raise DataSourceError(f"no images in the {len(dirs)} class folders of {root}")
+    if defines and empty:  # kept, so that the classes' indices stay those of the folders (a fixed
+        # list such as ImageNet's); but an output nothing trains, which a folder of junk alone
+        # (macOS's __MACOSX of ._ files) would otherwise add unnoticed
+        one = len(empty) == 1
+        warnings.warn(f"{plural(len(empty), 'class folder')} of {shown(root)} {'holds' if one else 'hold'} no image "
+                      f"files ({shown(first_few(empty, 5))}): {'it is a class' if one else 'they are classes'} "
+                      f"with no images; remove {'it' if one else 'them'} if not meant", RuntimeWarning, stacklevel=2)
     return Listing(str(root), paths, np.array(labels, np.int64), classes, readable_names(classes),
                    "imagefolder", skipped, ignored, extra_classes=extra,
                    extra_images=sum(f.split("/", 1)[0] in extra for f, _ in skipped))
@@ -769,7 +779,7 @@ def _resolve_source(path, split: str, labels, classes) -> Source:
     if not p.is_dir():
         raise DataSourceError(f"data source must be a folder, not a file: {path}")
     if is_store(p):
-        _check_store_split(p, split)
+        _check_store_split(p, split, alone=True)
         return Source("store", str(p), split)
     sub = split_folder(p, split)
     if sub is not None and is_store(sub):
@@ -809,8 +819,10 @@ def _looks_like(p: Path, split: str, files: list[str], dirs: list[str], labels) 
     return labels is not None or (bool(files) and not dirs and find_ground_truth(p) is not None)
 
 
-def _check_store_split(store: Path, split: str) -> None:
-    """A train store is only the train split; a val or test store serves val and test."""
+def _check_store_split(store: Path, split: str, alone: bool = False) -> None:
+    """A train store is only the train split; a val or test store serves val and test.
+    `alone`: the store is the source itself, so a train store has no such split (training
+    on it holds a validation part out), where one in a tree's val/ is a mistake."""
     for name in ("index.json", "progress.json"):
         try:
             stored = json.loads((store / name).read_text(encoding="utf-8")).get("split")
@@ -818,7 +830,8 @@ def _check_store_split(store: Path, split: str) -> None:
         except (OSError, ValueError, AttributeError):
             stored = None
     if stored is not None and (stored == "train") != (split == "train"):
-        raise DataSourceError(f"{store} is a store of the {stored!r} split, not {split!r}")
+        error = MissingSplitError if alone and stored == "train" else DataSourceError
+        raise error(f"{store} is a store of the {stored!r} split, not {split!r}")
 
 
 def _train_classes(train: Path) -> list[str] | None:

@@ -133,7 +133,8 @@ def for_training(ds: ImageDataset, indices: np.ndarray) -> ImageDataset:
 def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
     """The run's splits, and the statistics of its training images (a held-out validation
     part left out), or `stats` as given (a resumed run keeps those it started with)."""
-    from alexnet.sources import FolderDataset, IdxDataset, dataset_stats, open_dataset
+    from alexnet.sources import (DataSourceError, FolderDataset, IdxDataset, MissingSplitError, UnlabelledError,
+                                 dataset_stats, open_dataset)
 
     d = cfg.data
     full = open_dataset(d.path, "train", d.image_size)
@@ -143,8 +144,13 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
     else:
         try:
             val = open_dataset(d.path, "val", d.image_size, classes=full.classes)
-        except (ConfigError, FileNotFoundError):
+        except MissingSplitError:  # none: a part of the training images is held out below
             val = None
+        except ConfigError as e:  # one there that cannot be used (an unfinished store, unlabelled
+            # images): never replaced by held-out training images without a word
+            reason = e.reason if isinstance(e, UnlabelledError) else str(e)
+            raise DataSourceError(f"the validation split cannot be used: {reason}; fix it, or move it out "
+                                  f"of {d.path} to validate on held-out training images") from None
         if isinstance(val, FolderDataset) and os.path.realpath(val.root) == os.path.realpath(full.root):
             val = None  # a tree named for validation (imagenet-val-sorted) is trained on here: not its own val
         is_idx = isinstance(full, IdxDataset)

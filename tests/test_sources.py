@@ -225,6 +225,29 @@ def test_imagefolder_on_the_fly(tmp_path):
     assert len(open_dataset(tmp_path / "data" / "train", image_size=64)) == 6
 
 
+def test_a_class_folder_with_no_images_is_a_class_with_a_warning(tmp_path):
+    """A folder of junk only (macOS's __MACOSX/ of ._ files) or an empty one is a class (the
+    classes' indices stay the folders', as a fixed list such as ImageNet's needs), but an
+    output nothing trains: it used to be added without a word."""
+    make_tree(tmp_path / "t")
+    (tmp_path / "t" / "__MACOSX" / "n01440764").mkdir(parents=True)
+    (tmp_path / "t" / "__MACOSX" / "n01440764" / "._0.png").write_bytes(b"\0\5\26\7")
+    with pytest.warns(RuntimeWarning, match=r"^1 class folder of .*t holds no image files \(__MACOSX\): it is a "
+                                            r"class with no images; remove it if not meant$"):
+        assert open_dataset(tmp_path / "t").classes == ["__MACOSX", "n01440764", "n01443537"]
+    (tmp_path / "t" / "zz").mkdir()
+    with pytest.warns(RuntimeWarning, match=r"^2 class folders of .*t hold no image files \(__MACOSX, zz\): they "
+                                            r"are classes with no images; remove them if not meant$"):
+        open_dataset(tmp_path / "t")
+    # a val split may lack some of the training classes' images: no warning
+    make_tree(tmp_path / "v" / "train")
+    make_tree(tmp_path / "v" / "val", classes=("n01440764",))
+    (tmp_path / "v" / "val" / "n01443537").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(open_dataset(tmp_path / "v", "val")) == 3
+
+
 def test_symlinked_folders_followed_without_cycles(tmp_path):
     files = make_tree(tmp_path / "elsewhere", classes=("x",), per_class=2)
     (tmp_path / "d").mkdir()
@@ -432,7 +455,7 @@ def test_a_flat_folder_with_classes_the_training_set_lacks_is_refused(tmp_path):
 # ---------------------------------------------------------------------------- IDX and Fashion-MNIST
 
 def write_idx(path: Path, arr: np.ndarray) -> None:
-    code = {np.dtype(np.uint8): 0x08}[arr.dtype]
+    code = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09}[arr.dtype]
     data = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
     if path.suffix == ".gz":
         data = gzip.compress(data)
@@ -682,6 +705,44 @@ def test_idx_splits_agree_on_the_classes_whatever_labels_each_holds(tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
     train, test = open_dataset(tmp_path, "train"), open_dataset(tmp_path, "test")
     assert test.classes == train.classes and len(train.classes) == int(train.labels.max()) + 1 == 10
+
+
+def test_non_square_idx_images_are_resized_and_centre_cropped_as_files_are(tmp_path):
+    """The paper's preprocessing: the shorter side to S, then the central S x S. In-memory
+    images (and the store prepared from them) used to be stretched to S x S instead."""
+    x = RNG.integers(0, 256, (3, 20, 40), dtype=np.uint8)
+    x[:, :, :10] = 255  # a white left quarter: cropped away entirely from the 256 x 512 resize
+    write_idx(tmp_path / "train-images-idx3-ubyte", x)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1, 0], np.uint8))
+    ds = open_dataset(tmp_path, image_size=64)
+    got, _ = ds.read([0, 1, 2])
+    for k in range(3):
+        want = resize_center_crop(Image.fromarray(x[k]).convert("RGB"), 64).astype(int)
+        assert np.abs(got[k].numpy().astype(int) - want).max() <= 1, k  # (torch's and Pillow's rounding)
+    mean = dataset_stats(ds).mean_image  # the mean image of the same crops
+    exact = got.double().mean(0)
+    assert (mean.double() - exact).abs().max() <= 0.5
+
+
+def test_negative_idx_labels_are_one_line(tmp_path):
+    make_idx_folder(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([0, 1, -1] + [1] * 9, np.int8))
+    with pytest.raises(DataSourceError, match=r"train-labels-idx1-ubyte.gz must hold labels 0, 1, \.\.\., not "
+                                              r"int8 values from -1 to 1$"):
+        open_dataset(tmp_path, "train")
+
+
+def test_idx_data_without_t10k_files_has_no_val_split_but_half_a_split_is_an_error(tmp_path):
+    from alexnet.sources import MissingSplitError
+
+    make_idx_folder(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataSourceError, match="lacks t10k-labels-idx1-ubyte") as e:
+        open_dataset(tmp_path, "val")
+    assert not isinstance(e.value, MissingSplitError)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(MissingSplitError):
+        open_dataset(tmp_path, "val")
 
 
 @pytest.mark.parametrize("damage", ["short header", "bad gzip"])

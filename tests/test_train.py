@@ -762,6 +762,47 @@ def test_a_stand_in_for_an_unreadable_training_file_is_never_a_held_out_image(tm
     assert int(y[0]) == int(d.train.base.labels[stand_in]) and bad in d.train.base.bad
 
 
+def test_a_validation_split_that_cannot_be_used_is_an_error_not_a_held_out_part(tmp_path):
+    """A val/ beside train/ that is an unfinished store, a train store, or a flat folder
+    without labels was silently replaced by held-out training images (fewer trained on,
+    the real validation set never used); no val/ at all, or a train store given alone,
+    still holds a part out."""
+    from PIL import Image
+
+    from alexnet.sources import DataSourceError
+    from alexnet.store import prepare
+
+    tree = tmp_path / "tree"
+    for split, n in (("train", 12), ("val", 4)):
+        for k in range(n):
+            (tree / split / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 10 * k, np.uint8)).save(tree / split / f"c{k % 2}" / f"{k}.png")
+    stores = tmp_path / "stores"
+    prepare(tree, stores / "train", split="train", workers=1, size=227, progress=False)
+    prepare(tree, stores / "val", split="val", workers=1, size=227, progress=False, _stop_after=2)
+
+    def opened(path):
+        return train_module.open_data(run_config("paper", {"data": {"path": str(path), "image_size": 227,
+                                                                    "val_holdout": 2, "num_workers": 0}}))
+
+    with pytest.raises(DataSourceError, match=r"^the validation split cannot be used: .*val is an unfinished "
+                                              r"store.*; fix it, or move it out of .*stores to validate on "
+                                              r"held-out training images$"):
+        opened(stores)
+    flat = tmp_path / "flat"
+    for k in range(4):
+        (flat / "train" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 10 * k, np.uint8)).save(flat / "train" / f"c{k % 2}" / f"{k}.png")
+    (flat / "val").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / "val" / "photo.png")
+    with pytest.raises(DataSourceError, match="the validation split cannot be used: no classes: .*val holds 1 images"):
+        opened(flat)
+    d = opened(stores / "train")  # a train store alone: no val split, a part held out
+    assert (len(d.train), len(d.val)) == (11, 1)  # (a tenth at most)
+    d = opened(tree / "train")
+    assert (len(d.train), len(d.val)) == (11, 1)  # (a tenth at most)
+
+
 def test_the_test_split_of_every_kind_of_source_is_found(data, tmp_path):
     """The test split that training's end evaluates: a tree's test/ folder (only IDX data's
     t10k files were), IDX data's also when validation comes from elsewhere (--val-data),
