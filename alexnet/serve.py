@@ -26,8 +26,8 @@ import collections
 import concurrent.futures
 import contextlib
 import io
+import logging
 import queue
-import signal
 import socket
 import threading
 import time
@@ -101,6 +101,14 @@ class MicroBatcher:
                 future.set_result(result)
 
 
+def _sent_name(filename: str | None) -> str | None:
+    """A multipart file name as the user named the file: browsers send `"`, CR and LF as
+    %22, %0D and %0A (the HTML standard's form encoding), which a message would show."""
+    if not filename:
+        return filename
+    return filename.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """An (H, W, 3) uint8 array as PNG file bytes."""
     buf = io.BytesIO()
@@ -156,7 +164,7 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
     __future__ import annotations`: FastAPI reads the endpoints' annotations, whose types
     are imported here, inside the function.)"""
     from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-    from fastapi.responses import HTMLResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     from alexnet.checkpoint import CheckpointError
 
@@ -205,6 +213,12 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
         return {"requests": sum(k * v for k, v in sizes.items()), "forward_passes": sum(sizes.values()),
                 "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}}
 
+    # HEAD beside every GET (curl -I, uptime probes, link checkers; FastAPI's get() is GET
+    # alone), left out of the schema, where it would repeat the GET's operation
+    for path, endpoint, kind in (("/", index, HTMLResponse), ("/api/info", info, JSONResponse),
+                                 ("/api/filters.png", filters_png, Response), ("/api/stats", stats, JSONResponse)):
+        app.add_api_route(path, endpoint, methods=["HEAD"], response_class=kind, include_in_schema=False)
+
     def decode(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
         img = load_rgb(data, max_pixels=clf.max_pixels)
         return resize_center_crop(img, clf.image_size), img.size  # (3, S, S) uint8
@@ -222,7 +236,7 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
         try:
             crop, (w, h) = await asyncio.to_thread(decode, data)
         except ImageError as e:
-            raise HTTPException(422, f"{file.filename or 'upload'}: {e}") from None
+            raise HTTPException(422, f"{_sent_name(file.filename) or 'upload'}: {e}") from None
         try:
             probs = await asyncio.wrap_future(request.app.state.batcher.submit(torch.from_numpy(crop)))
         except CheckpointError as e:  # a model whose outputs are not numbers: the server's fault
@@ -280,7 +294,7 @@ def _server_class():
                 return
 
             def stop(sig, frame):
-                self.force_exit = self.should_exit and sig == signal.SIGINT  # a second Ctrl-C
+                self.force_exit = self.should_exit  # a second Ctrl-C or SIGTERM: at once
                 self.should_exit = True
 
             with on_stop_signals(stop):
@@ -304,10 +318,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"alexnet: serving {args.checkpoint} at http://{shown}:{port}/ (API docs at /docs); Ctrl-C stops",
           flush=True)
-    server = _server_class()(uvicorn.Config(app, log_level="warning", access_log=False))
+    # a request still in flight (an upload that stopped half-way) is given GRACE_S, then
+    # cancelled: the stop never waits on a client
+    server = _server_class()(uvicorn.Config(app, log_level="warning", access_log=False,
+                                            timeout_graceful_shutdown=GRACE_S))
+    logging.getLogger("uvicorn.error").addFilter(_quiet_cancellations)
     server.run(sockets=[sock])
     print("alexnet: server stopped", flush=True)
     return 0
+
+
+GRACE_S = 5  # seconds the requests in flight have to finish after Ctrl-C or SIGTERM
+
+
+def _quiet_cancellations(record: logging.LogRecord) -> bool:
+    """uvicorn's log without the requests the stop cancelled: its count of them and a
+    CancelledError traceback for each, which say nothing wrong happened to the user."""
+    if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        return False
+    text = record.getMessage()  # (the lifespan's, cancelled by a second signal, comes as text)
+    cancelled = text.startswith("Traceback") and text.rstrip().endswith("CancelledError")
+    return not cancelled and "timeout graceful shutdown exceeded" not in text
 
 
 def _port(text: str) -> int:
@@ -337,6 +368,13 @@ def _upload_mb(text: str) -> float:
     return v
 
 
+def _wait_ms(text: str) -> float:
+    v = _number(text, positive=False)
+    if v > 60_000:  # (past threading's TIMEOUT_MAX the batching thread died: every request hung)
+        raise argparse.ArgumentTypeError(f"must be at most 60000 (a minute), not {text}")
+    return v
+
+
 def add_command(sub) -> None:
     """Register `alexnet serve` on an argparse subparsers object."""
     from alexnet.cli import _path, _positive_int
@@ -358,6 +396,7 @@ def add_command(sub) -> None:
                    help=f"refuse images whose header claims more pixels (default {MAX_PIXELS:,})")
     p.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
                    help="most concurrent requests in one forward pass (default 8)")
-    p.add_argument("--max-wait-ms", type=lambda t: _number(t, positive=False), default=5.0, metavar="MS",
-                   help="how long a forward pass waits for more requests after the first (default 5)")
+    p.add_argument("--max-wait-ms", type=_wait_ms, default=5.0, metavar="MS",
+                   help="how long a forward pass waits for more requests after the first (default 5, "
+                        "at most 60000)")
     p.set_defaults(func=_cmd_serve)

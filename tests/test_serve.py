@@ -113,6 +113,10 @@ def test_info_and_openapi(url):
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and 'id="file"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing external
+    for path, kind in (("/", "text/html"), ("/api/info", "application/json"), ("/api/filters.png", "image/png"),
+                       ("/api/stats", "application/json")):  # HEAD too (curl -I, probes): it was 405
+        r = httpx.head(f"{url}{path}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind) and r.content == b"", path
 
 
 def test_filters_png_is_conv1_in_figure3_layout(url, ckpt):
@@ -181,6 +185,13 @@ def test_bad_uploads_are_refused_and_serving_goes_on(url, clf, data, status, wor
     r = predict(url, good)
     assert r.status_code == 200
     assert r.json()["top"][0]["index"] == int(alone(clf, good).argmax())
+
+
+def test_a_file_name_as_browsers_send_it_is_shown_as_the_user_named_it(url):
+    """Browsers send ", CR and LF in a multipart file name as %22, %0D, %0A; the page then
+    showed the name twice, in two spellings."""
+    r = predict(url, b"plain text", name="say%22cheese%22.png")
+    assert r.status_code == 422 and r.json()["detail"].startswith('say"cheese".png: not an image')
 
 
 def test_a_chunked_upload_is_cut_off_at_the_limit(url, clf):
@@ -331,6 +342,11 @@ def test_command_one_line_errors(ckpt, tmp_path):
             parse(["serve", str(ckpt), "--max-upload-mb", mb])
         assert e.value.code == 2
     assert parse(["serve", str(ckpt), "--max-upload-mb", "1048576"]).max_upload_mb == 1 << 20
+    # a wait past threading's TIMEOUT_MAX ended the batching thread: every request hung
+    with pytest.raises(SystemExit) as e:
+        parse(["serve", str(ckpt), "--max-wait-ms", "1e13"])
+    assert e.value.code == 2
+    assert parse(["serve", str(ckpt), "--max-wait-ms", "60000"]).max_wait_ms == 60000
 
 
 def test_a_failure_of_the_model_is_a_json_500_of_one_line(ckpt):
@@ -355,8 +371,14 @@ SERVE = ("import sys; from alexnet.cli import _Parser; from alexnet.serve import
          "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
 
 
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM])
-def test_command_serves_until_signal_then_exits_0(ckpt, sig):
+@pytest.mark.parametrize("sig, times", [pytest.param(signal.SIGINT, 1, marks=pytest.mark.slow),
+                                        (signal.SIGTERM, 1), (signal.SIGTERM, 2)])
+def test_command_serves_until_signal_then_exits_0(ckpt, sig, times):
+    """Also with an upload stopped half-way: the stop gives it GRACE_S, then cancels it
+    without a traceback (SIGTERM waited on it for ever, and a second SIGTERM did nothing);
+    a second signal stops at once."""
+    from alexnet.serve import GRACE_S
+
     proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", str(ckpt), "--port", "0", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -364,12 +386,22 @@ def test_command_serves_until_signal_then_exits_0(ckpt, sig):
         assert "http://127.0.0.1:" in line, line + proc.stderr.read()
         base = line.split("at ")[1].split("/ ")[0]
         assert httpx.get(f"{base}/api/info", timeout=10).json()["classes"] == CLASSES
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=20)
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as stalled:
+            stalled.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                            b"boundary=XyZ\r\nContent-Length: 100000\r\n\r\n--XyZ\r\n")
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            for _ in range(times):
+                proc.send_signal(sig)
+                time.sleep(0.5)
+            out, err = proc.communicate(timeout=GRACE_S + 20)
+            took = time.monotonic() - t0
     finally:
         proc.kill()
     assert proc.returncode == 0, err
-    assert "server stopped" in out
+    assert "server stopped" in out and err == ""
+    assert took < (GRACE_S + 10 if times == 1 else GRACE_S - 1), took
 
 
 # --- the page in a real browser --------------------------------------------------------
@@ -396,6 +428,7 @@ def test_page_in_headless_chromium(url, tmp_path, monkeypatch):
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
     try:
         browser.get(url + "/")
+        browser.execute_script("window.realFetch = window.fetch;")
         wait = WebDriverWait(browser, 30)
         wait.until(lambda b: "3 classes" in b.find_element(By.ID, "info").text)
         browser.find_element(By.ID, "file").send_keys(str(path))
@@ -468,6 +501,20 @@ def test_page_in_headless_chromium(url, tmp_path, monkeypatch):
         browser.find_element(By.ID, "file").send_keys(str(path))
         wait.until(lambda b: b.find_element(By.ID, "top").get_attribute("data-state") == "error")
         assert browser.find_element(By.ID, "error").text == "upload.jpg: 502 Bad Gateway"
+        # a server that cannot be reached: fetch's own message, with the file's name (it was
+        # "Failed to fetch" alone)
+        browser.execute_script("window.fetch = async () => { throw new TypeError('Failed to fetch'); };")
+        browser.find_element(By.ID, "file").send_keys(str(fast))
+        wait.until(lambda b: b.find_element(By.ID, "top").get_attribute("data-state") == "error")
+        assert browser.find_element(By.ID, "error").text == "fast.jpg: server unreachable (Failed to fetch)"
+        # a name with a quote, which the browser sends as %22: named once, as the user named it
+        browser.execute_script("window.fetch = window.realFetch;")
+        quoted = tmp_path / 'say "cheese".png'
+        quoted.write_bytes(b"plain text")
+        browser.find_element(By.ID, "file").send_keys(str(quoted))
+        wait.until(lambda b: "not an image" in b.find_element(By.ID, "error").text)
+        assert browser.find_element(By.ID, "error").text.startswith('say "cheese".png: not an image')
+        assert browser.find_element(By.ID, "error").text.count("cheese") == 1
     finally:
         browser.quit()
 
