@@ -11,6 +11,7 @@ from alexnet.checkpoint import FORMAT_V1, load_model_file, save_model
 from alexnet.config import run_config, to_dict
 from alexnet.model import build_model
 from alexnet.train import Trainer
+from tests.helpers import TEST_FC_WIDTH
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -34,7 +35,7 @@ def write_v1(path, model):
 @pytest.mark.parametrize("variant", ["paper", "owt", "bn"])
 def test_a_format_1_model_file_loads_with_the_same_outputs(variant, tmp_path):
     torch.manual_seed(0)
-    old = build_model(variant, num_classes=4, dropout_form="inverted", init="kaiming").eval()
+    old = build_model(variant, num_classes=4, dropout_form="inverted", init="kaiming", fc_width=TEST_FC_WIDTH).eval()
     write_v1(tmp_path / "v1.safetensors", old)
     ck = load_model_file(tmp_path / "v1.safetensors")
     assert ck.model_config.dropout_form == "inverted"
@@ -56,7 +57,7 @@ def test_a_model_file_keeps_weights_statistics_classes_and_preprocessing_exactly
     from alexnet.dataset import DataStats
 
     torch.manual_seed(1)
-    model = build_model("paper", num_classes=4)
+    model = build_model("paper", num_classes=4, fc_width=TEST_FC_WIDTH)
     q, _ = torch.linalg.qr(torch.randn(3, 3))  # an orthonormal basis that is not symmetric
     stats = DataStats(torch.rand(3, 256, 256) * 255, torch.tensor([900.0, 40.0, 3.0]), q.float())
     pre = {"image_size": 256, "crop": 227, "pixel_scale": 1.0, "mean": "mean_image"}
@@ -86,7 +87,7 @@ def test_a_run_begun_before_an_option_resumes_as_it_started(tmp_path, section, k
 def test_a_model_file_with_non_finite_weights_is_refused(tmp_path, value):
     from alexnet.checkpoint import CheckpointError
 
-    model = build_model("bn", num_classes=3)
+    model = build_model("bn", num_classes=3, fc_width=TEST_FC_WIDTH)
     with torch.no_grad():
         model.layer("fc7").weight[1, 2] = value
     save_model(tmp_path / "m.safetensors", model, ["a", "b", "c"], None, {})
@@ -98,7 +99,7 @@ def test_a_model_file_with_negative_batchnorm_variances_is_refused(tmp_path):
     """Finite, but BatchNorm takes their square root: predict printed "nan" as a probability."""
     from alexnet.checkpoint import CheckpointError
 
-    model = build_model("bn", num_classes=3)
+    model = build_model("bn", num_classes=3, fc_width=TEST_FC_WIDTH)
     with torch.no_grad():
         model.features[1].running_var[[0, 5]] = -1.0
     save_model(tmp_path / "m.safetensors", model, ["a", "b", "c"], None, {})
@@ -114,7 +115,7 @@ def test_metadata_of_the_wrong_types_is_refused_with_one_line(tmp_path):
     from alexnet.checkpoint import CheckpointError
 
     good = tmp_path / "good.safetensors"
-    save_model(good, build_model("owt", num_classes=3), ["a", "b", "c"], None,
+    save_model(good, build_model("owt", num_classes=3, fc_width=TEST_FC_WIDTH), ["a", "b", "c"], None,
                {"image_size": 256, "crop": 224, "pixel_scale": 1.0}, {"class_names": ["A", "B", "C"]})
     with safe_open(str(good), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
