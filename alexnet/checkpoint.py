@@ -127,7 +127,9 @@ def load_model_file(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} is a folder, not a model file"
                               + (f"; the run's best model is {best}" if best.is_file() else ""))
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
+        from alexnet.fileio import not_a_file
+
+        raise CheckpointError(not_a_file(path, "checkpoint file"))
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -56,7 +56,12 @@ class WriteError(OSError):
 def not_a_file(path: str | Path, what: str) -> str:
     """Why `path`, which is not a regular file, cannot be read as `what` (e.g. "config
     file"): a folder is said to be one."""
-    return f"{path} is a folder, not a {what}" if Path(path).is_dir() else f"no {what} at {path}"
+    p = Path(path)
+    if p.is_dir():
+        return f"{path} is a folder, not a {what}"
+    if p.exists():  # a named pipe, a socket, a device: reading it would wait, or never end
+        return f"{path} is not a regular file (a pipe, socket or device), not a {what}"
+    return f"no {what} at {path}"
 
 
 def shown(path: str | os.PathLike) -> str:

@@ -178,3 +178,19 @@ def test_saved_extra_reads_the_header_alone(tmp_path):
     save_file({"w": torch.zeros(1)}, str(tmp_path / "list.safetensors"), metadata={"extra": "[1, 2]"})
     for bad in ("missing.safetensors", "junk.safetensors", "list.safetensors"):
         assert saved_extra(tmp_path / bad) is None, bad
+
+
+def test_a_pipe_named_as_the_model_file_is_said_to_be_one(tmp_path):
+    """A named pipe (or device) where the model file should be: "no checkpoint file at" it
+    said, of a file that is there."""
+    import os
+
+    from alexnet.checkpoint import CheckpointError
+
+    fifo = tmp_path / "m.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match=r"m.safetensors is not a regular file \(a pipe, socket or device\), "
+                                              r"not a checkpoint file$"):
+        load_model_file(fifo)
+    with pytest.raises(CheckpointError, match=r"^no checkpoint file at .*none.safetensors$"):
+        load_model_file(tmp_path / "none.safetensors")
