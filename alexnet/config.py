@@ -401,7 +401,7 @@ def merge_overrides(base: dict, over: dict, _where: str = "") -> dict:
     return out
 
 
-# `fast` cut to a few minutes on a 2-core CPU (3 to 8, by the machine): the built-in default run.
+# `fast` cut to a few minutes on a 2-core CPU (about 3 to 11, by the machine): the built-in default run.
 # (Measured on that machine: batch 32 ran faster per image than 64 and reached 74.3% test
 # accuracy in 180 steps against 72.7% for 90 steps of 64.)
 RECIPES["demo"] = merge_overrides(RECIPES["fast"], {"data": {"val_holdout": 1000},

@@ -392,6 +392,7 @@ def add_command(sub) -> None:
                    help="conv1, relu1, norm1, pool1, conv2, ..., conv5, relu5, pool5 (default conv1)")
     a.add_argument("--max-maps", type=_positive_int, default=96, metavar="N",
                    help="show the first N maps (default 96)")
-    a.add_argument("--out", type=_out_path, metavar="FILE.png", help="default: beside the checkpoint, STEM-LAYER-IMAGE.png, IMAGE the image's file name "
+    a.add_argument("--out", type=_out_path, metavar="FILE.png",
+                   help="default: beside the checkpoint, STEM-LAYER-IMAGE.png, IMAGE the image's file name "
                         "with its extension (best-conv1-cat.jpg.png)")
     a.set_defaults(func=_cmd_activations)

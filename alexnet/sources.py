@@ -797,6 +797,10 @@ def _resolve_source(path, split: str, labels, classes) -> Source:
     split_names = {n for names in _SPLIT_DIRS.values() for n in names}
     if dirs and set(dirs) <= split_names and not files:
         raise MissingSplitError(f"no {split!r} split in {p} (it has {', '.join(dirs)})")
+    named = _named_splits(p)
+    if split == "train" and files and not dirs and named:  # (a tree of classes is a training set, whatever its name)
+        raise MissingSplitError(f"{p} is a flat folder named for the {named[0]!r} split, which is that split "
+                                f"only, not training data")
     if split != "train" and not _looks_like(p, split, files, dirs, labels):
         # a tree without split folders is a training set; never hand it out as val/test
         hint = "; for a flat folder of images, give its labels file (--labels)" if files and not dirs else ""
@@ -805,13 +809,18 @@ def _resolve_source(path, split: str, labels, classes) -> Source:
     return _resolve_folder(p, split, labels, classes)
 
 
+def _named_splits(p: Path) -> list[str]:
+    """The held-out splits (val, test) whose word is in folder `p`'s name."""
+    words = set(re.split(r"[^a-z0-9]+", p.resolve().name.lower()))
+    return [s for s in ("val", "test") if words & set(_SPLIT_DIRS[s])]
+
+
 def _looks_like(p: Path, split: str, files: list[str], dirs: list[str], labels) -> bool:
     """Whether folder `p` (no split subfolders) is itself evidently of `split`: its name
     has the split's word (val, validation, valid, test) in it; or, named for no split,
     it holds ILSVRC2012 validation files (val) or a ground-truth file comes with it,
     given or (for a flat folder) found beside it."""
-    words = set(re.split(r"[^a-z0-9]+", p.resolve().name.lower()))
-    named = [s for s in ("val", "test") if words & set(_SPLIT_DIRS[s])]
+    named = _named_splits(p)
     if named:
         return split in named
     if split == "val" and any(f.startswith("ILSVRC2012_val_") for f in files):

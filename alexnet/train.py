@@ -357,6 +357,8 @@ START_OVER = "run the same alexnet train command again to start it over"
 RUN_ENTRIES = frozenset({".lock", "config.json", "log.jsonl", "stopped", "diverged", "curves.png",
                          "best.safetensors", "checkpoints", "eval-test"})
 TEMP_ENTRY = re.compile(r"\..+\.tmp")  # a write that a kill cut short (fileio.atomic_write)
+# what `evaluate` and `show` write beside best.safetensors by default: of the run's too
+BESIDE_BEST = re.compile(r"eval-.+|best-.+\.png")
 
 
 def _is_log_row(row) -> bool:
@@ -537,7 +539,8 @@ class Trainer:
         if self._lock_fd is None:
             names = os.listdir(self.run_dir)
             ours = RUN_ENTRIES if "config.json" in names else {".lock"}  # a run writes config.json first
-            foreign = sorted(n for n in names if n not in ours and not TEMP_ENTRY.fullmatch(n))
+            foreign = sorted(n for n in names if n not in ours and not TEMP_ENTRY.fullmatch(n)
+                             and not (ours is RUN_ENTRIES and BESIDE_BEST.fullmatch(n)))
             if foreign:
                 raise ConfigError(f"{self.run_dir} is not empty and is not a run folder (it holds "
                                   f"{first_few(foreign, 3)}); choose another --out")
@@ -556,12 +559,13 @@ class Trainer:
                               f"continue it with --resume {self.run_dir} or choose another --out")
         # an epoch's end saves a checkpoint before any of these is written: with none left
         # (checkpoints/ deleted to save space), they are a finished run's, not to be mixed in
-        results = [n for n in ("best.safetensors", "eval-test", "curves.png") if (self.run_dir / n).exists()]
+        results = sorted(n for n in os.listdir(self.run_dir)
+                         if n in ("best.safetensors", "curves.png") or BESIDE_BEST.fullmatch(n))
         log = self.run_dir / "log.jsonl"
         if log.is_file() and log.stat().st_size:
             results.append("log.jsonl")
         if results:
-            raise ConfigError(f"{self.run_dir} holds a run's results ({', '.join(results)}) but no checkpoint "
+            raise ConfigError(f"{self.run_dir} holds a run's results ({first_few(results, 3)}) but no checkpoint "
                               f"to resume; choose another --out")
 
     def _claim_existing(self) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv if needed, then runs the main job: training on the built-in default data
-# (Fashion-MNIST) for 3 to 8 minutes on a 2-core CPU (by its speed), ending with the
+# (Fashion-MNIST) for about 3 to 11 minutes on a 2-core CPU (by its speed), ending with the
 # test-set figures. Extra arguments go to the command.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

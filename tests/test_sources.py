@@ -377,6 +377,12 @@ def test_flat_val_name_label_file_found_next_to_it(tmp_path):
         ds = open_dataset(tmp_path / "val", split="val", image_size=32)
     assert ds.labels.tolist() == [3, 6, 9, 12, 15]
     assert ds.listing.skipped == [("ILSVRC2012_val_00000006.JPEG", "no label in ground truth val.txt")]
+    # it is the val split only: `prepare val/ out` (--split train by default) made a train store of it
+    from alexnet.sources import MissingSplitError
+
+    with pytest.raises(MissingSplitError, match=r"val is a flat folder named for the 'val' split, which is that "
+                                                r"split only, not training data$"):
+        open_dataset(tmp_path / "val", split="train", image_size=32)
 
 
 def test_flat_val_devkit_ground_truth(tmp_path):

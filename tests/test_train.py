@@ -600,8 +600,18 @@ def test_a_batch_bigger_than_the_data_and_data_changed_since_the_checkpoint_are_
 
 
 def test_a_second_run_in_the_same_folder_is_refused(data, tmp_path):
+    """Also once `evaluate` and `show` have written their defaults beside best.safetensors
+    (it was "not a run folder (it holds eval-val-10crop)"), and with checkpoints/ deleted."""
+    import shutil
+
     Trainer(tiny_config(data, max_steps=1, epochs=1), tmp_path / "r", quiet=True).fit()
-    with pytest.raises(ConfigError, match="already holds a run"):
+    (tmp_path / "r" / "eval-val-10crop").mkdir()
+    (tmp_path / "r" / "best-filters.png").write_bytes(b"png")
+    with pytest.raises(ConfigError, match="already holds a run; continue it with --resume"):
+        Trainer(tiny_config(data), tmp_path / "r", quiet=True)
+    shutil.rmtree(tmp_path / "r" / "checkpoints")
+    with pytest.raises(ConfigError, match=r"holds a run's results \(best-filters.png, best.safetensors, curves.png "
+                                          r"\.\.\.\) but no checkpoint to resume"):
         Trainer(tiny_config(data), tmp_path / "r", quiet=True)
 
 
