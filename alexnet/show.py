@@ -30,6 +30,7 @@ LAST_HIDDEN = "relu7"  # fc7 after its ReLU: "the last, 4096-dimensional hidden 
 PANEL_INCHES = (1.6, 1.9)  # one neighbours panel (width, height) at 100 dpi: 160 x 190 pixels
 MAP_INCHES = 0.8  # one activation map's square in the activations grid: 80 pixels
 TITLE_INCHES = 0.5  # the activations figure's title band
+MIN_TITLE_INCHES = 6.0  # the activations figure at least this wide (600 pixels): the title of a few maps fits
 
 
 # --- the pure functions -----------------------------------------------------------------
@@ -146,9 +147,10 @@ def plot_maps(maps: torch.Tensor, title: str, path: str | Path) -> None:
     c = maps.shape[0]
     cols = math.ceil(math.sqrt(c))
     rows = math.ceil(c / cols)
-    width, height = cols * MAP_INCHES, rows * MAP_INCHES + TITLE_INCHES
-    fig = plt.figure(figsize=(width, height))
-    ax = fig.add_axes((0, 0, 1, rows * MAP_INCHES / height))
+    grid_width = cols * MAP_INCHES
+    width, height = max(grid_width, MIN_TITLE_INCHES), rows * MAP_INCHES + TITLE_INCHES
+    fig = plt.figure(figsize=(width, height))  # (a few maps: the grid centred under a title that fits)
+    ax = fig.add_axes(((1 - grid_width / width) / 2, 0, grid_width / width, rows * MAP_INCHES / height))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
     ax.set_axis_off()
     fig.suptitle(f"{title}\ngrey scale {lo:.3g} (black) to {hi:.3g} (white)", fontsize=9,

@@ -308,6 +308,16 @@ def test_activations_command_pictures(capsys, ck, photo, tmp_path):
     assert rc == 0, err
     assert "first 96 of 256 maps" in text
     assert read_png(tmp_path / "p5.png").shape == (850, 800, 3)
+    # a few maps: the picture is 600 pixels wide, the grid centred under a title that fits
+    # (it was 160 pixels, the title cut off at both sides)
+    rc, text, err = run(capsys, "activations", ck, photo, "--layer", "norm1", "--max-maps", 4,
+                        "--out", tmp_path / "n4.png")
+    assert rc == 0, err
+    picture = read_png(tmp_path / "n4.png")
+    assert picture.shape == (210, 600, 3)  # 2 x 2 maps of 80 pixels and the 50-pixel title band
+    dark = (picture[:50].astype(int).sum(2) < 384).any(0).nonzero()[0]  # the title's ink, column by column
+    assert dark.min() > 0 and dark.max() < 599, "the title is inside the picture"
+    assert (picture[50:, :219] == 255).all() and (picture[50:, 381:] == 255).all()  # white beside the grid
 
 
 # --- user errors -------------------------------------------------------------------------
