@@ -142,18 +142,20 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
     if d.val_path is not None:
         train, val = full, for_validation(open_dataset(d.val_path, "val", d.image_size, classes=full.classes))
     else:
+        is_idx = isinstance(full, IdxDataset)
         try:
             val = open_dataset(d.path, "val", d.image_size, classes=full.classes)
         except MissingSplitError:  # none: a part of the training images is held out below
             val = None
-        except ConfigError as e:  # one there that cannot be used (an unfinished store, unlabelled
-            # images): never replaced by held-out training images without a word
-            reason = e.reason if isinstance(e, UnlabelledError) else str(e)
-            raise DataSourceError(f"the validation split cannot be used: {reason}; fix it, or move it out "
-                                  f"of {d.path} to validate on held-out training images") from None
+        except ConfigError as e:
+            if not is_idx:  # one there that cannot be used (an unfinished store, unlabelled images):
+                # never replaced by held-out training images without a word
+                reason = e.reason if isinstance(e, UnlabelledError) else str(e)
+                raise DataSourceError(f"the validation split cannot be used: {reason}; fix it, or move it out "
+                                      f"of {d.path} to validate on held-out training images") from None
+            val = None  # IDX data's "val" is its t10k test files: the test split's warning says why
         if isinstance(val, FolderDataset) and os.path.realpath(val.root) == os.path.realpath(full.root):
             val = None  # a tree named for validation (imagenet-val-sorted) is trained on here: not its own val
-        is_idx = isinstance(full, IdxDataset)
         if val is None or is_idx:
             # No validation split of its own (or, for IDX data, the "val" split is the test
             # set, which must not steer training): hold out part of the training images.

@@ -807,6 +807,12 @@ def test_a_validation_split_that_cannot_be_used_is_an_error_not_a_held_out_part(
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / "val" / "photo.png")
     with pytest.raises(DataSourceError, match="the validation split cannot be used: no classes: .*val holds 1 images"):
         opened(flat)
+    # IDX data's "val" is its t10k test files: damaged, they are the test split's warning
+    idx = write_idx(tmp_path / "idx")
+    (idx / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.warns(RuntimeWarning, match="the test split is left out: .*lacks t10k-labels-idx1-ubyte"):
+        d = train_module.open_data(tiny_config(idx))
+    assert d.test is None and len(d.val) == 4
     d = opened(stores / "train")  # a train store alone: no val split, a part held out
     assert (len(d.train), len(d.val)) == (11, 1)  # (a tenth at most)
     d = opened(tree / "train")
