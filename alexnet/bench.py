@@ -118,8 +118,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, min_seconds: float = 0
     (float32 with `tf32`: in TF32, where the device has it); "n" is the best way's.
 
     On a CPU the product is timed two ways, and the faster counts: torch.mm (MKL's sgemm for
-    float32, which on AMD CPUs keeps to AVX2 code: 200 against oneDNN's 410 GFLOP/s on one
-    AVX-512 EPYC), and the same product as a 1x1 convolution, which oneDNN computes with the
+    float32, which on AMD CPUs keeps to AVX2 code: 192 against oneDNN's 370 GFLOP/s on one
+    AVX-512 EPYC, benchmarks/results-cpu-2core-avx512.json), and the same product as a 1x1 convolution, which oneDNN computes with the
     kernels the network's convolutions use."""
     was = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32

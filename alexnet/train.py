@@ -233,7 +233,7 @@ def resolve_numerics(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype 
     """(autocast dtype or None, channels_last). "auto": bf16 on CUDA; on a CPU bf16 only
     where it has native bf16 instructions (`native_bf16`). On an AVX2 CPU a bf16-autocast
     training step of the paper network measured 20x slower than fp32 (1.2 vs 26 img/s,
-    batch 32, 2 cores). Channels-last on both: on the CPU it spares oneDNN a layout
+    batch 32, 2 cores, one run on 2026-11-23). Channels-last on both: on the CPU it spares oneDNN a layout
     conversion around every convolution and lets ReLU, LRN and pooling run as one kernel
     (see README, "Speed")."""
     t = cfg.train

@@ -1,6 +1,6 @@
 """Time local response normalisation: ours (C kernel and torch path) against torch's.
 
-    .venv/bin/python benchmarks/bench_lrn.py [--repeat 5] [--threads N] [--beta 0.75]
+    .venv/bin/python benchmarks/bench_lrn.py [--repeat 5] [--threads N] [--beta 0.75] [--json FILE]
 
 For the shapes LRN sees in AlexNet, float32, NCHW and channels_last, prints the best of
 `repeat` times (the one least disturbed by other load) of forward and of forward+backward
@@ -14,11 +14,15 @@ implementation pays.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+from pathlib import Path
 import time
 
 import torch
 
+from alexnet.bench import machine
 from alexnet.config import LRNConfig
 from alexnet.lrn import backend, local_response_norm
 
@@ -78,6 +82,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--beta", type=float, default=LRNConfig.beta)
+    ap.add_argument("--json", metavar="FILE", help="also write the machine, versions and times as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = LRNConfig(beta=args.beta)
@@ -85,7 +90,9 @@ def main() -> None:
     impls = {"torch.nn.LocalResponseNorm": theirs, "ours, torch path": ours(True, cfg), "ours, C kernel": ours(False, cfg),
              "copy (floor)": CopyFloor.apply}
 
-    print(f"torch {torch.__version__}, {args.threads} threads, beta {cfg.beta}, best of {args.repeat}")
+    where = machine(torch.device("cpu"))
+    print(f"{where}; torch {torch.__version__}, {args.threads} threads, beta {cfg.beta}, best of {args.repeat}")
+    rows = []
     for shape in SHAPES:
         for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
             x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
@@ -98,7 +105,13 @@ def main() -> None:
                 f, fb = timings(lrn, x, g, args.repeat)
                 base = base or (f, fb)
                 print(f"  {name:28} {f:11.1f} {fb:11.1f} {base[0] / f:7.1f}x {base[1] / fb:6.1f}x")
+                rows.append({"shape": list(shape), "layout": fmt_name, "impl": name, "forward_ms": f,
+                             "forward_backward_ms": fb})
     set_torch_path(False)
+    if args.json:
+        doc = {"date": datetime.date.today().isoformat(), "machine": where, "threads": args.threads,
+               "torch": torch.__version__, "beta": cfg.beta, "repeat": args.repeat, "rows": rows}
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":
