@@ -91,7 +91,14 @@ def init_distributed(device_name: str, timeout_s: float = 0.0) -> tuple[DistInfo
     global _FLAG_GROUP
     if info.enabled and not dist.is_initialized():
         limit = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **limit)
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **limit)
+        except (RuntimeError, dist.DistError) as e:  # a process (a node) that never joined
+            text = str(e).strip()
+            first = text.splitlines()[0] if text else type(e).__name__
+            raise ConfigError(f"the {world} processes of this run did not all join ({first.rstrip('.')}); one "
+                              f"that ended at once (an error in its own command?) or never started; every node "
+                              f"must run the same command") from None
         # flags agreed every step go host to host, never through (and waiting for) the GPU
         _FLAG_GROUP = dist.new_group(backend="gloo", **limit) if dist.get_backend() == "nccl" else None
     return info, device

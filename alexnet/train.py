@@ -363,6 +363,26 @@ TEMP_ENTRY = re.compile(r"\..+\.tmp")  # a write that a kill cut short (fileio.a
 BESIDE_BEST = re.compile(r"eval-.+|best-.+\.png")
 
 
+def _first_key_difference(a: dict, b: dict, prefix: str = "") -> str:
+    """The dotted name of the first key where two nested dicts differ."""
+    for k in sorted(set(a) | set(b), key=str):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            if x != y:
+                return _first_key_difference(x, y, f"{prefix}{k}.")
+        elif x != y:
+            return f"{prefix}{k}"
+    return prefix.rstrip(".") or "?"
+
+
+def _short(d: dict, dotted: str) -> str:
+    v = d
+    for part in dotted.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _is_log_row(row) -> bool:
     """A row of log.jsonl as `_end_epoch` writes it, as far as the curves and the resume
     read it: an int epoch and the four figures as numbers (a row without them, JSON though
@@ -425,6 +445,7 @@ class Trainer:
             raise ConfigError(f"{e}; if the data has moved, set data.path (data.val_path) in "
                               f"{self.run_dir / 'config.json'} to its new place") from None
         classes = list(self.data.train.classes)
+        self._check_same_everywhere(cfg, classes)
         asked = cfg.model.num_classes
         if asked not in (len(classes), ModelConfig.num_classes):
             raise ConfigError(f"model.num_classes {asked} does not match the data's {len(classes)} "
@@ -947,7 +968,33 @@ class Trainer:
             return None
         return last if isinstance(last, dict) else None
 
+    def _check_same_everywhere(self, cfg: RunConfig, classes: list[str]) -> None:
+        """Under torchrun, every process's settings and data as rank 0's: a node started with
+        another --lr or --data trained on silently, another batch size ended in Gloo's abort."""
+        if not self.info.enabled:
+            return
+        mine = {**to_dict(cfg), "training images": len(self.data.train), "classes": classes}
+        try:
+            every = gather_objects(mine, self.info)
+        except RuntimeError as e:
+            reason = lost_process(e, self.info)
+            if reason is None:
+                raise
+            raise TrainingError(f"another process of this run is gone or not answering ({reason}) before "
+                                f"training began; {START_OVER}") from None
+        for rank, theirs in enumerate(every):
+            if theirs != every[0]:
+                key = _first_key_difference(every[0], theirs)
+                raise ConfigError(f"process {rank} of this run differs from process 0 in {key} "
+                                  f"({_short(theirs, key)} against {_short(every[0], key)}); every node must "
+                                  f"run the same command on the same data at the same path")
+
     def _resume_hint(self) -> str:
+        # this process's own record of what it saved (every process keeps it), then the run
+        # folder's last.json: a process on another node may not see the folder rank 0 writes
+        saved = getattr(self, "_saved", None)
+        if saved is not None:
+            return f"the checkpoint of step {saved[0][1]} is intact; continue with: {self.resume_command()}"
         last = self._last()
         if last is None:
             return f"no checkpoint was written yet; {START_OVER}"

@@ -294,3 +294,71 @@ def test_torchrun_processes_take_a_gpu_each(monkeypatch, name, local, gpus, erro
             resolve_device(name, info)
     else:
         assert resolve_device(name, info) == torch.device(error) and chosen == [torch.device(error)]
+
+
+def _differing_worker(rank, world, port, cfgs, out, report):
+    import os
+
+    from alexnet.train import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        Trainer(cfgs[rank], out, quiet=True).close()
+        seen = "started"
+    except Exception as e:
+        seen = f"{type(e).__name__}: {e}"
+    (report / f"report-{rank}.json").write_text(json.dumps(seen))
+
+
+def test_nodes_started_with_other_settings_are_refused_on_every_process(tmp_path):
+    """Two nodes' commands that differ: another --lr trained on silently with the log
+    saying rank 0's, another batch size ended in Gloo's abort and a misleading line."""
+    data = write_idx(tmp_path / "idx")
+    base = _dropout_config(data)
+    other = replace(base, train=replace(base.train, lr=0.5))
+    report = tmp_path / "report"
+    report.mkdir()
+    mp.spawn(_differing_worker, args=(2, _free_port(), [base, other], tmp_path / "run", report), nprocs=2,
+             join=True)
+    for rank in range(2):
+        seen = json.loads((report / f"report-{rank}.json").read_text())
+        assert seen == ("ConfigError: process 1 of this run differs from process 0 in train.lr (0.5 against "
+                        "0.001); every node must run the same command on the same data at the same path"), seen
+
+
+def test_a_process_that_never_joins_is_one_line(monkeypatch):
+    """A node whose command ended at once (a usage error) left the other waiting for the
+    backend's limit, then a DistStoreError traceback."""
+    import torch.distributed as dist
+
+    from alexnet import distributed
+    from alexnet.config import ConfigError
+
+    def never(*args, **kwargs):
+        raise dist.DistStoreError("wait timeout after 15000ms, keys: /default_pg/0//cpu//0/1\n(more)")
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", never)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match=r"^the 2 processes of this run did not all join \(wait timeout after "
+                                          r"15000ms, keys: /default_pg/0//cpu//0/1\); one that ended at once"):
+        distributed.init_distributed("cpu", 15)
+
+
+def test_the_resume_hint_comes_from_what_this_process_saved():
+    """A process on another node does not see rank 0's run folder: its hint after a lost
+    process said no checkpoint was written, though rank 0 had saved step 4."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from alexnet.train import Trainer
+
+    me = SimpleNamespace(_saved=((0, 4, 4), Path("runs/r/checkpoints/step-00000004")), _last=lambda: None,
+                         resume_command=lambda: "the same torchrun command with -m alexnet train --resume runs/r")
+    assert Trainer._resume_hint(me) == ("the checkpoint of step 4 is intact; continue with: the same torchrun "
+                                        "command with -m alexnet train --resume runs/r")
+    me._saved = None
+    assert Trainer._resume_hint(me).startswith("no checkpoint was written yet")
