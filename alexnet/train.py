@@ -981,7 +981,7 @@ class Trainer:
             if reason is None:
                 raise
             raise TrainingError(f"another process of this run is gone or not answering ({reason}) before "
-                                f"training began; {START_OVER}") from None
+                                f"training began; run the same command again") from None
         for rank, theirs in enumerate(every):
             if theirs != every[0]:
                 key = _first_key_difference(every[0], theirs)
