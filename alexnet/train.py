@@ -950,11 +950,7 @@ class Trainer:
                          else "no checkpoint was written before it")
                 raise TrainingError(f"{e}; {where}") from None
             except RuntimeError as e:
-                reason = lost_process(e, self.info)
-                if reason is None:
-                    raise
-                raise TrainingError(f"another process of this run is gone or not answering ({reason}); "
-                                    f"{self._resume_hint()}") from None
+                raise self._lost(e, self._resume_hint()) from None
             finally:
                 if not keep_lock:
                     self._unlock()  # the run's files are all written: another trainer may take the folder
@@ -968,6 +964,14 @@ class Trainer:
             return None
         return last if isinstance(last, dict) else None
 
+    def _lost(self, e: RuntimeError, hint: str) -> RuntimeError:
+        """The one-line TrainingError for `e` when it is the process group's word that another
+        process has gone (`lost_process`), with `hint`; any other error as it is."""
+        reason = lost_process(e, self.info)
+        if reason is None:
+            return e
+        return TrainingError(f"another process of this run is gone or not answering ({reason}); {hint}")
+
     def _check_same_everywhere(self, cfg: RunConfig, classes: list[str]) -> None:
         """Under torchrun, every process's settings and data as rank 0's: a node started with
         another --lr or --data trained on silently, another batch size ended in Gloo's abort."""
@@ -977,11 +981,7 @@ class Trainer:
         try:
             every = gather_objects(mine, self.info)
         except RuntimeError as e:
-            reason = lost_process(e, self.info)
-            if reason is None:
-                raise
-            raise TrainingError(f"another process of this run is gone or not answering ({reason}) before "
-                                f"training began; run the same command again") from None
+            raise self._lost(e, "nothing was trained yet; run the same command again") from None
         for rank, theirs in enumerate(every):
             if theirs != every[0]:
                 key = _first_key_difference(every[0], theirs)
