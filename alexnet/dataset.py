@@ -110,15 +110,12 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def resize_center_crop_float(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Floating (B, C, h, w) `x`, its shorter side to `size` (bilinear, antialiased, sizes
-    rounded as `images.resize_center_crop` rounds), then the central size x size patch."""
-    h, w = x.shape[-2:]
-    if w <= h:
-        nw, nh = size, max(size, round(h * size / w))
-    else:
-        nw, nh = max(size, round(w * size / h)), size
+    """Floating (B, C, h, w) `x`, its shorter side to `size` (bilinear, antialiased), then
+    the central size x size patch: the sizes and place of `images.resize_center_crop`."""
+    from alexnet.images import shorter_side_crop
+
+    nw, nh, left, top = shorter_side_crop(x.shape[-1], x.shape[-2], size)
     out = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (nh - size) // 2, (nw - size) // 2
     return out[..., top:top + size, left:left + size]
 
 

@@ -199,6 +199,17 @@ def as_rgb(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(_describe(e)) from None
 
 
+def shorter_side_crop(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """For a w x h image: (new width, new height) with the shorter side `size` (the longer
+    rounded, at least `size`), and the (left, top) of the central size x size patch there,
+    an odd excess's extra pixel on the right/bottom side."""
+    if w <= h:
+        nw, nh = size, max(size, round(h * size / w))
+    else:
+        nw, nh = max(size, round(w * size / h)), size
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
 def resize_center_crop(img: Image.Image, size: int = 256) -> np.ndarray:
     """uint8 (3, size, size): `img` (RGB) rescaled so its shorter side is `size`
     (bilinear, antialiased), then its central size x size patch. When the excess is odd,
@@ -210,11 +221,7 @@ def resize_center_crop(img: Image.Image, size: int = 256) -> np.ndarray:
     if img.mode != "RGB":
         img = _to_rgb(img)
     w, h = img.size
-    if w <= h:
-        nw, nh = size, max(size, round(h * size / w))
-    else:
-        nw, nh = max(size, round(w * size / h)), size
-    left, top = (nw - size) // 2, (nh - size) // 2
+    nw, nh, left, top = shorter_side_crop(w, h, size)
     if max(nw, nh) > MAX_ASPECT * size:
         sx, sy = w / nw, h / nh
         img = img.resize((size, size), RESAMPLE, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
