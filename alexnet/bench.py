@@ -119,8 +119,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, min_seconds: float = 0
 
     On a CPU the product is timed two ways, and the faster counts: torch.mm (MKL's sgemm for
     float32, which on AMD CPUs keeps to AVX2 code: 192 against oneDNN's 370 GFLOP/s on one
-    AVX-512 EPYC, benchmarks/results-cpu-2core-avx512.json), and the same product as a 1x1 convolution, which oneDNN computes with the
-    kernels the network's convolutions use."""
+    AVX-512 EPYC, benchmarks/results-cpu-2core-avx512.json), and the same product as a 1x1
+    convolution, which oneDNN computes with the kernels the network's convolutions use."""
     was = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     done: dict[str, tuple[int, float]] = {}  # way -> (its n, its best seconds)

@@ -55,7 +55,7 @@ class WriteError(OSError):
 
 def not_a_file(path: str | Path, what: str) -> str:
     """Why `path`, which is not a regular file, cannot be read as `what` (e.g. "config
-    file"): a folder is said to be one."""
+    file"): a folder, or a pipe, socket or device, is said to be one."""
     p = Path(path)
     if p.is_dir():
         return f"{path} is a folder, not a {what}"

@@ -797,8 +797,8 @@ def _resolve_source(path, split: str, labels, classes) -> Source:
     split_names = {n for names in _SPLIT_DIRS.values() for n in names}
     if dirs and set(dirs) <= split_names and not files:
         raise MissingSplitError(f"no {split!r} split in {p} (it has {', '.join(dirs)})")
-    named = _named_splits(p)
-    if split == "train" and files and not dirs and named:  # (a tree of classes is a training set, whatever its name)
+    # (a tree of classes is a training set whatever its name; a flat folder named for a split is not)
+    if split == "train" and files and not dirs and (named := _named_splits(p)):
         raise MissingSplitError(f"{p} is a flat folder named for the {named[0]!r} split, which is that split "
                                 f"only, not training data")
     if split != "train" and not _looks_like(p, split, files, dirs, labels):

@@ -559,8 +559,8 @@ class Trainer:
         """Lock the run folder (unless this trainer holds it) for a new run: refused if it
         holds anything but a run of ours (so no file of the user's is overwritten), or a run
         that has saved a checkpoint."""
+        names = os.listdir(self.run_dir)
         if self._lock_fd is None:
-            names = os.listdir(self.run_dir)
             ours = RUN_ENTRIES if "config.json" in names else {".lock"}  # a run writes config.json first
             foreign = sorted(n for n in names if n not in ours and not TEMP_ENTRY.fullmatch(n)
                              and not (ours is RUN_ENTRIES and BESIDE_BEST.fullmatch(n)))
@@ -582,8 +582,7 @@ class Trainer:
                               f"continue it with --resume {self.run_dir} or choose another --out")
         # an epoch's end saves a checkpoint before any of these is written: with none left
         # (checkpoints/ deleted to save space), they are a finished run's, not to be mixed in
-        results = sorted(n for n in os.listdir(self.run_dir)
-                         if n in ("best.safetensors", "curves.png") or BESIDE_BEST.fullmatch(n))
+        results = sorted(n for n in names if n in ("best.safetensors", "curves.png") or BESIDE_BEST.fullmatch(n))
         log = self.run_dir / "log.jsonl"
         if log.is_file() and log.stat().st_size:
             results.append("log.jsonl")
