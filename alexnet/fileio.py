@@ -114,6 +114,17 @@ def check_writable(out: str | Path, example: str = "out.json") -> None:
                               f"{len(os.fsencode(name))} bytes, longer than the {limit} the file system allows")
 
 
+def writable_file(out: str) -> str:
+    """argparse's `type` for an output file named on a command line: one that cannot be
+    written is refused while the arguments are read (exit 2), before minutes of work."""
+    import argparse
+    try:
+        check_writable(out, "results.json")
+    except OutputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return out
+
+
 def _is_dir(p: Path) -> bool:
     try:
         return p.is_dir()

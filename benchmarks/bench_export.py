@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
 import statistics
 import tempfile
 import time
@@ -39,6 +38,7 @@ from alexnet.bench import machine
 from alexnet.checkpoint import Checkpoint
 from alexnet.dataset import DataStats
 from alexnet.export import eval_transform, load_pt2, to_onnx, to_pt2
+from alexnet.fileio import atomic_write_json, writable_file
 from alexnet.model import build_model
 
 
@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="forward passes per contender per round")
     ap.add_argument("--no-aoti", action="store_true",
                     help="leave out AOTInductor (its compilation takes 13 to 30 s on 2 cores)")
-    ap.add_argument("--json", metavar="FILE", help="also write the machine, versions and rows as JSON")
+    ap.add_argument("--json", metavar="FILE", type=writable_file,
+                    help="also write the machine, versions and rows as JSON")
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -133,7 +134,7 @@ def main() -> None:
         doc = {"date": datetime.date.today().isoformat(), "machine": where, "threads": torch.get_num_threads(),
                "torch": torch.__version__, "onnxruntime": ort.__version__, "steps": args.steps,
                "repeat": args.repeat, "aoti_compile_s": aoti_s, "rows": rows}
-        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+        atomic_write_json(args.json, doc)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -52,6 +51,7 @@ from torch import nn
 
 from alexnet.augment import DeferredTrainTransform, TrainTransform, to_device
 from alexnet.dataset import TensorImageDataset
+from alexnet.fileio import atomic_write_json, writable_file
 from alexnet.loader import BatchLoader
 from alexnet.model import build_model
 
@@ -212,7 +212,7 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--device", default="cpu", help="where the training comparison runs (cpu, cuda)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the network of the training comparison")
-    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--json", type=writable_file, help="also write the results to this file")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
@@ -225,8 +225,7 @@ def main() -> None:
     results["load_average_after"] = os.getloadavg()[0]
     print(f"load average after: {results['load_average_after']:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        atomic_write_json(args.json, results)
     if results.get("cut_short"):
         sys.exit(130)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 from pathlib import Path
 import time
@@ -24,6 +23,7 @@ import torch
 
 from alexnet.bench import machine
 from alexnet.config import LRNConfig
+from alexnet.fileio import atomic_write_json, writable_file
 from alexnet.lrn import backend, local_response_norm
 
 SHAPES = [(64, 96, 55, 55), (64, 256, 27, 27)]  # after conv1 and conv2, batch 64
@@ -82,7 +82,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--beta", type=float, default=LRNConfig.beta)
-    ap.add_argument("--json", metavar="FILE", help="also write the machine, versions and times as JSON")
+    ap.add_argument("--json", metavar="FILE", type=writable_file,
+                    help="also write the machine, versions and times as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = LRNConfig(beta=args.beta)
@@ -111,7 +112,7 @@ def main() -> None:
     if args.json:
         doc = {"date": datetime.date.today().isoformat(), "machine": where, "threads": args.threads,
                "torch": torch.__version__, "beta": cfg.beta, "repeat": args.repeat, "rows": rows}
-        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+        atomic_write_json(args.json, doc)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""benchmarks/bench_loader.py, the input pipeline's benchmark (the one gpu_check.sh runs
-beside the GPU), run small: every block measures, the JSON holds every row, and a time
-limit's SIGINT keeps what was measured."""
+"""The benchmark scripts: benchmarks/bench_loader.py, the input pipeline's benchmark (the
+one gpu_check.sh runs beside the GPU), run small: every block measures, the JSON holds every
+row, and a time limit's SIGINT keeps what was measured; and an unwritable --json refused
+before any of the scripts measures."""
 
 import json
 import os
@@ -67,3 +68,19 @@ def test_an_interrupt_keeps_the_results_so_far(tmp_path):
     r = json.loads(out.read_text())
     assert r["cut_short"] is True and "prepared store (memmap)" in r["throughput_img_s"]
     assert "train" not in r
+
+
+@pytest.mark.parametrize("script", ["bench_loader.py", "bench_lrn.py", "bench_export.py"])
+@pytest.mark.parametrize("where", ["folder", "file as folder"])
+def test_a_json_that_cannot_be_written_is_refused_before_measuring(tmp_path, script, where):
+    """The benchmark scripts take minutes; an output they could not write at the end is
+    refused while their arguments are read, in one line, with nothing measured."""
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path if where == "folder" else tmp_path / "a-file" / "r.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--json", str(out)], env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error: argument --json: ") and (
+        "is a folder" in last if where == "folder" else "is not a writable folder" in last), p.stderr
+    assert (tmp_path / "a-file").read_text() == "x"
