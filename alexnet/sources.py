@@ -45,7 +45,7 @@ import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +158,18 @@ def _whole(a) -> np.ndarray:
     return a.astype(np.int64) if a.dtype.kind in "iu" else np.rint(a).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class Shared:
+    """A pass split among the `count` processes of a run (torchrun): this one, `index`,
+    takes every `count`-th item. `any_true(flag)` (whether any process's flag is true) and
+    `add_up(a)` (an int64 array summed over the processes) are collectives: every process
+    calls them at the same points."""
+    index: int
+    count: int
+    any_true: Callable[[bool], bool]
+    add_up: Callable[[np.ndarray], np.ndarray]
+
+
 class StatsAccumulator:
     """Exact sums for `DataStats`. Every sum is of integers (pixel values and their
     products) held in int64 (a chunk's own sums made in float64, exact below 2**53, for
@@ -211,6 +223,18 @@ class StatsAccumulator:
         acc.pixel_sum, acc.pixel_outer = (_whole(state[k]) for k in ("pixel_sum", "pixel_outer"))
         return acc
 
+    def summed(self, add_up: Callable[[np.ndarray], np.ndarray]) -> "StatsAccumulator":
+        """These sums added up over the processes: one `add_up` (`Shared.add_up`) of one int64
+        vector. Integer sums, so the whole is exactly one process's pass over every image."""
+        v = np.concatenate([[self.count, self.pixel_count], self.pixel_sum, self.pixel_outer.ravel(),
+                            self.image_sum.ravel()]).astype(np.int64)
+        v = np.asarray(add_up(v), np.int64)
+        acc = StatsAccumulator(self.size)
+        acc.count, acc.pixel_count = int(v[0]), int(v[1])
+        acc.pixel_sum, acc.pixel_outer = v[2:5].copy(), v[5:14].reshape(3, 3).copy()
+        acc.image_sum = v[14:].reshape(self.image_sum.shape).copy()
+        return acc
+
     def result(self) -> DataStats:
         if self.count == 0 or self.pixel_count == 0:
             raise DataSourceError("no images to compute statistics from")
@@ -254,7 +278,8 @@ def stats_without(stats: DataStats, count: int, parts) -> DataStats:
                               pixels * mu - acc.pixel_sum, pixels * second - acc.pixel_outer)
 
 
-def dataset_stats(ds: ImageDataset, batch_size: int = 64, held_out: np.ndarray | None = None) -> DataStats:
+def dataset_stats(ds: ImageDataset, batch_size: int = 64, held_out: np.ndarray | None = None,
+                  shared: Shared | None = None) -> DataStats:
     """The training statistics of `ds`: mean image (3, S, S) and the eigen-decomposition
     of the covariance of all its RGB pixels. `held_out`: indices of records held out of
     training (a validation part), which the statistics leave out.
@@ -272,12 +297,16 @@ def dataset_stats(ds: ImageDataset, batch_size: int = 64, held_out: np.ndarray |
 
     With `held_out`, stores subtract the held-out part from their prepared statistics
     (`StoreDataset.stats`), folders make their pass over the rest, and in-memory images
-    are taken as they are, less the held-out ones.
+    are taken as they are, less the held-out ones. With `shared` (every process of a run
+    calls this), a folder's pass is split among the processes (`FolderDataset.stats`).
     """
     held = None if held_out is None or not len(held_out) else np.unique(np.asarray(held_out, np.int64))
     stats = getattr(ds, "stats", None)
     if callable(stats):
-        stats = stats() if held is None else stats(held_out=held)
+        kw = {} if held is None else {"held_out": held}
+        if shared is not None and isinstance(ds, FolderDataset):
+            kw["shared"] = shared
+        stats = stats(**kw)
     if isinstance(stats, DataStats):
         return DataStats(_resize_mean(stats.mean_image, ds.image_size), stats.eigval, stats.eigvec)
     if held is None:
@@ -1070,34 +1099,42 @@ class FolderDataset(ImageDataset):
                 h.update(os.fsencode(f"{rel}\0{label}\0missing\n"))
         return h.hexdigest()[:32]
 
-    def stats(self, held_out: np.ndarray | None = None) -> DataStats:
+    def stats(self, held_out: np.ndarray | None = None, shared: Shared | None = None) -> DataStats:
         """Exact statistics of the decodable images of this folder (one decoding pass;
         unreadable files are left out, not substituted), less the records `held_out`,
         cached in memory and in $ALEXNET_CACHE (default ~/.cache/alexnet) under a key of
         the folder's path, file names, sizes and modification times and the held-out
-        records, so a changed folder is computed afresh."""
+        records, so a changed folder is computed afresh.
+
+        `shared`: every process of a run calls this; unless every one finds the statistics
+        cached, each decodes its own share of the images and the exact integer sums are
+        added up, so N processes make the pass N times faster, not each the whole of it."""
         held = np.unique(np.asarray([] if held_out is None else held_out, np.int64))
         key = self._cache_key()
         if len(held):
             key += "-less-" + hashlib.sha256(held.tobytes()).hexdigest()[:16]
-        if self._stats is not None and self._stats[0] == key:
-            return self._stats[1]
         path = cache_dir() / f"stats-{key}.safetensors"
-        try:
-            stats = load_stats(path)
-        except Exception:
-            stats = None
+        stats = self._stats[1] if self._stats is not None and self._stats[0] == key else None
         if stats is None:
-            acc = StatsAccumulator(self.image_size)
+            try:
+                stats = load_stats(path)
+            except Exception:
+                stats = None
+        cached = stats is not None
+        # (every process asks, a hit or not: a collective that one skipped would hang the rest)
+        if (not cached) if shared is None else shared.any_true(not cached):
             rest = np.setdiff1d(np.arange(len(self)), held)
-            for start in range(0, len(rest), 64):
-                images = [im for im in self._map(rest[start:start + 64]) if im is not None]
+            acc = StatsAccumulator(self.image_size)
+            mine = rest if shared is None else rest[shared.index::shared.count]
+            for start in range(0, len(mine), 64):
+                images = [im for im in self._map(mine[start:start + 64]) if im is not None]
                 if images:
                     acc.add(np.stack(images))
-            stats = acc.result()
-            try:
-                save_stats(stats, path)
-            except OSError:
-                pass
+            stats = (acc if shared is None else acc.summed(shared.add_up)).result()
+            if not cached:
+                try:
+                    save_stats(stats, path)
+                except OSError:
+                    pass
         self._stats = (key, stats)
         return stats

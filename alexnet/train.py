@@ -30,8 +30,10 @@ import shutil
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,6 +53,8 @@ from alexnet.loader import BatchLoader, LoaderWorkerError
 from alexnet.model import AlexNet
 from alexnet.progress import Progress, first_few
 
+if TYPE_CHECKING:
+    from alexnet.sources import Shared
 
 
 class TrainingError(RuntimeError):
@@ -130,9 +134,12 @@ def for_training(ds: ImageDataset, indices: np.ndarray) -> ImageDataset:
     return ds
 
 
-def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
+def open_data(cfg: RunConfig, stats: DataStats | None = None, shared: Shared | None = None,
+              check: Callable[[ImageDataset], None] | None = None) -> Data:
     """The run's splits, and the statistics of its training images (a held-out validation
-    part left out), or `stats` as given (a resumed run keeps those it started with)."""
+    part left out), or `stats` as given (a resumed run keeps those it started with).
+    Under torchrun: `check(train split)` before the statistics, whose pass over a folder
+    the processes then share (`shared`, see `dataset_stats`)."""
     from alexnet.sources import (DataSourceError, FolderDataset, IdxDataset, MissingSplitError, UnlabelledError,
                                  dataset_stats, open_dataset)
 
@@ -171,8 +178,10 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None) -> Data:
         raise ConfigError(f"the validation classes differ from the training classes "
                           f"({len(val.classes)} vs {len(full.classes)})")
     test = _test_split(d, full, cfg.train.test, opened=idx_test)
+    if check is not None:
+        check(train)
     if stats is None:
-        stats = dataset_stats(full, held_out=held_out)
+        stats = dataset_stats(full, held_out=held_out, shared=shared)
     return Data(train, val, test, stats)
 
 
@@ -437,15 +446,17 @@ class Trainer:
         """The data, the network and its optimizer, then the run folder: a new one, or the
         resumed run's last checkpoint (whose data statistics it keeps)."""
         last = self._last_checkpoint() if resume else None
-        try:
-            self.data = open_data(cfg, stats=last[1].stats if last else None)
+        try:  # (under torchrun: the same settings and data everywhere, then a statistics pass shared)
+            self.data = open_data(cfg, stats=last[1].stats if last else None, shared=self._shared(),
+                                  check=lambda train: self._check_same_everywhere(cfg, train))
         except FileNotFoundError as e:  # --data cannot be given with --resume: say where the path is kept
             if not resume:
                 raise
             raise ConfigError(f"{e}; if the data has moved, set data.path (data.val_path) in "
                               f"{self.run_dir / 'config.json'} to its new place") from None
+        except RuntimeError as e:  # a process gone during the shared statistics pass
+            raise self._lost(e, "nothing was trained yet; run the same command again") from None
         classes = list(self.data.train.classes)
-        self._check_same_everywhere(cfg, classes)
         asked = cfg.model.num_classes
         if asked not in (len(classes), ModelConfig.num_classes):
             raise ConfigError(f"model.num_classes {asked} does not match the data's {len(classes)} "
@@ -971,12 +982,22 @@ class Trainer:
             return e
         return TrainingError(f"another process of this run is gone or not answering ({reason}); {hint}")
 
-    def _check_same_everywhere(self, cfg: RunConfig, classes: list[str]) -> None:
+    def _shared(self) -> Shared | None:
+        """Under torchrun, the collectives a pass split among the processes adds up with."""
+        from alexnet.sources import Shared
+
+        if not self.info.enabled:
+            return None
+        return Shared(self.info.rank, self.info.world_size, lambda flag: any_process(flag, self.info),
+                      lambda a: all_reduce_sum(torch.from_numpy(a), self.info).numpy())
+
+    def _check_same_everywhere(self, cfg: RunConfig, train: ImageDataset) -> None:
         """Under torchrun, every process's settings and data as rank 0's: a node started with
-        another --lr or --data trained on silently, another batch size ended in Gloo's abort."""
+        another --lr or --data trained on silently, another batch size ended in Gloo's abort.
+        Before any other collective: one over other data could wait for ever, or abort."""
         if not self.info.enabled:
             return
-        mine = {**to_dict(cfg), "training images": len(self.data.train), "classes": classes}
+        mine = {**to_dict(cfg), "training images": len(train), "classes": list(train.classes)}
         try:
             every = gather_objects(mine, self.info)
         except RuntimeError as e:

@@ -362,3 +362,47 @@ def test_the_resume_hint_comes_from_what_this_process_saved():
                                         "command with -m alexnet train --resume runs/r")
     me._saved = None
     assert Trainer._resume_hint(me).startswith("no checkpoint was written yet")
+
+
+def _folder_worker(rank, world, port, cfg, out, report):
+    import os
+
+    from alexnet.sources import FolderDataset
+    from alexnet.train import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    decoded = []
+    decode = FolderDataset._decode
+    FolderDataset._decode = lambda self, i: decoded.append(i) or decode(self, i)
+    t = Trainer(cfg, out, quiet=True)
+    try:
+        torch.save({"stats": t.data.stats.to_tensors(prefix=""), "decoded": decoded}, report / f"rank-{rank}.pt")
+    finally:
+        t.close()
+
+
+def test_processes_share_the_statistics_pass_over_a_folder(tmp_path, monkeypatch):
+    """Training straight from a folder under torchrun: the processes decode the images for
+    the statistics between them, and every one ends with one process's statistics exactly."""
+    from alexnet.sources import dataset_stats, open_dataset
+    from alexnet.train import holdout_split
+    from tests.test_sources import make_tree
+
+    make_tree(tmp_path / "tree", per_class=5)
+    cfg = _config(tmp_path / "tree")
+    full = open_dataset(tmp_path / "tree", image_size=227)
+    _, held = holdout_split(len(full), 1)
+    monkeypatch.setenv("ALEXNET_CACHE", str(tmp_path / "cache"))
+    alone = dataset_stats(full, held_out=held).to_tensors(prefix="")
+    (tmp_path / "cache").rename(tmp_path / "kept")  # (the processes find none cached)
+    report = tmp_path / "report"
+    report.mkdir()
+    mp.spawn(_folder_worker, args=(2, _free_port(), cfg, tmp_path / "run", report), nprocs=2, join=True)
+    got = [torch.load(report / f"rank-{r}.pt") for r in range(2)]
+    for g in got:
+        assert g["stats"].keys() == alone.keys() and all(torch.equal(g["stats"][k], alone[k]) for k in alone)
+    training = sorted(set(range(10)) - set(held.tolist()))
+    assert sorted(got[0]["decoded"] + got[1]["decoded"]) == training  # each image once, by one process
+    assert [len(g["decoded"]) for g in got] == [5, 4]

@@ -10,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -21,7 +22,8 @@ from PIL import Image
 
 from alexnet.dataset import TensorImageDataset
 from alexnet.images import ImageError, load_rgb, resize_center_crop
-from alexnet.sources import (FASHION_MNIST_DIR, ClassMismatchError, DataSourceError, FolderDataset,
+import alexnet.sources as sources_module
+from alexnet.sources import (FASHION_MNIST_DIR, ClassMismatchError, DataSourceError, FolderDataset, Shared,
                              SourceNotFoundError, dataset_stats, imagenet_wnids, open_dataset, read_ground_truth)
 
 RNG = np.random.default_rng(1234)
@@ -645,6 +647,93 @@ def test_stats_on_the_fly_folder_and_cache(tmp_path, monkeypatch):
     key = ds._cache_key()
     ds.max_pixels = 100
     assert ds._cache_key() != key
+
+
+class _Group:
+    """Processes of a run stood in for by threads: each collective waits for all of them."""
+
+    def __init__(self, n: int):
+        self.n, self.slots, self.calls = n, [None] * n, []
+        self.barrier = threading.Barrier(n, timeout=30)  # a skipped collective: BrokenBarrierError, no hang
+
+    def _collective(self, rank, value, combine):
+        self.slots[rank] = value
+        self.barrier.wait()
+        out = combine(list(self.slots))
+        self.barrier.wait()
+        if rank == 0:
+            self.calls.append(combine.__name__)
+        return out
+
+    def shared(self, rank: int) -> Shared:
+        def any_true(flags):
+            return any(flags)
+
+        def add_up(arrays):
+            return np.sum(arrays, axis=0)
+
+        return Shared(rank, self.n, lambda flag: self._collective(rank, flag, any_true),
+                      lambda a: self._collective(rank, a, add_up))
+
+
+def _shared_pass(root: Path, n: int, held_out=None) -> tuple[list, list[list[int]], list[str]]:
+    """Each of `n` stand-in processes opens `root` and asks for its statistics together
+    with the others: their results, the records each decoded, the collectives made."""
+    group, results, decoded = _Group(n), [None] * n, [[] for _ in range(n)]
+
+    def rank(r):
+        ds = open_dataset(root, image_size=32)
+        decode = ds._decode
+        ds._decode = lambda i: decoded[r].append(i) or decode(i)
+        ds.threads = 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results[r] = dataset_stats(ds, held_out=held_out, shared=group.shared(r))
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank-{r}") for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(r is not None for r in results), "a stand-in process failed"
+    return results, decoded, group.calls
+
+
+def test_processes_share_a_folders_statistics_pass(tmp_path, monkeypatch):
+    """Under torchrun every process used to decode the whole folder for its statistics
+    (about 1.9 core-hours each at ImageNet's size); each now decodes its share, and the
+    exact sums added up give one process's statistics bit for bit."""
+    monkeypatch.setenv("ALEXNET_CACHE", str(tmp_path / "cache"))
+    images = correlated_images(7, 32, np.random.default_rng(5))
+    for i, a in enumerate(images):
+        (tmp_path / "d" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a.transpose(1, 2, 0)).save(tmp_path / "d" / f"c{i % 2}" / f"{i}.png")
+    (tmp_path / "d" / "c0" / "broken.png").write_bytes(b"")
+    ds = open_dataset(tmp_path / "d", image_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone = ds.stats(held_out=np.array([2]))
+    (cache := tmp_path / "cache").rename(tmp_path / "kept")  # the processes find no statistics cached
+
+    results, decoded, calls = _shared_pass(tmp_path / "d", 3, held_out=np.array([2]))
+    for s in results:
+        for k in ("mean_image", "eigval", "eigvec"):
+            assert torch.equal(getattr(s, k), getattr(alone, k)), k
+    assert sorted(sum(decoded, [])) == [i for i in range(8) if i != 2]  # each record once, by one process
+    assert [len(d) for d in decoded] == [3, 2, 2]
+    assert calls == ["any_true", "add_up"]
+    assert len(list(cache.glob("stats-*.safetensors"))) == 1
+
+    # all cached: one question, no pass; cached for one process only: all make the pass
+    results, decoded, calls = _shared_pass(tmp_path / "d", 3, held_out=np.array([2]))
+    assert decoded == [[], [], []] and calls == ["any_true"]
+    assert torch.equal(results[1].mean_image, alone.mean_image)
+    real_load = sources_module.load_stats
+    monkeypatch.setattr(sources_module, "load_stats",
+                        lambda path: real_load(path) if threading.current_thread().name == "rank-0" else None)
+    results, decoded, calls = _shared_pass(tmp_path / "d", 2, held_out=np.array([2]))
+    assert calls == ["any_true", "add_up"] and sorted(sum(decoded, [])) == [i for i in range(8) if i != 2]
+    assert all(torch.equal(s.eigvec, alone.eigvec) for s in results)
 
 
 @pytest.mark.parametrize("labels", [[0, 1, 2], [0, -1, 1]])

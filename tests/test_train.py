@@ -273,7 +273,7 @@ time.sleep(60)
                      lambda: Trainer(tiny_config(data, epochs=1), run, quiet=True)):
             with pytest.raises(ConfigError, match=rf"r is in use by another alexnet train \(pid {holder.pid}\)"):
                 make()
-        def open_data(cfg, stats=None):
+        def open_data(cfg, **kw):
             raise AssertionError("the data was opened")
 
         with monkeypatch.context() as m:  # refused before the data is opened (seconds on a large folder)
@@ -860,6 +860,36 @@ def test_the_test_split_of_every_kind_of_source_is_found(data, tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tree / "test" / c / "x.png")
     with pytest.warns(RuntimeWarning, match="the test split is left out: .*class folder c9"):
         assert train_module.open_data(run_config("paper", {"data": {"path": str(tree), "num_workers": 0}})).test is None
+
+
+def test_the_processes_are_compared_before_the_statistics_pass_they_share(tmp_path, monkeypatch):
+    """Under torchrun the statistics of a folder come from collectives: a node on other
+    data (another image size, an IDX file) would join other collectives, waiting for ever
+    or aborting, before the check that names what differs."""
+    from PIL import Image
+
+    from alexnet.sources import Shared
+
+    monkeypatch.setenv("ALEXNET_CACHE", str(tmp_path / "cache"))
+    for k in range(10):
+        (tmp_path / "tree" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 10 * k, np.uint8)).save(tmp_path / "tree" / f"c{k % 2}" / f"{k}.png")
+    seen = []
+
+    def collective(what):
+        def call(value):
+            seen.append(what)
+            raise RuntimeError(f"{what}: a collective before the check")
+        return call
+
+    def check(train):
+        seen.append(("check", len(train)))
+        raise ConfigError("process 1 of this run differs from process 0")
+
+    cfg = run_config("paper", {"data": {"path": str(tmp_path / "tree"), "num_workers": 0}})
+    with pytest.raises(ConfigError, match="differs from process 0"):
+        train_module.open_data(cfg, shared=Shared(0, 2, collective("any_true"), collective("add_up")), check=check)
+    assert seen == [("check", 9)]  # the training images, one held out for validation
 
 
 def test_a_tree_named_for_validation_is_not_its_own_validation_set(tmp_path):
