@@ -192,16 +192,20 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data
         t.fit()
 
 
-def test_reading_the_loss_back_every_few_steps_changes_nothing(data, tmp_path):
+def test_reading_the_loss_back_every_few_steps_changes_nothing(data, tmp_path, uninterrupted):
     """Reading the losses back every `train.log_every` steps lets a GPU run ahead of the
     host: the same weights and logged losses as reading back every step, and a stop
     request still ends the run at the step it came in."""
     runs = {}
     for k in (1, 3):
-        t = Trainer(tiny_config(data, log_every=k, epochs=1), tmp_path / f"k{k}", quiet=True)  # read at 3, 5
-        t.fit()
-        log = [json.loads(x) for x in (tmp_path / f"k{k}" / "log.jsonl").read_text().splitlines()]
-        runs[k] = (weights(tmp_path / f"k{k}"), [(r["train_loss"], r["val_loss"]) for r in log])
+        if k == 1:  # (tiny_config's log_every is 1: the uninterrupted one-epoch run)
+            run = uninterrupted(1)
+            assert json.loads((run / "config.json").read_text())["train"]["log_every"] == 1
+        else:
+            run = tmp_path / f"k{k}"
+            Trainer(tiny_config(data, log_every=k, epochs=1), run, quiet=True).fit()  # read at 3, 5
+        log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+        runs[k] = (weights(run), [(r["train_loss"], r["val_loss"]) for r in log])
     assert runs[1][1] == runs[3][1] and len(runs[1][1]) == 1
     for name in runs[1][0]:
         assert torch.equal(runs[1][0][name], runs[3][0][name]), name
@@ -310,7 +314,7 @@ def test_the_run_folder_stays_held_while_the_test_set_is_evaluated(data, tmp_pat
     from alexnet.train import finish_run
 
     run = tmp_path / "r"
-    t = Trainer(tiny_config(data, epochs=1), run, quiet=True)
+    t = Trainer(tiny_config(data, epochs=1, max_steps=1), run, quiet=True)
     t.fit(keep_lock=keep_lock)
     refused = rf"r is in use by another alexnet train \(pid {os.getpid()}\)"
     if keep_lock:  # between fit and finish_run
@@ -1173,32 +1177,38 @@ def test_a_kill_between_the_epoch_checkpoint_and_best_is_mended_by_the_resume(da
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
-@pytest.mark.parametrize("damage", ["missing", "unreadable"])
-def test_a_lost_last_json_resumes_from_the_newest_step_folder(data, tmp_path, damage, uninterrupted):
+def test_a_lost_last_json_resumes_from_the_newest_step_folder(data, tmp_path, uninterrupted):
     """Step folders are complete once they have their names, so without a readable
-    last.json the resume takes the newest, says so, names it again in last.json and ends
-    with the uninterrupted run's weights; a new run into that folder is pointed at --resume."""
+    last.json (missing, or unreadable) the resume takes the newest, says so, names it again
+    in last.json and ends with the uninterrupted run's weights; a new run into that folder
+    is pointed at --resume."""
+    import shutil
+
     cfg = tiny_config(data, checkpoint_every=2)
     whole = uninterrupted(cfg.train.epochs)  # (checkpoints change no weight)
-    run = tmp_path / "r"
-    t = Trainer(cfg, run, quiet=True)
+    t = Trainer(cfg, tmp_path / "r", quiet=True)
     stop_at(t, 3)
-    assert t.fit()["stopped"] and step_folders(run) == ["step-00000002", "step-00000003"]
-    last = run / "checkpoints" / "last.json"
-    if damage == "missing":
-        last.unlink()
-    else:
-        last.write_bytes(b"\xff{")
-    with pytest.raises(ConfigError, match="continue it with --resume"):
-        Trainer(cfg, run, quiet=True)
-    with pytest.warns(RuntimeWarning, match=f"last.json is {damage}: resuming from the newest step folder, "
-                                            f"step-00000003"):
-        resumed = Trainer(None, run, resume=True, quiet=True)
-    assert resumed.step == 3 and json.loads(last.read_text())["dir"] == "step-00000003"
-    resumed.fit()
-    got, want = weights(run), weights(whole)
-    for k, v in want.items():
-        assert torch.equal(got[k], v), k
+    assert t.fit()["stopped"] and step_folders(tmp_path / "r") == ["step-00000002", "step-00000003"]
+    for damage in ("unreadable", "missing"):  # (the same stopped run, copied: one training for both)
+        run = shutil.copytree(tmp_path / "r", tmp_path / damage)
+        last = run / "checkpoints" / "last.json"
+        if damage == "missing":
+            last.unlink()
+        else:
+            last.write_bytes(b"\xff{")
+        with pytest.raises(ConfigError, match="continue it with --resume"):
+            Trainer(cfg, run, quiet=True)
+        with pytest.warns(RuntimeWarning, match=f"last.json is {damage}: resuming from the newest step folder, "
+                                                f"step-00000003"):
+            resumed = Trainer(None, run, resume=True, quiet=True)
+        assert resumed.step == 3 and json.loads(last.read_text())["dir"] == "step-00000003"
+        if damage == "unreadable":
+            resumed.close()
+            continue
+        resumed.fit()
+        got, want = weights(run), weights(whole)
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
 
 
 def test_the_report_keeps_classes_whose_readable_names_repeat(tmp_path):
