@@ -11,6 +11,7 @@ import re
 import signal
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -115,6 +116,17 @@ def any_process(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([float(flag)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_FLAG_GROUP)
     return t.item() > 0
+
+
+def sum_on_host(a: np.ndarray, info: DistInfo) -> np.ndarray:
+    """int64 `a` summed over the processes host to host (the Gloo group, beside NCCL's):
+    a process lost meanwhile is an error here at once, not a wait in a copy from the GPU
+    until NCCL's watchdog ends the process (every process must call this)."""
+    if not info.enabled:
+        return a
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_FLAG_GROUP)
+    return t.numpy()
 
 
 def gather_objects(obj, info: DistInfo) -> list:

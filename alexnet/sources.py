@@ -59,7 +59,7 @@ import torch
 from alexnet.config import ConfigError
 from alexnet.dataset import (DataStats, ImageDataset, SubsetDataset, TensorImageDataset, covariance_eigen,
                              load_stats, resize_center_crop_float, save_stats)
-from alexnet.fileio import cache_dir, shown
+from alexnet.fileio import OutputError, cache_dir, shown
 from alexnet.images import MAX_PIXELS, ImageError, decode_file
 from alexnet.progress import first_few, plural
 
@@ -502,11 +502,10 @@ class Names(collections.abc.Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        i = operator.index(i)
-        if i < 0:
-            i += len(self)
+        asked = operator.index(i)
+        i = asked + len(self) if asked < 0 else asked
         if not 0 <= i < len(self):
-            raise IndexError(f"name {i} of {len(self)}")
+            raise IndexError(f"name {asked} of {len(self)}")
         start = int(self._ends[i - 1]) if i else 0
         return os.fsdecode(self._bytes[start:int(self._ends[i])].tobytes())
 
@@ -1181,7 +1180,7 @@ class FolderDataset(ImageDataset):
             if not cached:
                 try:
                     save_stats(stats, path)
-                except OSError:
+                except (OSError, OutputError):  # (a cache: best effort; a file where its folder goes)
                     pass
         self._stats = (key, stats)
         return stats

@@ -47,7 +47,7 @@ from alexnet.config import ConfigError, ModelConfig, RunConfig, from_dict, to_di
 from alexnet.dataset import DataStats, ImageDataset, SubsetDataset
 from alexnet.distributed import (all_reduce_sum, any_process, broadcast_buffers, broadcast_object, gather_objects,
                                  init_distributed, lost_process, on_stop_signals, resolve_augment, resolve_workers,
-                                 shutdown)
+                                 shutdown, sum_on_host)
 from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_model, format_metrics
 from alexnet.loader import BatchLoader, LoaderWorkerError
 from alexnet.model import AlexNet
@@ -135,11 +135,12 @@ def for_training(ds: ImageDataset, indices: np.ndarray) -> ImageDataset:
 
 
 def open_data(cfg: RunConfig, stats: DataStats | None = None, shared: Shared | None = None,
-              check: Callable[[ImageDataset], None] | None = None) -> Data:
+              check: Callable[[dict], None] | None = None) -> Data:
     """The run's splits, and the statistics of its training images (a held-out validation
     part left out), or `stats` as given (a resumed run keeps those it started with).
-    Under torchrun: `check(train split)` before the statistics, whose pass over a folder
-    the processes then share (`shared`, see `dataset_stats`)."""
+    Under torchrun: `check(what this process trains on)` before the statistics, whose pass
+    over a folder the processes then share (`shared`, see `dataset_stats`): every process
+    must agree on all that decides whether it makes that pass."""
     from alexnet.sources import (DataSourceError, FolderDataset, IdxDataset, MissingSplitError, UnlabelledError,
                                  dataset_stats, open_dataset)
 
@@ -179,10 +180,17 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None, shared: Shared | N
                           f"({len(val.classes)} vs {len(full.classes)})")
     test = _test_split(d, full, cfg.train.test, opened=idx_test)
     if check is not None:
-        check(train)
+        check({"training images": len(train), "classes": list(train.classes), "training data": _kind(full),
+               "statistics": "computed" if stats is None else "kept from the checkpoint (a resume)"})
     if stats is None:
         stats = dataset_stats(full, held_out=held_out, shared=shared)
     return Data(train, val, test, stats)
+
+
+def _kind(ds: ImageDataset) -> str:
+    """What a training source is, in words (compared across the processes of a run)."""
+    return {"FolderDataset": "an image folder", "StoreDataset": "a prepared store",
+            "IdxDataset": "IDX files"}.get(type(ds).__name__, type(ds).__name__)
 
 
 def _test_split(d, full: ImageDataset, cfg_test: bool = True,
@@ -448,14 +456,17 @@ class Trainer:
         last = self._last_checkpoint() if resume else None
         try:  # (under torchrun: the same settings and data everywhere, then a statistics pass shared)
             self.data = open_data(cfg, stats=last[1].stats if last else None, shared=self._shared(),
-                                  check=lambda train: self._check_same_everywhere(cfg, train))
+                                  check=lambda data: self._check_same_everywhere(cfg, data))
         except FileNotFoundError as e:  # --data cannot be given with --resume: say where the path is kept
             if not resume:
                 raise
             raise ConfigError(f"{e}; if the data has moved, set data.path (data.val_path) in "
                               f"{self.run_dir / 'config.json'} to its new place") from None
         except RuntimeError as e:  # a process gone during the shared statistics pass
-            raise self._lost(e, "nothing was trained yet; run the same command again") from None
+            lost = self._lost(e, "nothing was trained yet; run the same command again")
+            if lost is e:
+                raise
+            raise lost from None
         classes = list(self.data.train.classes)
         asked = cfg.model.num_classes
         if asked not in (len(classes), ModelConfig.num_classes):
@@ -989,15 +1000,16 @@ class Trainer:
         if not self.info.enabled:
             return None
         return Shared(self.info.rank, self.info.world_size, lambda flag: any_process(flag, self.info),
-                      lambda a: all_reduce_sum(torch.from_numpy(a), self.info).numpy())
+                      lambda a: sum_on_host(a, self.info))
 
-    def _check_same_everywhere(self, cfg: RunConfig, train: ImageDataset) -> None:
-        """Under torchrun, every process's settings and data as rank 0's: a node started with
-        another --lr or --data trained on silently, another batch size ended in Gloo's abort.
-        Before any other collective: one over other data could wait for ever, or abort."""
+    def _check_same_everywhere(self, cfg: RunConfig, data: dict) -> None:
+        """Under torchrun, every process's settings and data (`data`: what `open_data` says
+        it trains on) as rank 0's: a node started with another --lr or --data trained on
+        silently, another batch size ended in Gloo's abort. Before any other collective:
+        one that a process on other data (a store, not its folder) skips waits for ever."""
         if not self.info.enabled:
             return
-        mine = {**to_dict(cfg), "training images": len(train), "classes": list(train.classes)}
+        mine = {**to_dict(cfg), **data}
         try:
             every = gather_objects(mine, self.info)
         except RuntimeError as e:

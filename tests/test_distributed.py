@@ -406,3 +406,24 @@ def test_processes_share_the_statistics_pass_over_a_folder(tmp_path, monkeypatch
     training = sorted(set(range(10)) - set(held.tolist()))
     assert sorted(got[0]["decoded"] + got[1]["decoded"]) == training  # each image once, by one process
     assert [len(g["decoded"]) for g in got] == [5, 4]
+
+
+def test_the_shared_statistics_are_added_up_host_to_host(monkeypatch):
+    """Under NCCL a CPU tensor was added up through the GPU, where a process lost during its
+    share of the pass left the others waiting in the copy back until NCCL's watchdog; the
+    sums go through the host group (Gloo, beside NCCL) as int64 on the CPU."""
+    import numpy as np
+
+    import alexnet.distributed as d
+
+    calls = []
+
+    def all_reduce(t, op=None, group=None):
+        calls.append((t.device.type, t.dtype, group))
+        t.mul_(2)
+
+    monkeypatch.setattr(d, "_FLAG_GROUP", "the host group")
+    monkeypatch.setattr(d.dist, "all_reduce", all_reduce)
+    got = d.sum_on_host(np.array([3, 2 ** 60], np.int64), d.DistInfo(0, 2, 0))
+    assert got.tolist() == [6, 2 ** 61] and calls == [("cpu", torch.int64, "the host group")]
+    assert d.sum_on_host(np.array([5]), d.DistInfo(0, 1, 0)).tolist() == [5] and len(calls) == 1

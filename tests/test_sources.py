@@ -23,7 +23,7 @@ from PIL import Image
 from alexnet.dataset import TensorImageDataset
 from alexnet.images import ImageError, load_rgb, resize_center_crop
 import alexnet.sources as sources_module
-from alexnet.sources import (FASHION_MNIST_DIR, ClassMismatchError, DataSourceError, FolderDataset, Listing, Shared,
+from alexnet.sources import (FASHION_MNIST_DIR, ClassMismatchError, DataSourceError, FolderDataset, Listing, Names, Shared,
                              SourceNotFoundError, dataset_stats, imagenet_wnids, open_dataset, read_ground_truth)
 
 RNG = np.random.default_rng(1234)
@@ -697,6 +697,32 @@ def _shared_pass(root: Path, n: int, held_out=None) -> tuple[list, list[list[int
         t.join(60)
     assert all(r is not None for r in results), "a stand-in process failed"
     return results, decoded, group.calls
+
+
+def test_a_cache_that_cannot_be_written_does_not_stop_the_statistics(tmp_path, monkeypatch):
+    """The cache is best effort: $ALEXNET_CACHE naming a file ended the run with an
+    OutputError after the whole pass (under torchrun on that node alone)."""
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("ALEXNET_CACHE", str(tmp_path / "a-file"))
+    images = correlated_images(3, 16, np.random.default_rng(2))
+    (tmp_path / "d" / "c").mkdir(parents=True)
+    for i, a in enumerate(images):
+        Image.fromarray(a.transpose(1, 2, 0)).save(tmp_path / "d" / "c" / f"{i}.png")
+    assert_stats_match(dataset_stats(open_dataset(tmp_path / "d", image_size=16)), images)
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_names_behave_as_the_list_of_names():
+    names = ["a/b.png", os.fsdecode(b"c/caf\xe9.png"), "x/\u00fc.jpg", ""]
+    n = Names(names)
+    assert len(n) == 4 and list(n) == names and n == names and names == n and n != names[:3]
+    assert [n[i] for i in range(-4, 4)] == names + names and n[np.int64(1)] == names[1]
+    assert n[1:3] == names[1:3] and n[::-1] == names[::-1] and n[9:] == []
+    assert n.index("x/\u00fc.jpg") == 2 and "a/b.png" in n and "b.png" not in n
+    for bad in (4, -5):
+        with pytest.raises(IndexError, match=f"name {bad} of 4"):
+            n[bad]
+    assert len(Names([])) == 0 and list(Names([])) == []
 
 
 def test_processes_share_a_folders_statistics_pass(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import os
 import signal
 import struct
 import time
+import types
 
 from dataclasses import replace
 from pathlib import Path
@@ -886,14 +887,51 @@ def test_the_processes_are_compared_before_the_statistics_pass_they_share(tmp_pa
             raise RuntimeError(f"{what}: a collective before the check")
         return call
 
-    def check(train):
-        seen.append(("check", len(train)))
+    def check(data):
+        seen.append(data)
         raise ConfigError("process 1 of this run differs from process 0")
 
     cfg = run_config("paper", {"data": {"path": str(tmp_path / "tree"), "num_workers": 0}})
     with pytest.raises(ConfigError, match="differs from process 0"):
         train_module.open_data(cfg, shared=Shared(0, 2, collective("any_true"), collective("add_up")), check=check)
-    assert seen == [("check", 9)]  # the training images, one held out for validation
+    folder = {"training images": 9, "classes": ["c0", "c1"], "training data": "an image folder",
+              "statistics": "computed"}  # (9: one image held out for validation)
+    assert seen == [folder]
+
+    # Whether a process makes the shared pass is compared too: a node given the prepared
+    # store of the same folder, or resuming with the checkpoint's statistics, makes none
+    # and would leave the others waiting in it. Count and classes alone did not tell.
+    from alexnet.store import prepare
+
+    prepare(tmp_path / "tree", tmp_path / "store", progress=False, size=16)
+    store_cfg = run_config("paper", {"data": {"path": str(tmp_path / "store"), "num_workers": 0}})
+    seen.clear()
+    for c, stats in ((store_cfg, None), (cfg, train_module.open_data(store_cfg).stats)):
+        with pytest.raises(ConfigError):
+            train_module.open_data(c, stats=stats, check=check)
+    store, resumed = seen
+    assert store == {**folder, "training data": "a prepared store"}
+    assert resumed == {**folder, "statistics": "kept from the checkpoint (a resume)"}
+    me = types.SimpleNamespace(info=types.SimpleNamespace(enabled=True))
+    monkeypatch.setattr(train_module, "gather_objects", lambda mine, info: [{**mine, **folder}, mine])
+    with pytest.raises(ConfigError, match=r"process 1 of this run differs from process 0 in training data "
+                                          r"\('a prepared store' against 'an image folder'\)"):
+        Trainer._check_same_everywhere(me, cfg, store)
+    Trainer._check_same_everywhere(me, cfg, folder)
+
+
+def test_an_error_opening_the_data_keeps_its_cause(data, tmp_path, monkeypatch):
+    """Only a lost process's error is replaced by one line; any other keeps its chain."""
+    def open_data(cfg, **kw):
+        try:
+            raise KeyError("inner")
+        except KeyError as e:
+            raise RuntimeError("outer") from e
+
+    monkeypatch.setattr(train_module, "open_data", open_data)
+    with pytest.raises(RuntimeError, match="outer") as caught:
+        Trainer(tiny_config(data), tmp_path / "r", quiet=True)
+    assert isinstance(caught.value.__cause__, KeyError)
 
 
 def test_a_tree_named_for_validation_is_not_its_own_validation_set(tmp_path):
