@@ -103,6 +103,9 @@ def check_preprocess_fits(path: str | Path, cfg: ModelConfig, stats: DataStats, 
     """A CheckpointError unless `preprocess` rescales images to the mean image's side and
     crops the network's input: what a model file needs to preprocess images for itself."""
     side, crop = int(stats.mean_image.shape[-1]), cfg.input_size
+    if stats.mean_image.shape[-2] != side or side < crop:
+        raise CheckpointError(f"{path}: the mean image is {stats.mean_image.shape[-2]}x{side}; it must be square "
+                              f"and at least the network's {crop}x{crop} input")
     if (preprocess.get("image_size"), preprocess.get("crop")) != (side, crop):
         raise CheckpointError(f"{path}: preprocess must give image_size {side} (the mean image's side) and "
                               f"crop {crop} (the network's input), not {preprocess.get('image_size')!r} "
@@ -190,6 +193,20 @@ def is_torch_save_head(head: bytes) -> bool:
     return head.startswith(b"PK") or head[:1] == b"\x80"
 
 
+def is_exported_program(path: str | Path) -> bool:
+    """Whether `path` is a torch.export archive (`alexnet export`'s .pt2): named so, or a zip
+    holding torch.export's archive_format entry."""
+    import zipfile
+
+    if Path(path).suffix.lower() == ".pt2":
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/archive_format") for n in z.namelist())
+    except Exception:  # not a zip, or a damaged one: not a program it could run
+        return False
+
+
 def _convert_hint(path: Path) -> str:
     """For a run's training state, where its model file is; for weights of another
     framework, how to make them one."""
@@ -201,6 +218,9 @@ def _convert_hint(path: Path) -> str:
             head = f.read(4)
     except OSError:
         return ""
+    if is_exported_program(path):
+        return ("; it is an exported program (torch.export), which runs without alexnet (see the README's "
+                "export section): this command takes the .safetensors model file it was exported from")
     if path.suffix.lower() == ".caffemodel":
         kind = "caffe"
     elif is_torch_save_head(head) or path.suffix.lower() in (".pth", ".pt"):

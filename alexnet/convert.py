@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from alexnet.caffe_proto import Layer, ProtoError, blob, net_layers
-from alexnet.checkpoint import CheckpointError, is_torch_save_head, non_finite, save_model
+from alexnet.checkpoint import (CheckpointError, is_exported_program, is_torch_save_head, non_finite,
+                                save_model)
 from alexnet.config import ConfigError, LRNConfig
 from alexnet.dataset import DataStats
 from alexnet.fileio import check_writable, not_a_file, refuse_overwriting, require_suffix
@@ -274,12 +275,19 @@ def _check_pth_container(path: Path) -> None:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     if not head:
         raise CheckpointError(f"{path} is empty")
-    if zipfile.is_zipfile(path):
-        try:
+    try:
+        is_zip = zipfile.is_zipfile(path)
+        if is_zip:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
-        except (zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"{path} is a damaged zip archive ({e})") from None
+    # (zipfile's words for damaged headers: another version, a name not UTF-8, several disks)
+    except (zipfile.BadZipFile, NotImplementedError, UnicodeDecodeError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is a damaged zip archive ({e})") from None
+    if is_zip:
+        if is_exported_program(path):
+            raise CheckpointError(f"{path} is an exported program (torch.export), not a state dict; it runs "
+                                  f"without alexnet, and the .safetensors model file it was exported from is "
+                                  f"already alexnet's")
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             raise CheckpointError(f"{path} is a TorchScript archive, not a state dict; save the scripted "
                                   f"module's state_dict() with torch.save and convert that")
@@ -398,7 +406,7 @@ def add_command(sub) -> None:
                                      "AlexNet's layers into the paper variant (Caffe's LRN, 227 input).")
     c.add_argument("src", metavar="FILE.caffemodel", type=_path)
     c.add_argument("out", metavar="OUT", type=_out_path, help="model file to write (.safetensors)")
-    c.add_argument("--mean", metavar="MEAN.binaryproto",
+    c.add_argument("--mean", metavar="MEAN.binaryproto", type=_path,
                    help="Caffe mean image (ilsvrc_2012_mean.binaryproto); default the per-channel "
                         "BVLC mean (B, G, R) = (104, 117, 123)")
     c.set_defaults(func=_cmd_caffe)

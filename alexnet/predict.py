@@ -185,7 +185,8 @@ class Classifier:
 
 def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
     """Image paths from files, folders (recursively, image extensions only, sorted) and
-    glob patterns, in the order given, each path once; and the items that matched nothing.
+    glob patterns (whose matches are taken as files and folders are), in the order given,
+    each path once; and the items that matched nothing.
     A name that exists but is no regular file (a FIFO, a dangling symlink) is kept, so that
     reading it reports why."""
     found, missing, seen = [], [], set()
@@ -194,8 +195,9 @@ def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
             paths = images_below(item)
         elif os.path.lexists(item):  # a file, or a FIFO or dangling link whose reading says why
             paths = [item]
-        elif glob.has_magic(item):
-            paths = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+        elif glob.has_magic(item):  # each match as if named itself: a folder's images, a file
+            paths = [q for m in sorted(glob.glob(item, recursive=True))
+                     for q in (images_below(m) if os.path.isdir(m) else [m] if os.path.isfile(m) else [])]
         else:
             paths = []
         for p in paths:

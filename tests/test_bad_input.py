@@ -937,6 +937,12 @@ def test_a_run_folder_or_foreign_weights_given_as_the_model_say_what_to_give(cap
             one_line_error(rc, err, "is not a readable safetensors file")
             hint = f"convert them first: alexnet convert {kind} {tmp_path / name} OUT.safetensors"
             assert (hint in err) == (kind is not None), err
+    # an exported program is no weights to convert (convert refuses it): it runs on its own
+    torch.export.save(torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),)), str(tmp_path / "m.pt2"))
+    for argv in (["evaluate", tmp_path / "m.pt2"], ["predict", tmp_path / "m.pt2", tmp_path / "junk.bin"]):
+        rc, out, err = main(capsys, *argv)
+        one_line_error(rc, err, "is not a readable safetensors file")
+        assert "it is an exported program (torch.export)" in err and "convert" not in err, err
     # a run's training state is no weights to convert: the model file is beside it
     step = run / "checkpoints" / "step-00000003"
     step.mkdir(parents=True)

@@ -211,6 +211,8 @@ def test_an_error_line_is_one_write(monkeypatch):
     # positional paths too; "-" as an output would be a file or folder named "-"
     (["prepare", "src", ""], "alexnet: error: prepare: argument OUT: must not be empty"),
     (["prepare", "", "out"], "alexnet: error: prepare: argument SRC: must not be empty"),
+    (["convert", "caffe", "x.caffemodel", "o.safetensors", "--mean", ""],  # (it was ". is a folder")
+     "alexnet: error: convert caffe: argument --mean: must not be empty"),
     (["predict", "", "x.png"], "alexnet: error: predict: argument checkpoint: must not be empty"),
     (["prepare", "src", "-"], "alexnet: error: prepare: argument OUT: '-' would be a file named '-'"),
     (["evaluate", "m.safetensors", "--out", "-"], "alexnet: error: evaluate: argument --out: '-' would be"),

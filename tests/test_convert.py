@@ -557,11 +557,21 @@ def _pth_variants(tmp_path) -> dict:
         torch.jit.script(torch.nn.Linear(2, 2)).save(str(script))
     files = {"empty": b"", "text": b"not a torch file", "truncated zip": data[:len(data) // 2],
              "truncated pickle": legacy.read_bytes()[:-10], "cut pickle": legacy.read_bytes()[:40]}
+    # one damaged field of the zip's headers each, which zipfile meets with errors of its own
+    entry = data.index(b"PK\x01\x02")  # the first central-directory entry
+    version, utf8, disks = bytearray(data), bytearray(data), bytearray(data)
+    struct.pack_into("<H", version, entry + 6, 116)  # needs zip 11.6: NotImplementedError
+    struct.pack_into("<H", utf8, entry + 8, struct.unpack_from("<H", utf8, entry + 8)[0] | 0x800)
+    utf8[entry + 48] = 0xBF  # a name flagged UTF-8 that is not: UnicodeDecodeError
+    struct.pack_into("<I", disks, disks.rindex(b"PK\x06\x07") + 16, 2)  # two disks: BadZipFile from is_zipfile
+    files.update({"zip version": bytes(version), "zip name": bytes(utf8), "zip disks": bytes(disks)})
     out = {}
     for what, content in files.items():
         out[what] = tmp_path / f"{what.replace(' ', '-')}.pth"
         out[what].write_bytes(content)
-    return {**out, "foreign zip": foreign, "TorchScript": script}
+    exported = tmp_path / "exported.pth"  # (alexnet export's .pt2, renamed)
+    torch.export.save(torch.export.export(nn.Linear(2, 2), (torch.zeros(1, 2),)), str(exported))
+    return {**out, "foreign zip": foreign, "TorchScript": script, "exported program": exported}
 
 
 def test_damaged_and_foreign_pth_files_are_named_as_such(tmp_path, capsys):
@@ -572,7 +582,11 @@ def test_damaged_and_foreign_pth_files_are_named_as_such(tmp_path, capsys):
              "truncated pickle": "is truncated or damaged (unexpected EOF",
              "cut pickle": "is truncated or damaged (it ends early)",
              "foreign zip": "is a zip archive but not a PyTorch file",
-             "TorchScript": "is a TorchScript archive, not a state dict"}
+             "TorchScript": "is a TorchScript archive, not a state dict",
+             "zip version": "is a damaged zip archive (zip file version 11.6)",
+             "zip name": "is a damaged zip archive ('utf-8' codec can't decode byte 0xbf",
+             "zip disks": "is a damaged zip archive (zipfiles that span multiple disks are not supported)",
+             "exported program": "is an exported program (torch.export), not a state dict"}
     files = _pth_variants(tmp_path)
     assert set(files) == set(words)
     for what, path in files.items():

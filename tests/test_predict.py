@@ -147,6 +147,21 @@ def test_a_file_whose_preprocessing_does_not_fit_its_mean_image_is_refused(paper
     with pytest.raises(CheckpointError, match=r"preprocess must give image_size 256 .* not 256 and 224"):
         evaluate_checkpoint(bad, tmp_path / "no-data-needed", out_dir=tmp_path / "ev")
     assert not (tmp_path / "ev").exists()
+    # a mean image that is not square, or smaller than the crop: export's traceback, and
+    # predict's "expected square images" as if the user's image were wrong
+    from alexnet.export import export_checkpoint
+
+    for shape, size in (((3, 256, 300), 300), ((3, 200, 200), 200)):
+        odd = tmp_path / f"mean-{shape[1]}x{shape[2]}.safetensors"
+        mean = torch.full(shape, 100.0)
+        save_file({**tensors, "stats.mean_image": mean}, str(odd),
+                  metadata={**meta, "preprocess": json.dumps({"image_size": size, "crop": 227})})
+        said = rf"{odd}: the mean image is {shape[1]}x{shape[2]}; it must be square and at least the network's 227x227"
+        with pytest.raises(CheckpointError, match=said):
+            Classifier.load(odd, device="cpu")
+        with pytest.raises(CheckpointError, match=said):
+            export_checkpoint(odd, tmp_path / "out.onnx")
+        assert not (tmp_path / "out.onnx").exists()
 
 
 def test_path_pil_and_tensor_inputs_agree(clf, imgs):
@@ -267,6 +282,24 @@ def test_cli_glob_json_batches_and_top_cap(capsys, clf, paper, imgs):
     got = torch.tensor([[t["prob"] for t in sorted(r["top"], key=lambda t: t["index"])] for r in doc])
     torch.testing.assert_close(got, torch.cat([clf.probabilities([p]) for p in order]), rtol=1e-4, atol=1e-6)
     assert all(t["class"] == NAMES[t["index"]] for r in doc for t in r["top"])
+
+
+def test_a_glob_that_matches_folders_takes_their_images(tmp_path):
+    """A quoted pattern is what the shell would have made of it: a folder it matches is
+    searched, as the same folder named on the command line is (it was dropped: "no image
+    files in g/*")."""
+    from alexnet.predict import expand_inputs
+
+    for rel in ("g/cats/a.png", "g/dogs/b.jpg", "g/dogs/deeper/c.png", "g/top.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / rel)
+    (tmp_path / "g" / "notes.txt").write_text("x")
+    g = str(tmp_path / "g")
+    found, missing = expand_inputs([f"{g}/*", f"{g}/dogs"])
+    assert missing == [] and found == [f"{g}/cats/a.png", f"{g}/dogs/b.jpg", f"{g}/dogs/deeper/c.png",
+                                       f"{g}/notes.txt", f"{g}/top.png"]  # (a file matched is kept, as the shell's)
+    assert expand_inputs([f"{g}/no*"]) == ([f"{g}/notes.txt"], [])
+    assert expand_inputs([f"{g}/x*"]) == ([], [f"{g}/x*"])
 
 
 @pytest.fixture
