@@ -246,7 +246,8 @@ def _train(args: argparse.Namespace, run: dict) -> int:
     cfg = None if args.resume else _train_config(args)
     trainer = None
     try:  # a resume rewrites the log: a full or read-only disk is a TrainingError there too
-        trainer = Trainer(None, args.resume, resume=True) if args.resume else Trainer(cfg, args.out)
+        trainer = Trainer(None, args.resume, resume=True, no_test=args.no_test) if args.resume else \
+            Trainer(cfg, args.out)
         run["trainer"], trainer.stop_requested = trainer, run["gone"]
         result = trainer.fit(keep_lock=True)  # held through the test evaluation: close() gives it up
         if not result["stopped"] and trainer.info.is_main:

@@ -24,6 +24,7 @@ INITS = ("paper", "kaiming")
 # in int64 (3 x S x S x 8 bytes: 100 MB at 2048) and every image is 3 x S x S bytes, so a
 # far larger side only fails later, out of memory.
 MAX_IMAGE_SIZE = 2048
+MAX_DIST_TIMEOUT = 1_000_000  # seconds (11.6 days): within the backends' int of milliseconds
 WEIGHTED_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 LRN_FORMS = ("paper", "caffe")
 DROPOUT_FORMS = ("paper", "inverted")
@@ -350,6 +351,11 @@ class TrainConfig:
             raise ConfigError(f"train.lr_drop must be in (0, 1), not {self.lr_drop}")
         if not (self.dist_timeout >= 0 and math.isfinite(self.dist_timeout)):
             raise ConfigError(f"train.dist_timeout must be a number of seconds >= 0, not {self.dist_timeout}")
+        if self.dist_timeout and not 1 <= self.dist_timeout <= MAX_DIST_TIMEOUT:
+            # (below a millisecond it is 0 ms to the backend; past C's int of milliseconds it
+            # wraps round, or overflows Python's timedelta: "did not all join", or a traceback)
+            raise ConfigError(f"train.dist_timeout must be 0 (the backend's own limit) or 1 to "
+                              f"{MAX_DIST_TIMEOUT:,} seconds, not {self.dist_timeout}")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0, not {self.grad_clip}")
         if not 0 <= self.label_smoothing < 1:

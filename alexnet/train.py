@@ -420,13 +420,16 @@ def _absolute(path: str | None) -> str | None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig | None, run_dir: str | Path | None, resume: bool = False,
-                 quiet: bool = False):
-        """`run_dir` None: a new folder runs/DATE-TIME-RECIPE (with -2, -3, ... if that is taken)."""
+                 quiet: bool = False, no_test: bool = False):
+        """`run_dir` None: a new folder runs/DATE-TIME-RECIPE (with -2, -3, ... if that is taken).
+        `no_test`: a resume's --no-test, for this process only (the test split not opened)."""
         self._named = run_dir is not None
         self.run_dir = Path(run_dir) if self._named else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.recipe}"
         self._lock_fd: int | None = None
         if resume:
             cfg = self._read_config()
+            if no_test:
+                cfg = replace(cfg, train=replace(cfg.train, test=False))
         else:  # config.json must name the data wherever a resume is started from
             d = cfg.data
             cfg = replace(cfg, data=replace(d, path=_absolute(d.path), val_path=_absolute(d.val_path)))

@@ -5,5 +5,5 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup.sh"
-cd "$root"
+# (no cd: relative paths in the arguments, and the default runs/ folder, are the caller's)
 exec "$root/.venv/bin/alexnet" train "$@"

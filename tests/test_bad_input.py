@@ -488,6 +488,10 @@ def test_serve_refuses_bad_uploads_and_keeps_serving(corpus, client, name):
     (["--set", "train.plateau_patience=0"], ["train.plateau_patience must be >= 1"]),
     (["--set", "train.dist_timeout=-1"], ["train.dist_timeout must be a number of seconds >= 0, not -1.0"]),
     (["--set", "train.dist_timeout=Infinity"], ["train.dist_timeout must be a finite number"]),
+    # a traceback from timedelta (1e15), or "did not all join" at once (1e10: c10d's int of
+    # milliseconds wrapped round; 1e-7: 0 ms)
+    *[(["--set", f"train.dist_timeout={t}"], [f"train.dist_timeout must be 0 (the backend's own limit) or 1 to "
+                                              f"1,000,000 seconds, not {float(t)}"]) for t in ("1e15", "1e10", "1e-7")],
     (["--set", 'model.init_bias_one=["nonsense"]'], ["model.init_bias_one names 'nonsense'"]),
     (["--recipe", "fast", "--set", "recipe=paper"], ["two recipes given: 'fast' and 'paper'"]),
     # these two were run: max_steps keeps a regression short

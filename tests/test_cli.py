@@ -321,3 +321,16 @@ def test_toml_config_without_tomllib_is_one_clear_line(tmp_path, capsys, monkeyp
     g = tmp_path / "c.json"
     g.write_text('{"train": {"lr": 0.3}}')
     assert _load_config_file(str(g)) == {"train": {"lr": 0.3}}
+
+
+def test_the_main_jobs_script_takes_paths_from_where_it_is_run(tmp_path):
+    """scripts/run.sh is `alexnet train`: relative paths in its arguments are the caller's
+    (it used to run from the repository, where `--data mine` was not found, and a relative
+    --out put the run inside the checkout)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run.sh"
+    p = subprocess.run(["bash", str(script), "--data", "nothing-here", "--out", "r"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and p.stderr.splitlines()[-1] == \
+        f"alexnet: error: data source not found: {tmp_path / 'nothing-here'}", p.stderr

@@ -554,6 +554,23 @@ def test_no_test_is_remembered_by_a_resumed_run(data, tmp_path, monkeypatch, cap
     assert seen == [False, False, True, True]
 
 
+def test_a_resume_with_no_test_does_not_open_the_test_split(data, tmp_path, monkeypatch, capsys):
+    """`--resume RUN --no-test` skipped the evaluation but still opened (listed) the test
+    split, and warned about an unusable one with "train with --no-test to skip it"."""
+    from alexnet import cli
+
+    monkeypatch.setattr(train_module, "finish_run", lambda trainer, test=True: None)
+    opened = []
+    real = train_module.open_data
+    monkeypatch.setattr(train_module, "open_data", lambda cfg, **kw: opened.append(cfg.train.test) or real(cfg, **kw))
+    run = tmp_path / "r"
+    (tmp_path / "c.json").write_text(json.dumps(to_dict(tiny_config(data, epochs=1, max_steps=1))))
+    assert cli.main(["train", "--config", str(tmp_path / "c.json"), "--out", str(run)]) == 0
+    assert cli.main(["train", "--resume", str(run), "--no-test"]) == 0
+    assert opened == [True, False]
+    assert json.loads((run / "config.json").read_text())["train"]["test"] is True  # (this resume's choice only)
+
+
 def test_the_end_of_a_run_names_only_the_pictures_it_drew(tmp_path, capsys):
     """confusion.png is drawn for up to 100 classes; the end of a 101-class run named it
     all the same."""
