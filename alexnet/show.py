@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alexnet.fileio import shown
+
 LAST_HIDDEN = "relu7"  # fc7 after its ReLU: "the last, 4096-dimensional hidden layer" (section 6.1)
 PANEL_INCHES = (1.6, 1.9)  # one neighbours panel (width, height) at 100 dpi: 160 x 190 pixels
 MAP_INCHES = 0.8  # one activation map's square in the activations grid: 80 pixels
@@ -208,7 +210,6 @@ def _output(args: argparse.Namespace, suffix: str, *inputs: str | None) -> Path:
 
 def _prepare(clf, path: str) -> torch.Tensor:
     from alexnet.cli import UserError
-    from alexnet.fileio import shown
     from alexnet.images import ImageError
 
     try:
@@ -224,7 +225,7 @@ def _cmd_filters(args: argparse.Namespace) -> int:
     clf = _classifier(args.checkpoint)
     groups = clf.model.layer("conv2").groups  # conv1 kernels feeding each GPU's half of conv2
     save_rgb(filter_grid(clf.model.layer("conv1").weight, groups=groups), out)
-    print(f"wrote {out} ({clf.model.layer('conv1').out_channels} kernels, {groups} group(s))")
+    print(f"wrote {shown(out)} ({clf.model.layer('conv1').out_channels} kernels, {groups} group(s))")
     return 0
 
 
@@ -233,7 +234,7 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
     from alexnet.cli import UserError
     from alexnet.dataset import SubsetDataset
     from alexnet.loader import BatchLoader
-    from alexnet.fileio import shown, within
+    from alexnet.fileio import within
     from alexnet.sources import check_classes, open_dataset
 
     if args.images and (args.queries is not None or args.query_split is not None):
@@ -244,11 +245,11 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
     args.query_split = args.query_split or "test"
 
     out = _output(args, "neighbours", *(args.images or ()))
-    if args.data and os.path.isdir(args.data) and within(out, args.data):
+    if args.data and os.path.isdir(os.path.expanduser(args.data)) and within(out, os.path.expanduser(args.data)):
         raise UserError(f"{out} is inside the data folder {args.data}, where it could replace one of its images "
                         f"(and would be read as one); choose another --out")
     clf = _classifier(args.checkpoint, args.device)
-    classes = clf.class_names
+    classes = [shown(c) for c in clf.class_names]  # (printed and drawn: a name that is not UTF-8 as \xNN)
     ck_classes = _checkpoint_classes(args.checkpoint)
     train = open_dataset(args.data, args.split, clf.image_size, classes=ck_classes)
     check_classes(train.classes, ck_classes)
@@ -256,6 +257,7 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
     # an evenly spread subset, so a class-sorted folder still gives every class
     searched = np.arange(len(train)) if args.limit is None or args.limit >= len(train) else \
         np.arange(args.limit) * len(train) // args.limit
+    bad_queries = 0
     if args.images:
         images = torch.stack([_prepare(clf, p) for p in args.images])  # (Q, 3, S, S) uint8
         titles = [f"query: {shown(Path(p).name)}" for p in args.images]
@@ -268,6 +270,7 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
         readable = qlab >= 0
         if not readable.any():
             raise UserError(f"none of the {len(qidx)} query images of the {args.query_split} split can be decoded")
+        bad_queries = len(qidx) - int(readable.sum())
         images, qlab, qidx = images[readable], qlab[readable], qidx[readable.numpy()]
         titles = [f"query: {classes[y]}" for y in qlab.tolist()]
         # the record's own name too: for IDX data "val" is the t10k file, not a training hold-out
@@ -306,8 +309,10 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
     plot_neighbours(center_crop(images, crop).numpy(), titles,
                     center_crop(found, crop).view(*idx.shape, 3, crop, crop).numpy(),
                     [[classes[y] for y in row] for row in found_labels], out)
-    left_out = f", {unreadable} unreadable left out" if unreadable else ""
-    print(f"wrote {out} ({len(labels)} queries, {idx.shape[1]} nearest of {len(searched) - unreadable} "
+    left = [f"{bad_queries} unreadable {'query' if bad_queries == 1 else 'queries'}"] if bad_queries else []
+    left += [f"{unreadable} unreadable {args.split} {'image' if unreadable == 1 else 'images'}"] if unreadable else []
+    left_out = f", {' and '.join(left)} left out" if left else ""
+    print(f"wrote {shown(out)} ({len(labels)} queries, {idx.shape[1]} nearest of {len(searched) - unreadable} "
           f"{args.split} images by fc7 distance{left_out})")
     return 0
 
@@ -333,11 +338,11 @@ def _cmd_activations(args: argparse.Namespace) -> int:
     out = _output(args, f"{args.layer}-{Path(args.image).name}", args.image)  # photo.jpg, photo.png: two
     x = clf.transforms[False](_prepare(clf, args.image)[None])[0]  # (3, crop, crop)
     maps = activations(clf.model, x, args.layer)  # (C, H, W)
-    shown = maps[:args.max_maps]
-    title = (f"{args.layer} {tuple(maps.shape)} of {Path(args.image).name}"
-             + (f": first {len(shown)} of {len(maps)} maps" if len(shown) < len(maps) else ""))
-    plot_maps(shown, title, out)
-    print(f"wrote {out} ({title})")
+    first = maps[:args.max_maps]
+    title = (f"{args.layer} {tuple(maps.shape)} of {shown(Path(args.image).name)}"
+             + (f": first {len(first)} of {len(maps)} maps" if len(first) < len(maps) else ""))
+    plot_maps(first, title, out)
+    print(f"wrote {shown(out)} ({title})")
     return 0
 
 

@@ -3,7 +3,9 @@ against a hand-written oracle (a double loop, F.conv2d, the LRN formula, a hooke
 network fed by hand-made crops)."""
 
 import math
+import os
 import struct
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -318,13 +320,20 @@ def test_activations_command_pictures(capsys, ck, photo, tmp_path):
     dark = (picture[:50].astype(int).sum(2) < 384).any(0).nonzero()[0]  # the title's ink, column by column
     assert dark.min() > 0 and dark.max() < 599, "the title is inside the picture"
     assert (picture[50:, :219] == 255).all() and (picture[50:, 381:] == 255).all()  # white beside the grid
+    # a file name that is not UTF-8: drawn and printed as \xff (it was matplotlib's TypeError)
+    odd = tmp_path / os.fsdecode(b"odd-\xff.png")
+    odd.write_bytes(Path(photo).read_bytes())
+    rc, text, err = run(capsys, "activations", ck, odd, "--max-maps", 4, "--out", tmp_path / "odd.png")
+    assert rc == 0 and "conv1 (96, 55, 55) of odd-\\xff.png: first 4 of 96 maps" in text, err
+    assert read_png(tmp_path / "odd.png").shape == (210, 600, 3)
 
 
 # --- user errors -------------------------------------------------------------------------
 
 
-def test_bad_inputs_are_one_line_errors(capsys, ck, data, photo, tmp_path):
+def test_bad_inputs_are_one_line_errors(capsys, ck, data, photo, tmp_path, monkeypatch):
     (tmp_path / "bad.png").write_text("not an image")
+    monkeypatch.setenv("HOME", str(Path(data).parent))
     cases = [
         (("activations", ck, photo, "--layer", "fc7"), "unknown layer 'fc7'"),
         (("activations", ck, photo, "--layer", "conv9"), "unknown layer 'conv9'"),
@@ -339,6 +348,8 @@ def test_bad_inputs_are_one_line_errors(capsys, ck, data, photo, tmp_path):
         # a picture inside the data folder could replace one of its images (it did)
         (("neighbours", ck, "--data", data, "--out", data / "x.png", "--device", "cpu"),
          "is inside the data folder"),
+        (("neighbours", ck, "--data", f"~/{Path(data).name}", "--out", data / "x.png", "--device", "cpu"),
+         "is inside the data folder"),  # (--data=~/x: the shell leaves the ~; the check missed it)
     ]
     for argv, message in cases:
         rc, out, err = run(capsys, *argv)
@@ -406,5 +417,5 @@ def test_unreadable_files_are_neither_neighbours_nor_queries(capsys, ck, tmp_pat
     assert [int(r.split()[1][1:]) for r in rows] == [0, 1, 2, 3, 4, 5, 7, 8, 9], rows
     for row in rows:
         assert sorted(neighbour_indices(row)) == [0, 1, 2, 3, 4, 5, 7, 8, 9], row
-    assert "9 nearest of 9 train images by fc7 distance, 1 unreadable left out" in text
+    assert "9 nearest of 9 train images by fc7 distance, 1 unreadable query and 1 unreadable train image left out" in text
     assert read_png(tmp_path / "nn.png").shape == (9 * 190, 10 * 160, 3)
