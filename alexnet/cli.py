@@ -255,6 +255,14 @@ def _train(args: argparse.Namespace, run: dict) -> int:
                 finish_run(trainer, test=trainer.cfg.train.test and not args.no_test)
     except TrainingError as e:
         raise UserError(str(e)) from None
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        from alexnet.bench import out_of_memory
+
+        if not out_of_memory(e):
+            raise
+        hint = trainer._resume_hint() if trainer is not None else "nothing was trained"
+        raise UserError(f"out of memory: lower train.batch_size (--batch-size) or model.fc_width, or use a "
+                        f"device with more memory; {hint}") from None
     except _Stop as e:  # training is complete; a resume of the run does the test evaluation again
         print(f"\nalexnet: {e}: the test evaluation stopped; training is complete (best weights: "
               f"{trainer.run_dir / 'best.safetensors'}); finish it with: {trainer.resume_command()}", flush=True)

@@ -493,6 +493,9 @@ def test_serve_refuses_bad_uploads_and_keeps_serving(corpus, client, name):
     *[(["--set", f"train.dist_timeout={t}"], [f"train.dist_timeout must be 0 (the backend's own limit) or 1 to "
                                               f"1,000,000 seconds, not {float(t)}"]) for t in ("1e15", "1e10", "1e-7")],
     (["--set", 'model.init_bias_one=["nonsense"]'], ["model.init_bias_one names 'nonsense'"]),
+    # 3.7 TB of fc weights: the allocator's traceback, now one line
+    (["--set", "model.fc_width=100000000"], ["out of memory: lower train.batch_size (--batch-size) or "
+                                             "model.fc_width, or use a device with more memory; nothing was trained"]),
     (["--recipe", "fast", "--set", "recipe=paper"], ["two recipes given: 'fast' and 'paper'"]),
     # these two were run: max_steps keeps a regression short
     (["--device", "cpu:7", "--set", "train.max_steps=1"], ["device 'cpu:7': the CPU is one device, use cpu"]),  # was accepted
