@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -331,11 +332,13 @@ def _checkpoint_classes(path: str) -> list[str]:
 def _cmd_activations(args: argparse.Namespace) -> int:
     from alexnet.cli import UserError
 
+    if not re.fullmatch(r"[A-Za-z_]\w*", args.layer):  # (the picture's name is made of it: conv9/ is no name)
+        raise UserError(f"unknown layer {args.layer!r}; layers are named as conv1, norm1, pool5")
+    out = _output(args, f"{args.layer}-{Path(args.image).name}", args.image)  # photo.jpg, photo.png: two
     clf = _classifier(args.checkpoint)
     conv_part = [n for n, _ in clf.model.named_layers()][:len(clf.model.features)]
-    if args.layer not in conv_part:  # (before the picture's name is made of it: conv9/ is no name)
+    if args.layer not in conv_part:
         raise UserError(f"unknown layer {args.layer!r}; layers with feature maps: {', '.join(conv_part)}")
-    out = _output(args, f"{args.layer}-{Path(args.image).name}", args.image)  # photo.jpg, photo.png: two
     x = clf.transforms[False](_prepare(clf, args.image)[None])[0]  # (3, crop, crop)
     maps = activations(clf.model, x, args.layer)  # (C, H, W)
     first = maps[:args.max_maps]

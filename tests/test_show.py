@@ -378,6 +378,7 @@ def test_no_picture_replaces_an_input_and_a_bad_output_is_refused_before_any_wor
         (("filters", model, "--out", tmp_path / "f.jpg"), "this writes a PNG picture; give a name ending in "
                                                           ".png"),
         (("activations", model, image, "--out", tmp_path / "a"), "ending in .png"),
+        (("activations", nowhere / "none.safetensors", image, "--out", tmp_path), "is a folder"),  # (no model read)
         (("neighbours", model, "--data", nowhere, "--images", image, "--queries", "3", "--query-split", "val"),
          "--queries and --query-split choose queries from the data; --images gives them"),
         (("neighbours", model, "--data", nowhere, "--images", image, "--queries", "3"), "--queries chooses"),
