@@ -236,6 +236,7 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
     from alexnet.dataset import SubsetDataset
     from alexnet.loader import BatchLoader
     from alexnet.fileio import within
+    from alexnet.progress import plural
     from alexnet.sources import check_classes, open_dataset
 
     if args.images and (args.queries is not None or args.query_split is not None):
@@ -246,7 +247,8 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
     args.query_split = args.query_split or "test"
 
     out = _output(args, "neighbours", *(args.images or ()))
-    if args.data and os.path.isdir(os.path.expanduser(args.data)) and within(out, os.path.expanduser(args.data)):
+    data = args.data and os.path.expanduser(args.data)  # (--data=~/x: the shell leaves the ~)
+    if data and os.path.isdir(data) and within(out, data):
         raise UserError(f"{out} is inside the data folder {args.data}, where it could replace one of its images "
                         f"(and would be read as one); choose another --out")
     clf = _classifier(args.checkpoint, args.device)
@@ -311,7 +313,7 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
                     center_crop(found, crop).view(*idx.shape, 3, crop, crop).numpy(),
                     [[classes[y] for y in row] for row in found_labels], out)
     left = [f"{bad_queries} unreadable {'query' if bad_queries == 1 else 'queries'}"] if bad_queries else []
-    left += [f"{unreadable} unreadable {args.split} {'image' if unreadable == 1 else 'images'}"] if unreadable else []
+    left += [plural(unreadable, f"unreadable {args.split} image")] if unreadable else []
     left_out = f", {' and '.join(left)} left out" if left else ""
     print(f"wrote {shown(out)} ({len(labels)} queries, {idx.shape[1]} nearest of {len(searched) - unreadable} "
           f"{args.split} images by fc7 distance{left_out})")
