@@ -14,6 +14,11 @@ Prediction is `predict.Classifier`, so preprocessing comes from the checkpoint a
 Uploads are decoded by content (`images.load_rgb`), never by name or content type; the
 size in bytes and the pixel count claimed by the header are both limited.
 
+Uploads are decoded on `decode_threads` threads of their own (default 2), so the memory
+of decodes in progress is bounded (at most about 0.9 GB each, at the default pixel limit)
+whatever the number of cores or of requests at once; others wait their turn. At a stop,
+the decodes not yet begun are dropped.
+
 Concurrent requests share forward passes: `MicroBatcher` queues the decoded crops, and
 one worker thread takes up to `max_batch` of them (waiting at most `max_wait_ms` for
 more after the first), runs one forward pass and hands each request its own row.
@@ -158,9 +163,11 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int = 8, max_wait_ms: float = 5.0):
-    """The FastAPI application serving `clf`. Its micro-batcher is `app.state.batcher`;
-    it starts and stops with the application's lifespan. (This module has no `from
+def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int = 8, max_wait_ms: float = 5.0,
+               decode_threads: int = 2):
+    """The FastAPI application serving `clf`. Its micro-batcher is `app.state.batcher`
+    and its decoding threads `app.state.decoder`; they start and stop with the
+    application's lifespan. (This module has no `from
     __future__ import annotations`: FastAPI reads the endpoints' annotations, whose types
     are imported here, inside the function.)"""
     from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
@@ -176,7 +183,9 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.batcher = MicroBatcher(clf.probabilities, max_batch, max_wait_ms)
+        app.state.decoder = concurrent.futures.ThreadPoolExecutor(decode_threads, "alexnet-decode")
         yield
+        app.state.decoder.shutdown(wait=False, cancel_futures=True)  # the queued ones: not begun
         app.state.batcher.close()
 
     app = FastAPI(title="AlexNet", version="0.1.0", lifespan=lifespan,
@@ -200,6 +209,7 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
                               "pixel_scale": transform.scale, "mean": "the checkpoint's mean image"},
             "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": clf.max_pixels},
             "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms},
+            "decode_threads": decode_threads,
         }
 
     @app.get("/api/filters.png", summary="conv1 kernels as one PNG (paper Figure 3 layout)",
@@ -234,7 +244,8 @@ def create_app(clf: Classifier, max_upload_bytes: int = 20 * MB, max_batch: int 
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload too large: more than {max_upload_bytes} bytes")
         try:
-            crop, (w, h) = await asyncio.to_thread(decode, data)
+            decoder = request.app.state.decoder
+            crop, (w, h) = await asyncio.get_running_loop().run_in_executor(decoder, decode, data)
         except ImageError as e:
             raise HTTPException(422, f"{_sent_name(file.filename) or 'upload'}: {e}") from None
         try:
@@ -313,7 +324,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:  # a CheckpointError, or a device that is not there
         raise UserError(str(e)) from None
     sock = listen(args.host, args.port)
-    app = create_app(clf, int(args.max_upload_mb * MB), args.max_batch, args.max_wait_ms)
+    app = create_app(clf, int(args.max_upload_mb * MB), args.max_batch, args.max_wait_ms, args.decode_threads)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"alexnet: serving {args.checkpoint} at http://{shown}:{port}/ (API docs at /docs); Ctrl-C stops",
@@ -399,4 +410,7 @@ def add_command(sub) -> None:
     p.add_argument("--max-wait-ms", type=_wait_ms, default=5.0, metavar="MS",
                    help="how long a forward pass waits for more requests after the first (default 5, "
                         "at most 60000)")
+    p.add_argument("--decode-threads", type=_positive_int, default=2, metavar="N",
+                   help="uploads decoded at once, each up to about 0.9 GB at the default --max-pixels; "
+                        "the others wait (default 2)")
     p.set_defaults(func=_cmd_serve)

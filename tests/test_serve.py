@@ -286,6 +286,46 @@ def test_concurrent_requests_get_their_own_answers_in_shared_forward_passes(clf)
     assert stats["forward_passes"] < n
 
 
+def test_uploads_are_decoded_on_a_bounded_number_of_threads(clf, monkeypatch):
+    """However many requests arrive at once, at most `decode_threads` are decoded at the
+    same time (they were on the default thread pool: 6 on 2 cores, 20 on 16), so that
+    a burst of small 16-bit images cannot take about 0.9 GB each at once."""
+    import alexnet.serve as serve_module
+
+    lock, busy, most = threading.Lock(), [0], [0]
+    real = serve_module.load_rgb
+
+    def slow_counted(data, max_pixels):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        try:
+            time.sleep(0.3)
+            return real(data, max_pixels=max_pixels)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(serve_module, "load_rgb", slow_counted)
+    n = 6
+    with running(create_app(clf, decode_threads=2)) as base:
+        assert httpx.get(f"{base}/api/info").json()["decode_threads"] == 2
+        barrier, results = threading.Barrier(n), [None] * n
+
+        def client(i):
+            with httpx.Client() as c:
+                barrier.wait()
+                results[i] = predict(base, image_bytes(40, 30, seed=i), top=1, client=c)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert [r.status_code for r in results] == [200] * n
+    assert most[0] == 2
+
+
 def test_load_on_loopback(clf):
     clients, per_client = 6, 8
     images = [image_bytes(64, 48, seed=100 + i) for i in range(clients)]
@@ -515,6 +555,24 @@ def test_page_in_headless_chromium(url, tmp_path, monkeypatch):
         wait.until(lambda b: "not an image" in b.find_element(By.ID, "error").text)
         assert browser.find_element(By.ID, "error").text.startswith('say "cheese".png: not an image')
         assert browser.find_element(By.ID, "error").text.count("cheese") == 1
+        # a name with a literal "%22", which the server reads as a quote: still named once,
+        # as the user named it (it was shown twice, spelled two ways)
+        percent = tmp_path / "100%22 sure.png"
+        percent.write_bytes(b"plain text")
+        browser.find_element(By.ID, "file").send_keys(str(percent))
+        wait.until(lambda b: "not an image" in b.find_element(By.ID, "error").text)
+        assert browser.find_element(By.ID, "error").text.startswith("100%22 sure.png: not an image")
+        assert browser.find_element(By.ID, "error").text.count("sure") == 1
+        # a server's error whose text begins with the file's name is not taken for the page's
+        # own (it was said to be "server unreachable")
+        browser.execute_script("""
+            window.fetch = async () => new Response(JSON.stringify({detail: "upload too large: more than 9 bytes"}),
+                                                    {status: 413, headers: {"Content-Type": "application/json"}});""")
+        named_upload = tmp_path / "upload"
+        named_upload.write_bytes(b"0123456789")
+        browser.find_element(By.ID, "file").send_keys(str(named_upload))
+        wait.until(lambda b: b.find_element(By.ID, "top").get_attribute("data-state") == "error")
+        assert browser.find_element(By.ID, "error").text == "upload: upload too large: more than 9 bytes"
     finally:
         browser.quit()
 
