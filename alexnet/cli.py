@@ -17,6 +17,7 @@ from alexnet.checkpoint import CheckpointError
 from alexnet.config import INPUT_SIZES, RECIPES, VARIANTS, ConfigError, ModelConfig
 from alexnet.export import ExportError
 from alexnet.fileio import OutputError, WriteError, check_writable
+from alexnet.loader import LoaderWorkerError
 from alexnet.sources import ClassMismatchError
 
 
@@ -252,7 +253,11 @@ def _train(args: argparse.Namespace, run: dict) -> int:
         result = trainer.fit(keep_lock=True)  # held through the test evaluation: close() gives it up
         if not result["stopped"] and trainer.info.is_main:
             with _stop_raises():  # fit() gave its own SIGINT/SIGTERM handlers back
-                finish_run(trainer, test=trainer.cfg.train.test and not args.no_test)
+                try:
+                    finish_run(trainer, test=trainer.cfg.train.test and not args.no_test)
+                except (ConfigError, LoaderWorkerError) as e:  # (the test split's data: its own line)
+                    raise UserError(f"the test evaluation failed: {str(e).splitlines()[0]}; training is "
+                                    f"complete (best weights: {trainer.run_dir / 'best.safetensors'})") from None
     except TrainingError as e:
         raise UserError(str(e)) from None
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
@@ -500,6 +505,9 @@ def _main(argv: list[str] | None) -> int:
     except (UserError, ConfigError, CheckpointError, FileNotFoundError, ExportError, ClassMismatchError,
             OutputError, WriteError) as e:
         sys.stderr.write(f"alexnet: error: {e}\n")
+        return 2
+    except LoaderWorkerError as e:  # (a worker killed, or failing on a batch: its traceback follows the line)
+        sys.stderr.write(f"alexnet: error: {str(e).splitlines()[0]}\n")
         return 2
     except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:  # a path given where it cannot go
         sys.stderr.write(f"alexnet: error: {e.filename}: {e.strerror}\n")

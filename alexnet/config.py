@@ -255,7 +255,7 @@ class DataConfig:
     image_size: int = 256  # "down-sampled ... to a fixed resolution of 256x256" (section 2)
     lighting_std: float = 0.1  # alpha_i ~ N(0, 0.1) for PCA lighting (section 4.1)
     flip: bool = True  # horizontal reflections (section 4.1)
-    ten_crop: bool = False  # evaluate on the 10 patches of section 4.1 instead of the centre crop
+    ten_crop: bool = False  # validate and test on the 10 patches of section 4.1 instead of the centre crop
     # Training images held out for validation when the source has no validation split of
     # its own (the paper used ILSVRC's 50,000 validation images).
     val_holdout: int = 5000

@@ -60,6 +60,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
+import pickle
 import signal
 import traceback
 from collections.abc import Callable, Iterator
@@ -280,13 +281,28 @@ def _worker_main(wid: int, dataset: ImageDataset, transform: Transform | None, t
             x, y = load_batch(dataset, transform, idx, seed, lambda shape, dtype: _slot(slots, k, shape, dtype))
             msg = (b, k, x, y.numpy(), None, dict(list(bad.items())[told:]) if len(bad) > told else None)
             told = len(bad)
-        except Exception:
-            msg = (b, k, None, None, traceback.format_exc(), None)
+        except Exception as e:
+            msg = (b, k, None, None, (traceback.format_exc(), _as_sent(e)), None)
         try:
             results.send(msg)
         except (BrokenPipeError, OSError):
             return
         msg = x = None  # drop this side's reference to the shared memory
+
+
+def _as_sent(e: Exception) -> Exception | None:
+    """`e` itself, for the main process to raise as it is, where it is the data's or the
+    settings' fault (a `ConfigError`: "no image in X can be decoded"), as it would be
+    without workers; None for any other error, or one that cannot be pickled."""
+    from alexnet.config import ConfigError
+
+    if not isinstance(e, ConfigError):
+        return None
+    try:
+        pickle.loads(pickle.dumps(e))
+    except Exception:
+        return None
+    return e.with_traceback(None)
 
 
 def _parent_alive(pid: int) -> bool:
@@ -425,6 +441,9 @@ class _WorkerPool:
                     self._raise_dead(w)
                 raise
             if err is not None:
+                err, same = err
+                if same is not None:  # the data's fault: the error it is without workers
+                    raise same
                 # the reason (the traceback's last line) first, as a one-line message shows it
                 reason = next((line for line in reversed(err.splitlines()) if line.strip()), "unknown error")
                 raise LoaderWorkerError(f"loader worker {w} failed on batch {got}: {reason}\n{err}")

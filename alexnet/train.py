@@ -1189,8 +1189,8 @@ def finish_run(trainer: Trainer, test: bool = True) -> dict | None:
             trainer._lock()  # eval-test/ is the run's too: no resume of it may write there meanwhile
         try:
             result = evaluate_checkpoint(best, dataset=trainer.data.test, out_dir=run / "eval-test",
-                                         device=str(trainer.device), workers=trainer.num_workers,
-                                         label="test", augment_on=trainer.augment_on)
+                                         ten_crop=trainer.cfg.data.ten_crop, device=str(trainer.device),
+                                         workers=trainer.num_workers, label="test", augment_on=trainer.augment_on)
         finally:
             if not held:
                 trainer._unlock()

@@ -857,6 +857,60 @@ def test_evaluate_leaves_an_unreadable_file_out_and_counts_it(capsys, tmp_path, 
     assert bad["loss"] == pytest.approx(clean["loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_split_where_no_image_decodes_is_the_same_one_line_error_with_workers(capsys, tmp_path, workers):
+    """A loader worker hands the data's own error back (it was the worker's traceback, exit 1)."""
+    two_class_tree(tmp_path / "tree")
+    for png in (tmp_path / "tree" / "val").rglob("*.png"):
+        png.write_bytes(b"junk")
+    ck = checkpoint(tmp_path / "m.safetensors", ["a", "b"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rc, out, err = main(capsys, "evaluate", ck, "--data", tmp_path / "tree", "--split", "val",
+                            "--workers", workers)
+    one_line_error(rc, err, f"no image in {tmp_path / 'tree' / 'val'} can be decoded")
+
+
+def test_a_loader_worker_failure_is_one_line(capsys, tmp_path, monkeypatch):
+    from alexnet import evaluate
+    from alexnet.loader import LoaderWorkerError
+
+    def killed(*a, **k):
+        raise LoaderWorkerError("loader worker 0 failed on batch 3: OSError: [Errno 5] Input/output error\n"
+                                "Traceback (most recent call last):\n  ...\nOSError: [Errno 5] Input/output error")
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", killed)
+    rc, out, err = main(capsys, "evaluate", tmp_path / "m.safetensors", "--data", tmp_path)
+    one_line_error(rc, err, "loader worker 0 failed on batch 3: OSError: [Errno 5] Input/output error")
+
+
+def test_a_test_split_that_fails_ends_a_finished_run_with_one_line_and_a_resume_tests_it(capsys, tmp_path):
+    """Training is complete when the test evaluation fails: one line says so (with a worker
+    it was a traceback, exit 1); a resume once the data is mended does the test evaluation,
+    on the ten patches when the run was trained with --ten-crop (it used the centre crop)."""
+    two_class_tree(tmp_path / "tree", per_class=2)
+    for cls in ("a", "b"):
+        (tmp_path / "tree" / "test" / cls).mkdir(parents=True)
+        (tmp_path / "tree" / "test" / cls / "0.png").write_bytes(b"junk")
+    run = tmp_path / "run"
+    argv = ["--data", tmp_path / "tree", "--out", run, "--variant", "owt", "--set", f"model.fc_width={TEST_FC_WIDTH}",
+            "--batch-size", "2", "--epochs", "1", "--max-steps", "1", "--workers", "1", "--device", "cpu",
+            "--ten-crop"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rc, out, err = main(capsys, "train", *argv)
+    last = err.splitlines()[-1]  # (after the progress lines)
+    one_line_error(rc, last, "the test evaluation failed: no image in", "can be decoded; training is complete",
+                   str(run / "best.safetensors"))
+    assert "Traceback" not in err
+    for cls in ("a", "b"):
+        Image.new("RGB", (40, 30), (90, 60, 20)).save(tmp_path / "tree" / "test" / cls / "0.png")
+    rc, out, err = main(capsys, "train", "--resume", run)
+    assert rc == 0, err
+    assert "test accuracy" in out
+    assert json.loads((run / "eval-test" / "eval.json").read_text())["ten_crop"] is True
+
+
 def test_a_warning_is_one_line_of_the_command(tmp_path):
     """An unreadable file read on the fly warns in one `alexnet: warning:` line, not in
     Python's two lines naming a thread pool's source file; a newline in its name is
