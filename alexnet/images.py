@@ -53,11 +53,27 @@ MAX_ASPECT = 4  # resize_center_crop resamples only the central patch of longer 
 EXTERNAL_FORMATS = frozenset({"EPS"})
 
 
+# and formats Pillow only identifies (a size, never pixels): MPEG, and its stub plugins
+# (BUFR, GRIB, HDF5, and WMF/EMF, which only Windows can draw)
+IDENTIFY_ONLY_FORMATS = frozenset({"MPEG"})
+
+
 @functools.cache
 def _formats() -> tuple[str, ...]:
-    """Pillow's formats but EXTERNAL_FORMATS, in its own order; made once, not per image."""
+    """The formats Pillow decodes itself, in its own order: not EXTERNAL_FORMATS, not
+    those it only identifies. Made once, not per image."""
+    from PIL import ImageFile
+
     Image.init()  # (every plugin registered: the list is complete)
-    return tuple(f for f in Image.OPEN if f not in EXTERNAL_FORMATS)
+    return tuple(f for f, (factory, _) in Image.OPEN.items()
+                 if f not in EXTERNAL_FORMATS and f not in IDENTIFY_ONLY_FORMATS
+                 and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)))
+
+
+def image_extensions() -> frozenset[str]:
+    """File name extensions (lower case, with the dot) of the formats `load_rgb` reads."""
+    readable = set(_formats())
+    return frozenset(e.lower() for e, fmt in Image.registered_extensions().items() if fmt in readable)
 
 # `max_pixels` is the size check here; Pillow's own warning for images above
 # Image.MAX_IMAGE_PIXELS (89 megapixels) would only repeat it. A process-wide filter

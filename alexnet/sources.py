@@ -60,7 +60,7 @@ from alexnet.config import ConfigError
 from alexnet.dataset import (DataStats, ImageDataset, SubsetDataset, TensorImageDataset, covariance_eigen,
                              load_stats, resize_center_crop_float, save_stats)
 from alexnet.fileio import OutputError, cache_dir, shown
-from alexnet.images import MAX_PIXELS, ImageError, decode_file
+from alexnet.images import MAX_PIXELS, ImageError, decode_file, image_extensions
 from alexnet.progress import first_few, plural
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -111,14 +111,9 @@ class ClassMismatchError(ValueError):
 
 # ---------------------------------------------------------------------------- helpers
 
-def _image_extensions() -> frozenset[str]:
-    from PIL import Image
-
-    exts = Image.registered_extensions()  # also runs Image.init()
-    return frozenset(e.lower() for e, fmt in exts.items() if fmt in Image.OPEN)
-
-
-IMAGE_EXTENSIONS = _image_extensions()
+# (not .eps, .mpg, .h5 and the like: files Pillow knows of but will not decode here are
+# other files of a folder, not images that fail one by one)
+IMAGE_EXTENSIONS = image_extensions()
 
 
 def is_image_name(name: str) -> bool:

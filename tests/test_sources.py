@@ -127,6 +127,26 @@ def test_wide_pixel_images_are_converted_band_by_band(mode, monkeypatch):
     assert np.array_equal(np.asarray(out)[..., 2], want.astype(np.uint8))
 
 
+def test_files_pillow_only_identifies_are_not_listed_as_images(tmp_path):
+    """.h5, .mpg, .eps and the like: Pillow knows their names but will not decode them here,
+    so a folder's listing leaves them out (each used to be an image that failed, replaced
+    by a copy of the next); given by name, such a file is refused as not an image."""
+    from alexnet.sources import is_image_name, list_image_folder
+
+    assert [is_image_name(n) for n in ("a.png", "a.JPG", "a.webp", "a.tif", "a.jpeg")] == [True] * 5
+    assert not any(is_image_name(n) for n in ("a.h5", "a.hdf", "a.mpg", "a.mpeg", "a.eps", "a.ps", "a.wmf",
+                                              "a.emf", "a.grib", "a.bufr"))
+    (tmp_path / "c").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "c" / "ok.png")
+    mpeg = b"\x00\x00\x01\xb3" + bytes([0x14, 0x00, 0xF0, 0x13]) + bytes(64)  # a 320x240 sequence header
+    (tmp_path / "c" / "clip.mpg").write_bytes(mpeg)
+    (tmp_path / "c" / "features.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    listing = list_image_folder(tmp_path)
+    assert [os.path.basename(p) for p in listing.paths] == ["ok.png"]
+    with pytest.raises(ImageError, match="not an image Pillow can read"):
+        load_rgb(tmp_path / "c" / "clip.mpg")
+
+
 def _tiff(img: Image.Image) -> bytes:
     b = io.BytesIO()
     img.save(b, "TIFF")
