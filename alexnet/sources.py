@@ -425,22 +425,28 @@ def open_idx(folder: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train"
     if labels.dtype.kind not in "iu" or labels.min() < 0:
         raise DataSourceError(f"{paths[1]} must hold labels 0, 1, ..., not {labels.dtype} values from "
                               f"{labels.min()} to {labels.max()}")
-    # classes up to the highest label of either split, so that train and test agree
-    highest = int(labels.max())
+    # classes up to the highest label of either split, and named from both, so that train
+    # and test agree
+    highest, both = int(labels.max()), [labels]
     other = _find_idx(folder, IDX_FILES["test" if split == "train" else "train"][1])
-    try:  # (a damaged one is that split's error, when it is opened)
-        highest = max(highest, int(read_idx(other).max()) if other is not None else 0)
-    except (DataSourceError, ValueError):
-        pass
-    classes = _idx_classes(folder, labels, highest + 1)
+    if other is not None:
+        try:  # (a damaged one is that split's error, when it is opened)
+            other_labels = read_idx(other)
+            highest = max(highest, int(other_labels.max()))
+            both.append(other_labels)
+        except (DataSourceError, ValueError):
+            both.append(None)
+    classes = _idx_classes(folder, both, highest + 1)
     return IdxDataset(torch.from_numpy(images.copy())[:, None], labels.astype(np.int64), classes,
                       image_size, str(folder), (paths[0].name, paths[1].name))
 
 
-def _idx_classes(folder: Path, labels: np.ndarray, n_classes: int) -> list[str]:
-    """The class names of an IDX pair with labels below `n_classes`: the lines of
-    `classes.txt` beside it if there is one, else Fashion-MNIST's when the labels are
-    Fashion-MNIST's own, else "0", "1", ..."""
+def _idx_classes(folder: Path, labels: list[np.ndarray | None], n_classes: int) -> list[str]:
+    """The class names of an IDX folder whose labels files (each split's there: None for
+    a damaged one) hold labels below `n_classes`: the lines of `classes.txt` beside them
+    if there is one, else Fashion-MNIST's when every labels file is Fashion-MNIST's own
+    (so that a folder of its training files and a test set of one's own names both splits
+    alike), else "0", "1", ..."""
     path = folder / IDX_CLASSES_FILE
     if path.exists():
         try:
@@ -455,7 +461,8 @@ def _idx_classes(folder: Path, labels: np.ndarray, n_classes: int) -> list[str]:
             raise DataSourceError(f"{path} names {len(names)} classes, but the labels go up to "
                                   f"{n_classes - 1}")
         return names
-    if labels.dtype == np.uint8 and hashlib.sha256(labels.tobytes()).hexdigest() in FASHION_MNIST_LABELS_SHA256:
+    if all(y is not None and y.dtype == np.uint8 and hashlib.sha256(y.tobytes()).hexdigest() in
+           FASHION_MNIST_LABELS_SHA256 for y in labels):
         return list(FASHION_MNIST_CLASSES)
     return [str(i) for i in range(n_classes)]
 

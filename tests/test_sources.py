@@ -590,7 +590,19 @@ def test_fashion_mnist_is_known_by_its_labels_wherever_it_lies(tmp_path):
     y = read_idx(other / "train-labels-idx1-ubyte").copy()
     y[0] = (y[0] + 1) % 10
     write_idx(other / "train-labels-idx1-ubyte", y)
-    assert open_dataset(other).classes == [str(i) for i in range(10)]
+    for split in ("train", "test"):  # (the test labels are still Fashion-MNIST's: named alike)
+        assert open_dataset(other, split=split).classes == [str(i) for i in range(10)]
+    # Fashion-MNIST's training files with a test set of one's own: both splits have digits
+    # (the training split had Fashion-MNIST's names, the test split digits, and a run's
+    # test evaluation failed on the mismatch once training was done)
+    mine = tmp_path / "mine"
+    shutil.copytree(copy, mine, symlinks=True)
+    t10k = read_idx(mine / "t10k-labels-idx1-ubyte")
+    write_idx(mine / "t10k-labels-idx1-ubyte", t10k[:50].copy())
+    (mine / "t10k-images-idx3-ubyte.gz").unlink()
+    write_idx(mine / "t10k-images-idx3-ubyte", read_idx(Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz")[:50].copy())
+    for split in ("train", "test"):
+        assert open_dataset(mine, split=split).classes == [str(i) for i in range(10)]
 
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST not installed")
