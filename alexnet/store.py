@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -120,40 +119,99 @@ def _named(e: OSError, out: Path) -> str:
     return f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
 
 
-def _decode_chunk(paths: list[str], size: int, max_pixels: int) -> list:
-    return [_decode_task(p, size, max_pixels) for p in paths]
+def _decode_worker(paths: list[str], size: int, max_pixels: int, tasks, results, inherited: list) -> None:
+    """A decoding process: for each task (start, stop) from `tasks`, the decoded files
+    `paths[start:stop]` (a list of `_decode_task` results) to `results`; None ends it."""
+    _worker_init()
+    for c in inherited:  # the other workers' pipes, inherited by fork: theirs to end
+        c.close()
+    while True:
+        try:
+            task = tasks.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if task is None:
+            return
+        try:
+            results.send([_decode_task(p, size, max_pixels) for p in paths[slice(*task)]])
+        except OSError:
+            return
 
 
 def _folder_results(paths: list[str], size: int, max_pixels: int, workers: int):
     """Decode `paths` in order with `workers` processes, a bounded number of files ahead.
     A worker that dies (the kernel's OOM killer, a kill -9) is a PrepareError at once,
-    not a wait for a result that never comes."""
+    not a wait for a result that never comes: each worker answers on a pipe of its own,
+    whose only writer it is, so a death, even half-way through a result (several times
+    what a pipe holds), ends the read there. (A process pool's shared result pipe, kept
+    open by the others, waited for the rest of that result for ever.)"""
     if workers <= 1:
         for p in paths:
             yield _decode_task(p, size, max_pixels)
         return
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    import multiprocessing.connection as mpc
 
     chunk = 4
-    chunks = (paths[i:i + chunk] for i in range(0, len(paths), chunk))
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
-    try:
-        pending = collections.deque(pool.submit(_decode_chunk, c, size, max_pixels)
-                                    for c in itertools.islice(chunks, max(2, workers * _AHEAD_PER_WORKER // chunk)))
-        while pending:
+    n_chunks = -(-len(paths) // chunk)
+    ahead = workers * max(1, _AHEAD_PER_WORKER // chunk)  # chunks asked for beyond the one read
+    fork = "fork" in mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if fork else None)
+    procs, tasks, results = [], [], []
+
+    def dead(w: int) -> PrepareError:
+        procs[w].join(timeout=1.0)
+        code = procs[w].exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else \
+            f"exited with code {code}" if code is not None else "stopped answering"
+        return PrepareError(f"a decoding process {how} (killed, perhaps by the system for want of memory); {KEPT}")
+
+    sent = 0
+
+    def ask(upto: int) -> None:
+        nonlocal sent
+        while sent < min(upto, n_chunks):
+            w = sent % workers
             try:
-                part = pending.popleft().result()
-            except BrokenProcessPool:
-                raise PrepareError(f"a decoding process died (killed, perhaps by the system for want of "
-                                   f"memory); {KEPT}") from None
-            more = next(chunks, None)
-            if more is not None:
-                pending.append(pool.submit(_decode_chunk, more, size, max_pixels))
+                tasks[w].send((sent * chunk, min(len(paths), (sent + 1) * chunk)))
+            except OSError:
+                raise dead(w) from None
+            sent += 1
+
+    try:
+        for w in range(workers):
+            t_read, t_write = ctx.Pipe(duplex=False)
+            r_read, r_write = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_decode_worker, name=f"alexnet-decode-{w}", daemon=True,
+                            args=(paths, size, max_pixels, t_read, r_write, tasks + results if fork else []))
+            p.start()
+            t_read.close()
+            r_write.close()
+            procs.append(p)
+            tasks.append(t_write)
+            results.append(r_read)
+        ask(ahead)
+        for i in range(n_chunks):
+            w = i % workers
+            conn = results[w]
+            mpc.wait([conn, procs[w].sentinel])
+            try:
+                part = conn.recv()  # (a worker that has sent its result and died: the result first)
+            except Exception:  # EOF half-way through a result, or none: the worker died
+                raise dead(w) from None
+            ask(i + 1 + ahead)
             yield from part
+        for t in tasks:
+            with contextlib.suppress(OSError):
+                t.send(None)
+        for p in procs:
+            p.join(timeout=5)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=5)
+        for c in tasks + results:
+            c.close()
 
 
 def _idx_results(images: torch.Tensor, order: list[int], size: int):

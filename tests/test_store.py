@@ -5,6 +5,7 @@ interrupted prepare, the flat validation layout and IDX sources."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import struct
 import warnings
@@ -348,6 +349,58 @@ def test_a_decoding_process_that_dies_stops_prepare_and_it_resumes(tmp_path, mon
     done = prepare(tmp_path / "src", tmp_path / "out", workers=2, size=32, progress=False)
     assert done.complete and store_contents(tmp_path / "out") == store_contents(tmp_path / "full")
     assert full.written == done.written
+
+
+def test_a_decoding_process_killed_half_way_through_a_result_stops_prepare(tmp_path, monkeypatch):
+    """A result is several times what a pipe holds, so a kill can cut one in half: the
+    reader then sees the end of that worker's own pipe and stops with one line (a process
+    pool's shared pipe, kept open by the other workers, waited for the rest for ever).
+    The next run finishes the same store."""
+    import multiprocessing as mp
+    import os
+    import pickle
+    import signal
+    import threading
+
+    import alexnet.store as store
+
+    make_plain_tree(tmp_path / "src")
+    full = prepare(tmp_path / "src", tmp_path / "full", workers=1, size=32, progress=False)
+    real = store._decode_worker
+
+    def dies_mid_result(paths, size, max_pixels, tasks, results, inherited):
+        store._worker_init()
+        for c in inherited:
+            c.close()
+        for n in itertools.count():
+            task = tasks.recv()
+            if task is None:
+                return
+            data = pickle.dumps([store._decode_task(p, size, max_pixels) for p in paths[slice(*task)]])
+            if n == 1 and mp.current_process().name.endswith("-1"):  # the last worker's second result:
+                # the length, half of it, and the end
+                os.write(results.fileno(), struct.pack("!i", len(data)) + data[:len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            results.send_bytes(data)
+
+    monkeypatch.setattr(store, "_decode_worker", dies_mid_result)
+    result = {}
+
+    def run():
+        try:
+            prepare(tmp_path / "src", tmp_path / "out", workers=2, size=32, progress=False, commit_every=2)
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "prepare hung after a worker died half-way through a result"
+    error = result.get("error")
+    assert isinstance(error, store.PrepareError) and "was killed by signal 9" in str(error), error
+    monkeypatch.setattr(store, "_decode_worker", real)
+    done = prepare(tmp_path / "src", tmp_path / "out", workers=2, size=32, progress=False)
+    assert done.complete and store_contents(tmp_path / "out") == store_contents(tmp_path / "full")
 
 
 def test_one_prepare_at_a_time(tmp_path):
