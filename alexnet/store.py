@@ -110,6 +110,20 @@ _AHEAD_PER_WORKER = 32  # files decoded ahead of the writer, per worker
 KEPT = "the images committed so far are kept: run the same command again to go on"
 
 
+def _stray(p: Path) -> bool:
+    """The lock, or a temporary of an atomic write a kill cut short (`.progress.json.x.tmp`):
+    files that do not make a folder a store, nor keep it from being an empty one."""
+    return p.name == LOCK or (p.name.startswith(".") and p.name.endswith(".tmp"))
+
+
+def _damaged(out: Path, what: str) -> DataSourceError:
+    return DataSourceError(f"{out} is damaged ({' '.join(str(what).split())}); delete it and prepare again")
+
+
+class _NoLock(WriteError):
+    """The lock file could not be made: a folder this process cannot write in."""
+
+
 class PrepareError(RuntimeError):
     """prepare could not go on (a decoding process died); the store stays resumable."""
 
@@ -345,15 +359,20 @@ def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = 
     if (out / INDEX).is_file():
         index = _read_json(out / INDEX)
         _check_same(out, index, meta)
-    elif out.exists() and not (out / PROGRESS).is_file() and any(p.name != LOCK for p in out.iterdir()):
+    elif out.exists() and not (out / PROGRESS).is_file() and not all(map(_stray, out.iterdir())):
         raise DataSourceError(f"{out} exists and is not an empty folder or a store")
     make_dir(out)
-    with _store_lock(out):
-        try:
-            return _prepare_locked(out, meta, names, item_labels, pre_skipped, ignored, idx_ds, root,
-                                   size, max_pixels, workers, progress, commit_every, _stop_after)
-        except OSError as e:  # a full disk, most often: the records already committed stay
-            raise WriteError(e.errno, f"{e.strerror or e}{_named(e, out)}; {KEPT}", str(out)) from None
+    try:
+        with _store_lock(out):
+            try:
+                return _prepare_locked(out, meta, names, item_labels, pre_skipped, ignored, idx_ds, root,
+                                       size, max_pixels, workers, progress, commit_every, _stop_after)
+            except OSError as e:  # a full disk, most often: the records already committed stay
+                raise WriteError(e.errno, f"{e.strerror or e}{_named(e, out)}; {KEPT}", str(out)) from None
+    except _NoLock:
+        if (out / INDEX).is_file():  # complete, on a read-only disk say: nothing to write, nor to tidy
+            return _complete(out, root, names, pre_skipped, tidy=False)
+        raise
 
 
 @contextlib.contextmanager
@@ -364,7 +383,11 @@ def _store_lock(out: Path):
     except ImportError:  # not POSIX: no lock
         yield
         return
-    with open(out / LOCK, "a") as f:
+    try:
+        f = open(out / LOCK, "a")
+    except OSError as e:
+        raise _NoLock.of(e, out / LOCK) from None
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -381,21 +404,23 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
                     _stop_after: int | None) -> PrepareResult:
     # the output folder: new, complete, or an unfinished prepare to continue
     if (out / INDEX).is_file():
-        index = _read_json(out / INDEX)
-        _check_same(out, index, meta)
-        _cleanup(out)
-        _warn_if_changed(out, root, set(names) | {p for p, _ in pre_skipped})
-        return PrepareResult(str(out), index["count"], index["skipped"], index.get("ignored", 0),
-                             str(out / REPORT), True, already=True)
+        _check_same(out, _read_json(out / INDEX), meta)
+        return _complete(out, root, names, pre_skipped, tidy=True)
     if (out / PROGRESS).is_file():
         saved = _read_json(out / PROGRESS)
         _check_same(out, saved, meta)
-        state = saved["state"]
+        state = saved.get("state")
+        keys = ("records", "skipped", "seq", IMAGES, LABELS_RAW, SOURCES, REPORT_PARTIAL)
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in keys):
+            raise _damaged(out, f"{PROGRESS} lacks its state")
         acc = _load_accum(out, state, size)
         _truncate(out, state)
     else:
-        if any(p.name != LOCK for p in out.iterdir()):
+        if not all(map(_stray, out.iterdir())):
             raise DataSourceError(f"{out} exists and is not an empty folder or a store")
+        for p in out.iterdir():
+            if p.name != LOCK:
+                p.unlink(missing_ok=True)
         state = {"records": 0, "skipped": 0, "seq": 0, "accum": None,
                  **{k: 0 for k in (IMAGES, LABELS_RAW, SOURCES, REPORT_PARTIAL)}}
         acc = StatsAccumulator(size)
@@ -455,6 +480,20 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
     return _finalize(out, meta, state, acc, pre_skipped, ignored)
 
 
+def _complete(out: Path, root: str, names, pre_skipped: list, tidy: bool) -> PrepareResult:
+    """The result of a prepare into the complete store `out`: nothing written; with `tidy`,
+    the leftovers of its making removed."""
+    index = _read_json(out / INDEX)
+    if tidy:
+        _cleanup(out)
+    _warn_if_changed(out, root, set(names) | {p for p, _ in pre_skipped})
+    try:
+        return PrepareResult(str(out), int(index["count"]), int(index["skipped"]), int(index.get("ignored", 0)),
+                             str(out / REPORT), True, already=True)
+    except (KeyError, TypeError, ValueError) as e:
+        raise _damaged(out, f"{INDEX}: {type(e).__name__} {e}") from None
+
+
 def _read_json(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -496,8 +535,13 @@ def _warn_if_changed(out: Path, root: str, now: set[str]) -> None:
 def _load_accum(out: Path, state: dict, size: int) -> StatsAccumulator:
     if not state.get("accum"):
         return StatsAccumulator(size)
-    with np.load(out / state["accum"]) as z:
-        return StatsAccumulator.from_state(z)
+    try:
+        with np.load(out / state["accum"], allow_pickle=False) as z:
+            return StatsAccumulator.from_state(z)
+    except FileNotFoundError:
+        raise _damaged(out, f"{state['accum']} is missing") from None
+    except Exception as e:  # (a cut or garbled zip: BadZipFile, EOFError, ValueError, KeyError)
+        raise _damaged(out, f"{state['accum']}: {type(e).__name__}: {e}") from None
 
 
 def _truncate(out: Path, state: dict) -> None:
@@ -524,7 +568,10 @@ def _listed(out: Path, report: str) -> set[str]:
     """The source files of the store at `out`: those stored (sources.jsonl) and those its
     report `report` (skipped.tsv, or the unfinished prepare's) lists as skipped."""
     with open(out / SOURCES, "rb") as f:
-        done = {json.loads(line) for line in f}
+        try:
+            done = {json.loads(line) for line in f}
+        except ValueError as e:
+            raise _damaged(out, f"{SOURCES}: {e}") from None
     with open(out / report, "rb") as f:
         return done | {_report_name(line.decode("utf-8", "surrogateescape").split("\t", 1)[0]) for line in f}
 
@@ -584,18 +631,36 @@ class StoreDataset(ImageDataset):
             self.index = json.loads(index_file.read_text(encoding="utf-8"))
         except ValueError as e:
             raise DataSourceError(f"{index_file} is not valid JSON: {e}") from None
-        if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
+        if not isinstance(self.index, dict) or self.index.get("format") != FORMAT or \
+                self.index.get("version") != VERSION:
             raise DataSourceError(f"{self.path} is not an alexnet store of version {VERSION}")
-        self.stored_size = int(self.index["image_size"])
+        try:
+            self.stored_size = int(self.index["image_size"])
+            self.count = int(self.index["count"])
+            self.classes = [str(c) for c in self.index["classes"]]
+            self.class_names = [str(c) for c in self.index["class_names"]]
+            self.ignored = int(self.index.get("ignored", 0))
+            files = {k: str(self.index[k]) for k in ("images", "labels", "sources", "stats", "report")}
+        except (KeyError, TypeError, ValueError) as e:
+            raise _damaged(self.path, f"{INDEX}: {type(e).__name__} {e}") from None
         self.image_size = int(image_size or self.stored_size)
-        self.count = int(self.index["count"])
-        self.classes = list(self.index["classes"])
-        self.class_names = list(self.index["class_names"])
         self.root = self.index.get("source_root", self.index.get("source"))
-        self.ignored = int(self.index.get("ignored", 0))
-        self.labels = np.load(self.path / self.index["labels"])
+        try:
+            self.labels = np.load(self.path / files["labels"], allow_pickle=False)
+        except Exception as e:  # (missing, cut short, not an array)
+            raise _damaged(self.path, f"{files['labels']}: {getattr(e, 'strerror', None) or e}") from None
+        if self.labels.ndim != 1 or self.labels.dtype.kind not in "iu":
+            raise _damaged(self.path, f"{files['labels']} holds {self.labels.dtype} {self.labels.shape}, "
+                                      f"not one integer label per record")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise _damaged(self.path, f"labels {self.labels.min()} to {self.labels.max()} for "
+                                      f"{len(self.classes)} classes")
+        self.labels = self.labels.astype(np.int64, copy=False)
+        try:
+            actual = (self.path / files["images"]).stat().st_size
+        except OSError as e:
+            raise _damaged(self.path, f"{files['images']}: {e.strerror}") from None
         expect = self.count * 3 * self.stored_size ** 2
-        actual = (self.path / self.index["images"]).stat().st_size
         if len(self.labels) != self.count or actual != expect:
             raise DataSourceError(f"{self.path} is damaged: {actual} image bytes and "
                                   f"{len(self.labels)} labels for {self.count} records")
@@ -632,8 +697,14 @@ class StoreDataset(ImageDataset):
     @property
     def sources(self) -> list[str]:
         if self._sources is None:
-            with open(self.path / self.index["sources"], "rb") as f:
-                self._sources = [json.loads(line) for line in f]
+            try:
+                with open(self.path / self.index["sources"], "rb") as f:
+                    self._sources = [json.loads(line) for line in f]
+            except (OSError, ValueError) as e:
+                raise _damaged(self.path, f"{self.index['sources']}: {getattr(e, 'strerror', None) or e}") from None
+            if len(self._sources) != self.count:
+                raise _damaged(self.path, f"{self.index['sources']} names {len(self._sources)} files for "
+                                          f"{self.count} records")
         return self._sources
 
     def stats(self, held_out: np.ndarray | None = None) -> DataStats:
@@ -641,7 +712,10 @@ class StoreDataset(ImageDataset):
         (sorted record indices), those of the other records: the held-out images are read
         and taken away from the prepared sums (`sources.stats_without`)."""
         if self._stats is None:
-            self._stats = load_stats(self.path / self.index["stats"])
+            try:
+                self._stats = load_stats(self.path / self.index["stats"])
+            except Exception as e:  # (missing, cut short: safetensors' own error, or a tensor lacking)
+                raise _damaged(self.path, f"{self.index['stats']}: {getattr(e, 'strerror', None) or e}") from None
         if held_out is None or not len(held_out):
             return self._stats
         from alexnet.sources import stats_without

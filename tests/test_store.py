@@ -556,3 +556,118 @@ def test_prepare_idx_source(tmp_path):
     assert torch.equal(imgs, resize_batch(torch.from_numpy(x)[:, None], S))
     with pytest.raises(DataSourceError, match="already a prepared store"):
         prepare(tmp_path / "store", tmp_path / "again", progress=False)
+
+
+# ---------------------------------------------------------------------------- damage and odd folders
+
+def _damage_store(path: Path, damage: str) -> None:
+    if damage == "labels cut short":
+        data = (path / "labels.npy").read_bytes()
+        (path / "labels.npy").write_bytes(data[:-20])
+    elif damage == "labels beyond the classes":
+        np.save(path / "labels.npy", np.array([7] + [0] * 26, np.int64))
+    elif damage == "labels negative":
+        np.save(path / "labels.npy", np.array([-3] + [0] * 26, np.int64))
+    elif damage == "labels not integers":
+        np.save(path / "labels.npy", np.zeros(27, np.float32))
+    elif damage == "index lacks count":
+        index = json.loads((path / "index.json").read_text())
+        del index["count"]
+        (path / "index.json").write_text(json.dumps(index))
+    elif damage == "stats cut short":
+        data = (path / "stats.safetensors").read_bytes()
+        (path / "stats.safetensors").write_bytes(data[:-1000])
+    elif damage == "sources cut short":
+        data = (path / "sources.jsonl").read_bytes()
+        (path / "sources.jsonl").write_bytes(data[:-5])
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("labels cut short", "labels.npy"), ("labels beyond the classes", "labels 0 to 7 for 3 classes"),
+    ("labels negative", "labels -3 to 0 for 3 classes"), ("labels not integers", "not one integer label"),
+    ("index lacks count", "index.json: KeyError 'count'"), ("stats cut short", "stats.safetensors"),
+    ("sources cut short", "sources.jsonl")])
+def test_a_damaged_store_is_one_line_naming_the_file(tmp_path, damage, words):
+    """Each was a traceback (a NumPy, safetensors, JSON or KeyError), or, for labels out of
+    range, a store that opened and ended training mid-step with an IndexError."""
+    make_plain_tree(tmp_path / "src")
+    prepare(tmp_path / "src", tmp_path / "st", workers=1, size=32, progress=False)
+    _damage_store(tmp_path / "st", damage)
+    with pytest.raises(DataSourceError) as e:
+        ds = open_store(tmp_path / "st")
+        ds.stats()
+        ds.sources
+    assert f"{tmp_path / 'st'} is damaged (" in str(e.value) and words in str(e.value), str(e.value)
+    assert "delete it and prepare again" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("no state", "progress.json lacks its state"), ("accum missing", "accum-2.npz is missing"),
+    ("accum cut short", "accum-2.npz: BadZipFile"), ("sources garbled", "sources.jsonl: ")])
+def test_a_damaged_unfinished_store_is_one_line_not_a_write_error(tmp_path, damage, words):
+    """A resume of a damaged unfinished store says so (a missing statistics file was "cannot
+    write ...: run the same command again to go on", which could never succeed; the others
+    were tracebacks)."""
+    make_plain_tree(tmp_path / "src")
+    out = tmp_path / "st"
+    prepare(tmp_path / "src", out, workers=1, size=32, progress=False, commit_every=4, _stop_after=6)
+    progress = json.loads((out / "progress.json").read_text())
+    accum = out / progress["state"]["accum"]
+    assert accum.name == "accum-2.npz"  # (committed after 4 files, and at the stop)
+    if damage == "no state":
+        del progress["state"]
+        (out / "progress.json").write_text(json.dumps(progress))
+    elif damage == "accum missing":
+        accum.unlink()
+    elif damage == "accum cut short":
+        accum.write_bytes(accum.read_bytes()[:100])
+    else:
+        (out / "sources.jsonl").write_bytes(b"not json\n" + (out / "sources.jsonl").read_bytes()[9:])
+    with pytest.raises(DataSourceError) as e:
+        prepare(tmp_path / "src", out, workers=1, size=32, progress=False)
+    assert f"{out} is damaged (" in str(e.value) and words in str(e.value), str(e.value)
+    assert "run the same command again" not in str(e.value)
+
+
+def test_a_temporary_left_by_a_kill_does_not_make_a_folder_a_non_store(tmp_path):
+    """Killed while writing the first progress.json: the folder holds the lock and that
+    write's temporary, and every rerun refused it as "not an empty folder or a store"."""
+    make_plain_tree(tmp_path / "src")
+    out = tmp_path / "st"
+    out.mkdir()
+    (out / ".lock").write_bytes(b"")
+    (out / ".progress.json.a69d7tit.tmp").write_bytes(b'{"format": "alex')
+    done = prepare(tmp_path / "src", out, workers=1, size=32, progress=False)
+    assert done.complete and done.written == 27
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(DataSourceError, match="not an empty folder or a store"):  # others' files still refused
+        prepare(tmp_path / "src", tmp_path / "other", workers=1, size=32, progress=False)
+
+
+def test_a_folder_that_cannot_be_written_in(tmp_path, monkeypatch, capsys):
+    """On a read-only disk (the lock cannot be made): a complete store is said to be complete,
+    nothing written, as a writable one is; any other folder is one line, exit 2 (both were
+    an OSError traceback)."""
+    import errno
+
+    import alexnet.store as store
+    from alexnet import cli
+
+    make_plain_tree(tmp_path / "src")
+    prepare(tmp_path / "src", tmp_path / "done", workers=1, size=32, progress=False)
+    (tmp_path / "empty").mkdir()
+    real_open = open
+
+    def read_only(path, *a, **k):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(store, "open", read_only, raising=False)
+    again = prepare(tmp_path / "src", tmp_path / "done", workers=1, size=32, progress=False)
+    assert again.already and again.written == 27
+    assert cli.main(["prepare", str(tmp_path / "src"), str(tmp_path / "empty"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"alexnet: error: cannot write {tmp_path / 'empty' / '.lock'}: Read-only file system\n"
