@@ -671,3 +671,29 @@ def test_a_folder_that_cannot_be_written_in(tmp_path, monkeypatch, capsys):
     assert cli.main(["prepare", str(tmp_path / "src"), str(tmp_path / "empty"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err == f"alexnet: error: cannot write {tmp_path / 'empty' / '.lock'}: Read-only file system\n"
+
+
+def test_prepare_hands_its_workers_the_file_names_in_arrays(tmp_path, monkeypatch):
+    """Forked decoding processes share the names (`sources.Names`, two NumPy arrays) instead of
+    copying the pages of a list of str as they read it: measured once, 47 MB copied per worker
+    for 400,000 names from a list, 2.7 MB from the arrays (tests/test_sources.py checks a
+    fork's copying of `Names` itself). The names are the files', non-UTF-8 ones included."""
+    import os
+
+    import alexnet.store as store
+    from alexnet.sources import Names
+
+    make_plain_tree(tmp_path / "src")
+    odd = os.fsdecode(b"class0/caf\xe9.png")  # (not UTF-8)
+    Image.fromarray(rgb_array(30, 40, 5)).save(os.path.join(tmp_path / "src", odd))
+    given = []
+    real = store._folder_results
+
+    def seen(paths, *a):
+        given.append(paths)
+        return real(paths, *a)
+
+    monkeypatch.setattr(store, "_folder_results", seen)
+    done = prepare(tmp_path / "src", tmp_path / "st", workers=2, size=32, progress=False)
+    assert done.complete and done.written == 28
+    assert isinstance(given[0], Names) and os.path.join(str(tmp_path / "src"), odd) in list(given[0])
