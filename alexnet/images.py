@@ -152,6 +152,11 @@ def _bands(img: Image.Image):
         yield top, np.asarray(img.crop((0, top, w, min(h, top + step))))
 
 
+def _within_8_bits(img: Image.Image) -> bool:
+    lo, hi = img.getextrema()
+    return lo >= 0 and hi <= 255
+
+
 def _finite(a: np.ndarray) -> np.ndarray:
     """A float band as float64 levels: NaN black, infinities clipped to 0 and 255."""
     return np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
@@ -163,10 +168,10 @@ def _to_rgb(img: Image.Image, fmt: str | None = None) -> Image.Image:
     if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I;16") or mode == "I":
-        lo, hi = img.getextrema()
         # a 32-bit container holding 8-bit values; not a PGM's, which Pillow has already
-        # scaled to 0..65535 from its maxval (> 255: else it would be "L")
-        eight_bit = mode == "I" and fmt != "PPM" and lo >= 0 and hi <= 255
+        # scaled to 0..65535 from its maxval (> 255: else it would be "L"). (Pillow's
+        # getextrema refuses the I;16B, I;16L and I;16N modes: asked of "I" alone.)
+        eight_bit = mode == "I" and fmt != "PPM" and _within_8_bits(img)
         key = img.info.get("transparency")  # a PNG's colour key, in the image's own levels
         out = np.empty((img.height, img.width), np.uint8)
         for top, band in _bands(img):

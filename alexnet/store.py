@@ -111,10 +111,18 @@ _AHEAD_PER_WORKER = 32  # files decoded ahead of the writer, per worker
 KEPT = "the images committed so far are kept: run the same command again to go on"
 
 
+# (fileio.atomic_write's: mkstemp's 8 random letters, digits or underscores)
+_TEMPORARY = re.compile(r"\.(%s)\.[A-Za-z0-9_]{8}\.tmp" % "|".join(
+    re.escape(n) for n in (INDEX, PROGRESS, LABELS, STATS, REPORT)))
+
+
 def _stray(p: Path) -> bool:
-    """The lock, or a temporary of an atomic write a kill cut short (`.progress.json.x.tmp`):
-    files that do not make a folder a store, nor keep it from being an empty one."""
-    return p.name == LOCK or (p.name.startswith(".") and p.name.endswith(".tmp"))
+    """The lock, or a temporary of a store file's atomic write that a kill cut short
+    (`.progress.json.a69d7tit.tmp`): files that do not make a folder a store, nor keep it
+    from being an empty one."""
+    if p.name == LOCK:
+        return True
+    return _TEMPORARY.fullmatch(p.name) is not None and p.is_file() and not p.is_symlink()
 
 
 def _damaged(out: Path, what: str) -> DataSourceError:
@@ -160,7 +168,7 @@ def _folder_results(paths: Sequence[str], size: int, max_pixels: int, workers: i
     whose only writer it is, so a death, even half-way through a result (several times
     what a pipe holds), ends the read there. (A process pool's shared result pipe, kept
     open by the others, waited for the rest of that result for ever.)"""
-    if workers <= 1:
+    if workers <= 1 or not paths:
         for p in paths:
             yield _decode_task(p, size, max_pixels)
         return
@@ -451,7 +459,7 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
                                       max_pixels, workers)
         since_commit = 0
         try:
-            for i, (arr, extra) in zip(todo, results):
+            for (arr, extra), i in zip(results, todo):  # (results first: its end stops the workers in order)
                 if arr is None:
                     writer.skip(names[i], extra)
                 else:

@@ -52,6 +52,7 @@ from alexnet.evaluate import Metrics, autocast_context, eval_loader, evaluate_mo
 from alexnet.loader import BatchLoader, LoaderWorkerError
 from alexnet.model import AlexNet
 from alexnet.progress import Progress, first_few
+from alexnet.sources import DataSourceError
 
 if TYPE_CHECKING:
     from alexnet.sources import Shared
@@ -961,7 +962,7 @@ class Trainer:
         with on_stop_signals(self._request_stop):
             try:
                 return self._fit()
-            except LoaderWorkerError as e:
+            except (LoaderWorkerError, DataSourceError) as e:  # (a worker's, or the data's own, as without workers)
                 raise TrainingError(f"data loading failed at step {self.step + 1}: {str(e).splitlines()[0]}; "
                                     f"{self._resume_hint()}") from None
             except RunWriteError as e:
@@ -1188,7 +1189,8 @@ def finish_run(trainer: Trainer, test: bool = True) -> dict | None:
         if not held:
             trainer._lock()  # eval-test/ is the run's too: no resume of it may write there meanwhile
         try:
-            result = evaluate_checkpoint(best, dataset=trainer.data.test, out_dir=run / "eval-test",
+            folder = "eval-test-10crop" if trainer.cfg.data.ten_crop else "eval-test"  # (as evaluate names it)
+            result = evaluate_checkpoint(best, dataset=trainer.data.test, out_dir=run / folder,
                                          ten_crop=trainer.cfg.data.ten_crop, device=str(trainer.device),
                                          workers=trainer.num_workers, label="test", augment_on=trainer.augment_on)
         finally:

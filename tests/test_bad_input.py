@@ -884,6 +884,24 @@ def test_a_loader_worker_failure_is_one_line(capsys, tmp_path, monkeypatch):
     one_line_error(rc, err, "loader worker 0 failed on batch 3: OSError: [Errno 5] Input/output error")
 
 
+def test_a_data_error_during_training_names_its_step_and_the_resume():
+    """The data's own error (as a loader worker now hands it back, and as it is without
+    workers) is said as a worker's failure is: the step, and how to continue."""
+    from types import SimpleNamespace
+
+    from alexnet.sources import DataSourceError
+    from alexnet.train import Trainer, TrainingError
+
+    def fails():
+        raise DataSourceError("no image in /d can be decoded")
+
+    stub = SimpleNamespace(step=4, _fit=fails, _request_stop=lambda *a: None, _unlock=lambda: None,
+                           _resume_hint=lambda: "the checkpoint of step 4 is intact; continue with: X")
+    with pytest.raises(TrainingError, match=r"^data loading failed at step 5: no image in /d can be decoded; "
+                                            r"the checkpoint of step 4 is intact; continue with: X$"):
+        Trainer.fit(stub)
+
+
 def test_a_test_split_that_fails_ends_a_finished_run_with_one_line_and_a_resume_tests_it(capsys, tmp_path):
     """Training is complete when the test evaluation fails: one line says so (with a worker
     it was a traceback, exit 1); a resume once the data is mended does the test evaluation,
@@ -908,7 +926,8 @@ def test_a_test_split_that_fails_ends_a_finished_run_with_one_line_and_a_resume_
     rc, out, err = main(capsys, "train", "--resume", run)
     assert rc == 0, err
     assert "test accuracy" in out
-    assert json.loads((run / "eval-test" / "eval.json").read_text())["ten_crop"] is True
+    assert json.loads((run / "eval-test-10crop" / "eval.json").read_text())["ten_crop"] is True  # (evaluate's name)
+    assert not (run / "eval-test").exists()
 
 
 def test_a_warning_is_one_line_of_the_command(tmp_path):

@@ -175,3 +175,43 @@ def test_prepare_split_val_of_idx_data_is_refused(tmp_path):
         prepare(tmp_path / "idx", tmp_path / "st", split="val", workers=1, size=32, progress=False)
     assert not (tmp_path / "st").exists()
     assert prepare(tmp_path / "idx", tmp_path / "st", split="test", workers=1, size=32, progress=False).complete
+
+
+def test_a_report_inside_an_idx_folder_or_a_store_is_fine(capsys, tmp_path, monkeypatch):
+    """Only a folder of image files would read a report's confusion.png as an image: a
+    checkpoint kept in a folder of IDX files (`alexnet train --data .` there writes runs/
+    beside them) is evaluated into its default folder."""
+    from tests.test_sources import make_idx_folder
+
+    make_idx_folder(tmp_path / "idx")
+    (tmp_path / "idx" / "runs" / "r").mkdir(parents=True)
+    ck = checkpoint(tmp_path / "idx" / "runs" / "r" / "best.safetensors", [str(i) for i in range(10)])
+    monkeypatch.chdir(tmp_path / "idx")
+    rc, out, err = main(capsys, "evaluate", ck, "--data", ".")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "idx" / "runs" / "r" / "eval-test" / "eval.json").read_text())["images"] == 5
+
+
+def test_a_relative_labels_file_is_the_same_file_from_another_folder(capsys, tmp_path, monkeypatch):
+    """eval.json keeps the labels file's real path: the same data labelled by the same file,
+    named relatively from elsewhere, is the same data (it was refused as other data, naming
+    a file that does not exist)."""
+    two_class_tree(tmp_path / "tree", per_class=2)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    lines = []
+    for cls in ("a", "b"):
+        for png in sorted((tmp_path / "tree" / "val" / cls).glob("*.png")):
+            shutil.copy(png, flat / f"{cls}{png.name}")
+            lines.append(f"{cls}{png.name} {cls}")
+    (tmp_path / "gt.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "run").mkdir()
+    ck = checkpoint(tmp_path / "run" / "best.safetensors", ["a", "b"])
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = main(capsys, "evaluate", ck, "--data", "flat", "--labels", "gt.txt", "--split", "val")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "run" / "eval-val" / "eval.json").read_text())
+    assert report["labels_file"] == str(tmp_path / "gt.txt")
+    monkeypatch.chdir(tmp_path / "run")
+    rc, out, err = main(capsys, "evaluate", ck, "--data", flat, "--labels", tmp_path / "gt.txt", "--split", "val")
+    assert rc == 0, err

@@ -94,12 +94,13 @@ def test_grey_palette_cmyk_16bit_float_to_rgb(tmp_path):
     assert np.array_equal(np.asarray(load_rgb(png_bytes(pal))), np.asarray(pal.convert("RGB")))
 
 
-@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "F"])
 def test_wide_pixel_images_are_converted_band_by_band(mode, monkeypatch):
     """A 16-bit, 32-bit or float image becomes 8 bits band by band: NumPy's peak is about
     the 8-bit result (1 byte a pixel), where a whole-image int64 or float64 copy was 8 bytes
     a pixel (1.8 to 2.7 GB for a 100-megapixel image). The levels are the whole image's
-    formula, with a range decided over every band (the one value above 1.0 is in the last)."""
+    formula, with a range decided over every band (the one value above 1.0 is in the last).
+    Big-endian 16 bits too (a TIFF's I;16B, which Pillow's getextrema refuses)."""
     import tracemalloc
 
     import alexnet.images
@@ -113,7 +114,7 @@ def test_wide_pixel_images_are_converted_band_by_band(mode, monkeypatch):
         v[-1, -1], v[0, 0], v[0, 1] = 2.0, np.nan, np.inf  # levels as they are: 0..255, not 0..1
         want = np.clip(np.rint(np.nan_to_num(v.astype(np.float64), nan=0, posinf=255)), 0, 255)
     else:
-        v = rng.integers(0, 65536, (h, w)).astype(np.uint16 if mode == "I;16" else np.int32)
+        v = rng.integers(0, 65536, (h, w)).astype({"I;16": np.uint16, "I;16B": ">u2", "I": np.int32}[mode])
         want = (v.astype(np.int64) + 128) // 257
     img = Image.fromarray(v)
     assert img.mode == mode

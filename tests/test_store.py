@@ -640,10 +640,13 @@ def test_a_temporary_left_by_a_kill_does_not_make_a_folder_a_non_store(tmp_path)
     done = prepare(tmp_path / "src", out, workers=1, size=32, progress=False)
     assert done.complete and done.written == 27
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(DataSourceError, match="not an empty folder or a store"):  # others' files still refused
-        prepare(tmp_path / "src", tmp_path / "other", workers=1, size=32, progress=False)
+    for name in ("notes.txt", ".my notes.tmp", ".progress.json.tmp"):  # others' files, even named alike
+        other = tmp_path / f"other-{name}"
+        other.mkdir()
+        (other / name).write_text("mine")
+        with pytest.raises(DataSourceError, match="not an empty folder or a store"):
+            prepare(tmp_path / "src", other, workers=1, size=32, progress=False)
+        assert (other / name).read_text() == "mine"
 
 
 def test_a_folder_that_cannot_be_written_in(tmp_path, monkeypatch, capsys):
