@@ -29,10 +29,12 @@ This module needs only Pillow and numpy (no torch), so decoding workers start fa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
 import stat
+import struct
 import warnings
 from typing import BinaryIO, Union
 
@@ -213,6 +215,7 @@ def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
         Image.MAX_IMAGE_PIXELS = None
     fp, owned = _open_fp(src)
     try:
+        _check_icon_entries(fp, max_pixels)
         try:
             img = Image.open(fp, formats=_formats())
         except Exception as e:
@@ -221,6 +224,34 @@ def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
     finally:
         if owned:
             fp.close()
+
+
+def _check_icon_entries(fp: BinaryIO, max_pixels: int) -> None:
+    """An ImageError for an ICO file holding a PNG of more than `max_pixels` pixels: Pillow
+    decodes an icon's largest entry as it opens the file, before its size can be asked
+    (the directory says at most 256 x 256; the PNG inside may be 12,000 x 12,000)."""
+    try:
+        start = fp.tell()
+    except (OSError, ValueError):
+        return
+    largest = (0, 0)
+    try:
+        head = fp.read(6)
+        if head[:4] == b"\x00\x00\x01\x00":
+            directory = fp.read(16 * struct.unpack("<H", head[4:6])[0])
+            for i in range(len(directory) // 16):
+                fp.seek(start + struct.unpack("<I", directory[16 * i + 12:16 * i + 16])[0])
+                png = fp.read(24)
+                if png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR":
+                    largest = max(largest, struct.unpack(">II", png[16:24]), key=lambda wh: wh[0] * wh[1])
+    except (OSError, ValueError, struct.error):  # cut short: Pillow says what it is
+        pass
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            fp.seek(start)
+    w, h = largest
+    if w * h > max_pixels:
+        raise ImageError(f"too large: an icon of {w}x{h} = {w * h} pixels > limit {max_pixels}")
 
 
 def as_rgb(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:

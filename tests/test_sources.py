@@ -148,6 +148,29 @@ def test_files_pillow_only_identifies_are_not_listed_as_images(tmp_path):
         load_rgb(tmp_path / "c" / "clip.mpg")
 
 
+@pytest.mark.filterwarnings("ignore:Image was not the expected size")  # (Pillow's, of the icon under the limit)
+def test_an_icon_holding_a_png_larger_than_the_limit_is_refused_before_decoding(monkeypatch, tmp_path):
+    """Pillow decodes an ICO's largest entry while opening it, before its size can be asked;
+    the PNG inside is measured from its header first, so nothing is decoded (it was, up to
+    Pillow's own limit of about 179 megapixels, and refused after)."""
+    from PIL import ImageFile
+
+    png = png_bytes(Image.new("RGB", (300, 200), (10, 200, 30)))
+    directory = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)  # "256 x 256" it says
+    ico = struct.pack("<HHH", 0, 1, 1) + directory + png
+    assert load_rgb(ico).size == (300, 200)  # (under the limit: read as any icon)
+
+    def never(self, *a, **k):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", never)
+    with pytest.raises(ImageError, match=r"^too large: an icon of 300x200 = 60000 pixels > limit 50000$"):
+        load_rgb(ico, max_pixels=50_000)
+    (tmp_path / "big.ico").write_bytes(ico)  # (a file as well as bytes)
+    with pytest.raises(ImageError, match="too large: an icon of 300x200"):
+        load_rgb(tmp_path / "big.ico", max_pixels=50_000)
+
+
 def _tiff(img: Image.Image) -> bytes:
     b = io.BytesIO()
     img.save(b, "TIFF")
