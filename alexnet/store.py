@@ -444,6 +444,15 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
 
     done = _listed(out, REPORT_PARTIAL)
     todo = [i for i, n in enumerate(names) if n not in done]
+    if len(done) > len(names) - len(todo):  # a resume, and files it did are gone from the source
+        import warnings
+
+        gone = len(done - set(names))
+        if gone:
+            it = "it" if gone == 1 else "them"
+            warnings.warn(f"{plural(gone, 'file')} done before the interruption {'is' if gone == 1 else 'are'} "
+                          f"no longer in {root}; the store keeps {it} (stored, or listed as skipped): prepare into "
+                          f"a new folder to leave {it} out", RuntimeWarning, stacklevel=3)
     total = len(names)
     writer = _Writer(out, meta, state, acc)
     bar = Progress(total, "prepare", every_s=10.0, enabled=progress, done=total - len(todo))

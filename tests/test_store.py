@@ -700,3 +700,23 @@ def test_prepare_hands_its_workers_the_file_names_in_arrays(tmp_path, monkeypatc
     done = prepare(tmp_path / "src", tmp_path / "st", workers=2, size=32, progress=False)
     assert done.complete and done.written == 28
     assert isinstance(given[0], Names) and os.path.join(str(tmp_path / "src"), odd) in list(given[0])
+
+
+def test_a_resume_says_when_files_it_did_are_gone_from_the_source(tmp_path):
+    """Files stored before an interruption and removed since stay in the store, as in a
+    complete store; the resume now says so (it said nothing, and only a later run warned)."""
+    import os
+
+    make_plain_tree(tmp_path / "src")
+    out = tmp_path / "st"
+    prepare(tmp_path / "src", out, workers=1, size=32, progress=False, commit_every=2, _stop_after=6)
+    first = json.loads((out / "sources.jsonl").read_text().splitlines()[0])
+    os.remove(tmp_path / "src" / first)
+    with pytest.warns(RuntimeWarning, match=r"^1 file done before the interruption is no longer in .*; the store "
+                                            r"keeps it \(stored, or listed as skipped\)"):
+        done = prepare(tmp_path / "src", out, workers=1, size=32, progress=False)
+    assert done.complete and done.written == 27  # (the one removed among them)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a resume of an unchanged source says nothing
+        prepare(tmp_path / "src", tmp_path / "again", workers=1, size=32, progress=False, _stop_after=6)
+        prepare(tmp_path / "src", tmp_path / "again", workers=1, size=32, progress=False)
