@@ -507,6 +507,11 @@ def _complete(out: Path, root: str, names, pre_skipped: list, tidy: bool) -> Pre
     """The result of a prepare into the complete store `out`: nothing written; with `tidy`,
     the leftovers of its making removed."""
     index = _read_json(out / INDEX)
+    ds = StoreDataset(out)  # the checks opening it to train makes: a damaged store is not called complete
+    ds.stats()
+    ds.sources
+    if not (out / REPORT).is_file():
+        raise _damaged(out, f"{REPORT} is missing")
     if tidy:
         _cleanup(out)
     _warn_if_changed(out, root, set(names) | {p for p, _ in pre_skipped})
@@ -685,8 +690,7 @@ class StoreDataset(ImageDataset):
             raise _damaged(self.path, f"{files['images']}: {e.strerror}") from None
         expect = self.count * 3 * self.stored_size ** 2
         if len(self.labels) != self.count or actual != expect:
-            raise DataSourceError(f"{self.path} is damaged: {actual} image bytes and "
-                                  f"{len(self.labels)} labels for {self.count} records")
+            raise _damaged(self.path, f"{actual} image bytes and {len(self.labels)} labels for {self.count} records")
         self._mm: np.memmap | None = None
         self._sources: list[str] | None = None
         self._stats: DataStats | None = None

@@ -720,3 +720,20 @@ def test_a_resume_says_when_files_it_did_are_gone_from_the_source(tmp_path):
         warnings.simplefilter("error")  # a resume of an unchanged source says nothing
         prepare(tmp_path / "src", tmp_path / "again", workers=1, size=32, progress=False, _stop_after=6)
         prepare(tmp_path / "src", tmp_path / "again", workers=1, size=32, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["labels.npy", "images.u8", "stats.safetensors", "sources.jsonl", "skipped.tsv",
+                                    "images cut short"])
+def test_prepare_again_on_a_damaged_complete_store_says_it_is_damaged(tmp_path, damage):
+    """It said "a complete store already" (a file removed or cut short), or "cannot write ...:
+    run the same command again", which looped; training found the damage only later."""
+    make_plain_tree(tmp_path / "src")
+    out = tmp_path / "st"
+    prepare(tmp_path / "src", out, workers=1, size=32, progress=False)
+    if damage == "images cut short":
+        with open(out / "images.u8", "r+b") as f:
+            f.truncate(1000)
+    else:
+        (out / damage).unlink()
+    with pytest.raises(DataSourceError, match=rf"^{out} is damaged.*delete it and prepare again$"):
+        prepare(tmp_path / "src", out, workers=1, size=32, progress=False)
