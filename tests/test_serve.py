@@ -547,22 +547,16 @@ def test_page_in_headless_chromium(url, tmp_path, monkeypatch):
         browser.find_element(By.ID, "file").send_keys(str(fast))
         wait.until(lambda b: b.find_element(By.ID, "top").get_attribute("data-state") == "error")
         assert browser.find_element(By.ID, "error").text == "fast.jpg: server unreachable (Failed to fetch)"
-        # a name with a quote, which the browser sends as %22: named once, as the user named it
+        # a name with a quote, which the browser sends as %22, and one with a literal "%22",
+        # which the server reads as a quote: each named once, as the user named it (the
+        # second was shown twice, spelled two ways)
         browser.execute_script("window.fetch = window.realFetch;")
-        quoted = tmp_path / 'say "cheese".png'
-        quoted.write_bytes(b"plain text")
-        browser.find_element(By.ID, "file").send_keys(str(quoted))
-        wait.until(lambda b: "not an image" in b.find_element(By.ID, "error").text)
-        assert browser.find_element(By.ID, "error").text.startswith('say "cheese".png: not an image')
-        assert browser.find_element(By.ID, "error").text.count("cheese") == 1
-        # a name with a literal "%22", which the server reads as a quote: still named once,
-        # as the user named it (it was shown twice, spelled two ways)
-        percent = tmp_path / "100%22 sure.png"
-        percent.write_bytes(b"plain text")
-        browser.find_element(By.ID, "file").send_keys(str(percent))
-        wait.until(lambda b: "not an image" in b.find_element(By.ID, "error").text)
-        assert browser.find_element(By.ID, "error").text.startswith("100%22 sure.png: not an image")
-        assert browser.find_element(By.ID, "error").text.count("sure") == 1
+        for name, word in (('say "cheese".png', "cheese"), ("100%22 sure.png", "sure")):
+            (tmp_path / name).write_bytes(b"plain text")
+            browser.find_element(By.ID, "file").send_keys(str(tmp_path / name))
+            wait.until(lambda b: name in b.find_element(By.ID, "error").text)
+            assert browser.find_element(By.ID, "error").text.startswith(f"{name}: not an image")
+            assert browser.find_element(By.ID, "error").text.count(word) == 1
         # a server's error whose text begins with the file's name is not taken for the page's
         # own (it was said to be "server unreachable")
         browser.execute_script("""

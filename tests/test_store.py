@@ -313,6 +313,26 @@ def test_stopping_with_a_full_pool_does_not_hang(tmp_path, monkeypatch):
     assert not result["r"].complete and result["r"].written >= 4
 
 
+def _prepare_in_a_thread(src: Path, out: Path) -> Exception | None:
+    """prepare(src, out) with 2 workers in a thread, which must end within a minute (not
+    hang); the exception it raised, or None."""
+    import threading
+
+    result = {}
+
+    def run():
+        try:
+            prepare(src, out, workers=2, size=32, progress=False, commit_every=2)
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "prepare hung after a worker died"
+    return result.get("error")
+
+
 def test_a_decoding_process_that_dies_stops_prepare_and_it_resumes(tmp_path, monkeypatch):
     """Killed (by the OOM killer, say) while decoding: a one-line error at once, not a
     wait for a result that never comes; the next run finishes the same store."""
@@ -332,19 +352,8 @@ def test_a_decoding_process_that_dies_stops_prepare_and_it_resumes(tmp_path, mon
         return decode(path, size, max_pixels)
 
     monkeypatch.setattr(store, "decode_file", dies_on_one_file)
-    result = {}
-
-    def run():
-        try:
-            prepare(tmp_path / "src", tmp_path / "out", workers=2, size=32, progress=False, commit_every=2)
-        except Exception as e:
-            result["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(60)
-    assert not t.is_alive(), "prepare hung after a worker died"
-    assert isinstance(result.get("error"), store.PrepareError) and "run the same command again" in str(result["error"])
+    error = _prepare_in_a_thread(tmp_path / "src", tmp_path / "out")
+    assert isinstance(error, store.PrepareError) and "run the same command again" in str(error)
     monkeypatch.setattr(store, "decode_file", decode)
     done = prepare(tmp_path / "src", tmp_path / "out", workers=2, size=32, progress=False)
     assert done.complete and store_contents(tmp_path / "out") == store_contents(tmp_path / "full")
@@ -384,19 +393,7 @@ def test_a_decoding_process_killed_half_way_through_a_result_stops_prepare(tmp_p
             results.send_bytes(data)
 
     monkeypatch.setattr(store, "_decode_worker", dies_mid_result)
-    result = {}
-
-    def run():
-        try:
-            prepare(tmp_path / "src", tmp_path / "out", workers=2, size=32, progress=False, commit_every=2)
-        except Exception as e:
-            result["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(60)
-    assert not t.is_alive(), "prepare hung after a worker died half-way through a result"
-    error = result.get("error")
+    error = _prepare_in_a_thread(tmp_path / "src", tmp_path / "out")
     assert isinstance(error, store.PrepareError) and "was killed by signal 9" in str(error), error
     monkeypatch.setattr(store, "_decode_worker", real)
     done = prepare(tmp_path / "src", tmp_path / "out", workers=2, size=32, progress=False)
