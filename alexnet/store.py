@@ -506,20 +506,18 @@ def _prepare_locked(out: Path, meta: dict, names: list[str], item_labels: np.nda
 def _complete(out: Path, root: str, names, pre_skipped: list, tidy: bool) -> PrepareResult:
     """The result of a prepare into the complete store `out`: nothing written; with `tidy`,
     the leftovers of its making removed."""
-    index = _read_json(out / INDEX)
-    ds = StoreDataset(out)  # the checks opening it to train makes: a damaged store is not called complete
-    ds.stats()
-    ds.sources
+    store = StoreDataset(out)  # the checks opening it to train makes: a damaged store is not called complete
+    store.stats()
     if not (out / REPORT).is_file():
         raise _damaged(out, f"{REPORT} is missing")
-    if tidy:
-        _cleanup(out)
-    _warn_if_changed(out, root, set(names) | {p for p, _ in pre_skipped})
     try:
-        return PrepareResult(str(out), int(index["count"]), int(index["skipped"]), int(index.get("ignored", 0)),
-                             str(out / REPORT), True, already=True)
+        skipped = int(store.index["skipped"])
     except (KeyError, TypeError, ValueError) as e:
         raise _damaged(out, f"{INDEX}: {type(e).__name__} {e}") from None
+    if tidy:
+        _cleanup(out)
+    _warn_if_changed(out, root, set(names) | {p for p, _ in pre_skipped}, store.sources)
+    return PrepareResult(str(out), store.count, skipped, store.ignored, str(out / REPORT), True, already=True)
 
 
 def _read_json(path: Path) -> dict:
@@ -547,10 +545,11 @@ def _check_same(out: Path, saved: dict, meta: dict) -> None:
                                   f"choose another folder")
 
 
-def _warn_if_changed(out: Path, root: str, now: set[str]) -> None:
+def _warn_if_changed(out: Path, root: str, now: set[str], stored: list[str]) -> None:
     """Warn when the files of the source (`now`: stored or skipped) are no longer those that
-    the complete store at `out` was prepared from (files added or removed since)."""
-    then = _listed(out, REPORT)
+    the complete store at `out` was prepared from (files added or removed since; `stored`:
+    its sources, as read)."""
+    then = _listed(out, REPORT, stored)
     new, gone = len(now - then), len(then - now)
     if new or gone:
         import warnings
@@ -578,11 +577,10 @@ def _truncate(out: Path, state: dict) -> None:
         path = out / name
         if not path.exists():
             if state[name]:
-                raise DataSourceError(f"{out} is damaged: {name} is missing; delete it and prepare again")
+                raise _damaged(out, f"{name} is missing")
             path.write_bytes(b"")
         elif path.stat().st_size < state[name]:
-            raise DataSourceError(f"{out} is damaged: {name} is shorter than committed; "
-                                  f"delete it and prepare again")
+            raise _damaged(out, f"{name} is shorter than committed")
         else:
             os.truncate(path, state[name])
     for p in out.glob("accum-*.npz"):
@@ -592,14 +590,18 @@ def _truncate(out: Path, state: dict) -> None:
         p.unlink(missing_ok=True)
 
 
-def _listed(out: Path, report: str) -> set[str]:
-    """The source files of the store at `out`: those stored (sources.jsonl) and those its
-    report `report` (skipped.tsv, or the unfinished prepare's) lists as skipped."""
-    with open(out / SOURCES, "rb") as f:
-        try:
-            done = {json.loads(line) for line in f}
-        except ValueError as e:
-            raise _damaged(out, f"{SOURCES}: {e}") from None
+def _listed(out: Path, report: str, stored: list[str] | None = None) -> set[str]:
+    """The source files of the store at `out`: those stored (sources.jsonl, unless given
+    as read in `stored`) and those its report `report` (skipped.tsv, or the unfinished
+    prepare's) lists as skipped."""
+    if stored is not None:
+        done = set(stored)
+    else:
+        with open(out / SOURCES, "rb") as f:
+            try:
+                done = {json.loads(line) for line in f}
+            except ValueError as e:
+                raise _damaged(out, f"{SOURCES}: {e}") from None
     with open(out / report, "rb") as f:
         return done | {_report_name(line.decode("utf-8", "surrogateescape").split("\t", 1)[0]) for line in f}
 
