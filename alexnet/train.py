@@ -142,8 +142,8 @@ def open_data(cfg: RunConfig, stats: DataStats | None = None, shared: Shared | N
     Under torchrun: `check(what this process trains on)` before the statistics, whose pass
     over a folder the processes then share (`shared`, see `dataset_stats`): every process
     must agree on all that decides whether it makes that pass."""
-    from alexnet.sources import (DataSourceError, FolderDataset, IdxDataset, MissingSplitError, UnlabelledError,
-                                 dataset_stats, open_dataset)
+    from alexnet.sources import (FolderDataset, IdxDataset, MissingSplitError, UnlabelledError, dataset_stats,
+                                 open_dataset)
 
     d = cfg.data
     full = open_dataset(d.path, "train", d.image_size)
@@ -1179,7 +1179,7 @@ class Trainer:
 def finish_run(trainer: Trainer, test: bool = True) -> dict | None:
     """After training: evaluate the best weights on the source's test split (if it has
     one) and print where everything is."""
-    from alexnet.evaluate import evaluate_checkpoint
+    from alexnet.evaluate import evaluate_checkpoint, report_folder
 
     run = trainer.run_dir
     best = run / "best.safetensors"
@@ -1189,8 +1189,8 @@ def finish_run(trainer: Trainer, test: bool = True) -> dict | None:
         if not held:
             trainer._lock()  # eval-test/ is the run's too: no resume of it may write there meanwhile
         try:
-            folder = "eval-test-10crop" if trainer.cfg.data.ten_crop else "eval-test"  # (as evaluate names it)
-            result = evaluate_checkpoint(best, dataset=trainer.data.test, out_dir=run / folder,
+            result = evaluate_checkpoint(best, dataset=trainer.data.test,
+                                         out_dir=report_folder(best, "test", trainer.cfg.data.ten_crop),
                                          ten_crop=trainer.cfg.data.ten_crop, device=str(trainer.device),
                                          workers=trainer.num_workers, label="test", augment_on=trainer.augment_on)
         finally:
