@@ -193,18 +193,21 @@ def is_torch_save_head(head: bytes) -> bool:
     return head.startswith(b"PK") or head[:1] == b"\x80"
 
 
-def is_exported_program(path: str | Path) -> bool:
+def is_exported_program(path: str | Path, names: list[str] | None = None) -> bool:
     """Whether `path` is a torch.export archive (`alexnet export`'s .pt2): named so, or a zip
-    holding torch.export's archive_format entry."""
+    holding torch.export's archive_format entry (`names`: the zip's entries, where the
+    caller has read them already)."""
     import zipfile
 
     if Path(path).suffix.lower() == ".pt2":
         return True
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/archive_format") for n in z.namelist())
-    except Exception:  # not a zip, or a damaged one: not a program it could run
-        return False
+    if names is None:
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except Exception:  # not a zip, or a damaged one: not a program it could run
+            return False
+    return any(n.endswith("/archive_format") for n in names)
 
 
 def _convert_hint(path: Path) -> str:

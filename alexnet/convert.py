@@ -284,7 +284,7 @@ def _check_pth_container(path: Path) -> None:
     except (zipfile.BadZipFile, NotImplementedError, UnicodeDecodeError, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is a damaged zip archive ({e})") from None
     if is_zip:
-        if is_exported_program(path):
+        if is_exported_program(path, names):
             raise CheckpointError(f"{path} is an exported program (torch.export), not a state dict; it runs "
                                   f"without alexnet, and the .safetensors model file it was exported from is "
                                   f"already alexnet's")
